@@ -1,0 +1,111 @@
+"""Publishing a release to the Hugging Face Hub through ``huggingface_hub.HfApi``.
+
+Layouts:
+
+* ``branches`` (default): the base on ``main`` of ``repo_id`` (so ``from_pretrained(repo_id)``
+  gets a working model) and stage N on branch ``p2u/stage-N`` of the same repo.
+* ``repos``: the base in ``repo_id``, the stages on branches ``p2u/stage-N`` of the sibling
+  repo ``repo_id + "-p2u-delta"``.
+
+Either way the published base's config records each stage's repo id, branch and commit, so
+a base always upgrades to the stages it was published with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi
+
+from . import format as fmt
+from .hub import stage_branch
+from .release import Release
+
+LAYOUTS = ("branches", "repos")
+DELTA_REPO_SUFFIX = "-p2u-delta"
+
+
+@dataclass(frozen=True)
+class PublishedStage:
+    repo_id: str
+    branch: str
+    commit: str
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Where a release landed: the base repo and commit, and each stage's repo, branch and commit."""
+
+    repo_id: str
+    commit: str
+    stages: tuple[PublishedStage, ...]
+
+
+def push(
+    release_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    layout: str = "branches",
+    private: bool = False,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+) -> PushResult:
+    """Publish a split release: stages first, then the base whose config points at their commits.
+
+    Idempotent: unchanged files are not uploaded again and an unchanged release makes no new
+    commit, so an interrupted push is finished by running it again.
+
+    Args:
+        release_dir: the output folder of ``split`` (or a base folder with local stages).
+        repo_id: the repo of the base (created if missing).
+        layout: ``"branches"`` (stages on branches of ``repo_id``) or ``"repos"`` (stages
+            in ``repo_id + "-p2u-delta"``).
+        private: create new repos as private.
+        commit_message: message of every commit (default: one naming the part pushed).
+        token: Hub token (default: ``HF_TOKEN`` / the stored login).
+
+    Returns:
+        The commits that the base and each stage were published at.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    release = Release.open(release_dir)
+    api = HfApi(token=token)
+    stage_repo = repo_id if layout == "branches" else repo_id + DELTA_REPO_SUFFIX
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if stage_repo != repo_id:
+        api.create_repo(stage_repo, private=private, exist_ok=True)
+    published = []
+    stage_entries = []
+    for entry in release.qconfig.stages:
+        folder = release.stage_dir(entry.index)
+        branch = stage_branch(entry.index)
+        api.create_branch(stage_repo, branch=branch, exist_ok=True)
+        api.upload_folder(
+            repo_id=stage_repo, folder_path=folder, revision=branch,
+            commit_message=commit_message or f"p2u {entry.name}", ignore_patterns=[".*"],
+        )  # fmt: skip
+        commit = api.repo_info(stage_repo, revision=branch).sha
+        published.append(PublishedStage(stage_repo, branch, commit))
+        stage_entries.append(dataclasses.replace(entry, repo_id=stage_repo, revision=branch, commit=commit))
+    published_config = dataclasses.replace(release.qconfig, stages=stage_entries)
+    info = api.create_commit(
+        repo_id, operations=_base_operations(release.base_dir, published_config),
+        commit_message=commit_message or "p2u base",
+    )  # fmt: skip
+    return PushResult(repo_id, info.oid, tuple(published))
+
+
+def _base_operations(base_dir: Path, published_config: fmt.QuantizationConfig) -> list[CommitOperationAdd]:
+    """Every file of the base folder, with config.json carrying the published stage locations."""
+    config = fmt.read_json(base_dir / fmt.CONFIG_FILE)
+    config["quantization_config"] = published_config.to_json()
+    operations = [CommitOperationAdd(fmt.CONFIG_FILE, fmt.canonical_json(config))]
+    for path in sorted(base_dir.rglob("*")):
+        relative = path.relative_to(base_dir)
+        if path.is_file() and relative.as_posix() != fmt.CONFIG_FILE and not relative.parts[0].startswith("."):
+            operations.append(CommitOperationAdd(relative.as_posix(), path))
+    return operations

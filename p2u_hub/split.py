@@ -1,0 +1,174 @@
+"""Split a transformers checkpoint into a low-bit base folder and delta stage folders.
+
+Streaming: tensors are read one at a time with ``safe_open`` and each output folder holds at
+most one shard in memory. Everything is written under a temporary folder and renamed into
+place when complete.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from huggingface_hub.utils import tqdm
+
+from . import format as fmt
+from .codecs import progressive
+from .storage import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TensorReader, atomic_output_dir, safetensors_header
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+OTHER_WEIGHT_SUFFIXES = (*PICKLE_SUFFIXES, ".h5", ".msgpack", ".onnx", ".ot", ".gguf")
+
+
+def split(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    stages: Sequence[int] = (8,),
+    keep: Sequence[str] = (),
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    token: str | bool | None = None,
+) -> Path:
+    """Split a checkpoint into ``output/base`` and ``output/stage-1`` ... ``output/stage-N``.
+
+    Args:
+        source: a local checkpoint folder (config.json + safetensors), or a Hub repo id with
+            an optional ``@revision`` (downloaded with ``snapshot_download``).
+        output: the release folder to create.
+        bits: width of the base codes (2-8).
+        group_size: weights per float16 scale (a multiple of 8).
+        stages: widths of the intermediate integer stages; a final lossless stage is always added.
+        keep: glob patterns of tensor names kept exact in the base (e.g. ``"*embed*"``).
+        max_shard_bytes: largest safetensors shard written.
+        overwrite: replace ``output`` if it exists.
+        token: Hub token for a private source repo (default: the usual HF_TOKEN / login).
+
+    Returns:
+        The release folder.
+
+    Raises:
+        P2UFormatError: the source is not a safetensors checkpoint, a file is corrupt or a
+            tensor has an unsupported dtype (the message names the file or tensor).
+    """
+    from .hub import resolve_source
+
+    source_dir, source_repo, source_revision = resolve_source(source, token=token)
+    spec = progressive.Ladder(bits, tuple(stages), group_size)
+    weight_files, index_file, index_metadata = _source_weight_files(source_dir)
+    with atomic_output_dir(output, overwrite=overwrite) as work:
+        base_dir = work / fmt.BASE_DIR
+        base = ShardedWriter(base_dir, fmt.BASE_WEIGHTS_NAME, max_shard_bytes)
+        deltas = [
+            ShardedWriter(work / fmt.stage_dir_name(k), fmt.DELTA_WEIGHTS_NAME, max_shard_bytes)
+            for k in range(1, spec.stage_count + 1)
+        ]
+        payloads: list[dict[str, dict]] = [{} for _ in deltas]
+        tensors: dict[str, fmt.TensorEntry] = {}
+        source_files: dict[str, fmt.SourceFile] = {}
+        stored_by_content: dict[tuple, str] = {}
+        with TensorReader(weight_files) as reader:
+            for name in tqdm(list(reader.locations), desc="p2u split", unit="tensor"):
+                tensor = reader.get(name)
+                file = reader.locations[name]
+                source_files.setdefault(file.name, fmt.SourceFile(_file_metadata(file), [])).tensors.append(name)
+                entry = _describe(name, tensor, file, keep, spec.group_size)
+                content_key = (entry.sha256, entry.dtype, tuple(entry.shape))
+                if entry.codec == fmt.CODEC_LADDER and content_key in stored_by_content:
+                    entry.alias_of = stored_by_content[content_key]
+                    tensors[name] = entry
+                    continue
+                tensors[name] = entry
+                if entry.codec == fmt.CODEC_EXACT:
+                    base.add(name, tensor)
+                    continue
+                stored_by_content[content_key] = name
+                encoded = progressive.encode(tensor, spec)
+                base.add(name, encoded.packed_codes)
+                base.add(fmt.scales_key(name), encoded.scales)
+                for writer, record, delta in zip(deltas, payloads, encoded.deltas):
+                    writer.add(name, torch.frombuffer(bytearray(delta), dtype=torch.uint8) if delta else torch.empty(0, dtype=torch.uint8))
+                    record[name] = {"sha256": fmt.sha256_bytes(delta), "bytes": len(delta)}
+        base.close()
+        manifest = fmt.Manifest(spec, tensors, source_files, index_file, index_metadata, source_repo, source_revision)
+        fmt.write_json(base_dir / fmt.MANIFEST_FILE, manifest.to_json())
+        _copy_non_weight_files(source_dir, base_dir)
+        stage_entries = []
+        for k, (writer, record) in enumerate(zip(deltas, payloads), start=1):
+            writer.close()
+            stage_bits = spec.stage_bits[k - 1] if k <= len(spec.stage_bits) else None
+            fmt.write_json(writer.folder / fmt.STAGE_FILE, fmt.StageRecord(k, stage_bits, manifest.sha256, record).to_json())
+            stage_entries.append(fmt.StageEntry(k, stage_bits, path=f"../{fmt.stage_dir_name(k)}"))
+        qconfig = fmt.QuantizationConfig(bits, group_size, manifest.sha256, stage_entries)
+        fmt.write_quantization_config(base_dir, qconfig)
+    return Path(output)
+
+
+def _describe(name: str, tensor: torch.Tensor, file: Path, keep: Sequence[str], group_size: int) -> fmt.TensorEntry:
+    """Decide the codec of one tensor: weight matrices are quantized, the rest kept exact."""
+    dtype_name = fmt.DTYPE_NAMES.get(tensor.dtype)
+    if dtype_name is None:
+        raise fmt.P2UFormatError(f"{file}: tensor {name!r} has unsupported dtype {tensor.dtype}")
+    is_matrix = tensor.ndim >= 2 and tensor.numel() >= group_size
+    if tensor.is_floating_point() and tensor.dtype not in fmt.SUPPORTED_FLOAT_DTYPES and is_matrix:
+        raise fmt.P2UFormatError(
+            f"{file}: tensor {name!r} is {dtype_name}; p2u quantizes float32, float16 and bfloat16 weights "
+            f"(convert the checkpoint, or keep this tensor exact with --keep '{name}')"
+        )
+    quantize = (
+        tensor.dtype in fmt.SUPPORTED_FLOAT_DTYPES
+        and is_matrix
+        and not any(fnmatch.fnmatchcase(name, pattern) for pattern in keep)
+    )
+    codec = fmt.CODEC_LADDER if quantize else fmt.CODEC_EXACT
+    return fmt.TensorEntry(list(tensor.shape), dtype_name, codec, fmt.tensor_sha256(tensor))
+
+
+def _file_metadata(path: Path) -> dict[str, str] | None:
+    return safetensors_header(path).get("__metadata__")
+
+
+def _source_weight_files(source_dir: Path) -> tuple[list[Path], str | None, dict | None]:
+    """The safetensors files of a checkpoint folder, refusing pickle-only checkpoints with a fix."""
+    if not (source_dir / fmt.CONFIG_FILE).is_file():
+        raise fmt.P2UFormatError(f"{source_dir}: no config.json; p2u splits transformers checkpoint folders")
+    indexes = sorted(source_dir.glob("*.safetensors.index.json"))
+    if indexes:
+        index = fmt.read_json(indexes[0])
+        prefix = indexes[0].name[: -len(".safetensors.index.json")]
+        return fmt.weight_files(source_dir, prefix), indexes[0].name, index.get("metadata")
+    files = sorted(source_dir.glob("*.safetensors"))
+    if files:
+        return files, None, None
+    pickles = sorted(p.name for p in source_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise fmt.P2UFormatError(
+            f"{source_dir / pickles[0]}: pickle checkpoints are not read (they can run code). Convert to "
+            "safetensors first: load with transformers and call model.save_pretrained(folder), which writes "
+            "model.safetensors"
+        )
+    raise fmt.P2UFormatError(f"{source_dir}: no *.safetensors weight files found")
+
+
+def _copy_non_weight_files(source_dir: Path, base_dir: Path) -> None:
+    """Copy tokenizer, configs and the rest; the source README is kept aside for the model card."""
+    for path in sorted(source_dir.rglob("*")):
+        relative = path.relative_to(source_dir)
+        if path.is_dir() or any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
+            continue
+        if path.name.endswith((".safetensors", ".safetensors.index.json")) or path.suffix in OTHER_WEIGHT_SUFFIXES:
+            continue
+        if relative == Path(fmt.CONFIG_FILE):
+            target = base_dir / fmt.CONFIG_FILE
+        elif relative == Path("README.md"):
+            target = base_dir / fmt.SOURCE_README_FILE
+        else:
+            target = base_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)

@@ -1,0 +1,178 @@
+"""Safe reading and writing of safetensors folders: validated opens, sharded writers, atomic output.
+
+Every writer here writes into a temporary location and renames it into place only when the
+whole output is complete, so an interrupted or failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .format import P2UFormatError, index_file_name, shard_file_name
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+@contextlib.contextmanager
+def atomic_output_dir(destination: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``destination``; rename it to ``destination`` on success.
+
+    On any exception the temporary folder is removed and ``destination`` is untouched.
+    """
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise FileExistsError(f"{destination}: already exists; choose another output folder or pass overwrite=True")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    temporary.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if destination.exists():
+        shutil.rmtree(destination)
+    os.replace(temporary, destination)
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike) -> Iterator:
+    """``safe_open`` with errors that name the file (truncated or corrupted headers, bad offsets)."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise P2UFormatError(f"{path}: not a readable safetensors file ({error})") from None
+    with handle as opened:
+        yield opened
+
+
+def read_tensor(handle, path: str | os.PathLike, name: str) -> torch.Tensor:
+    """One tensor from an open safetensors file; a truncated data section names file and tensor."""
+    try:
+        return handle.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise P2UFormatError(f"{path}: tensor {name!r} cannot be read ({error})") from None
+
+
+def safetensors_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file (dtypes, shapes, offsets, ``__metadata__``) without loading data."""
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            if length <= 0 or length > path.stat().st_size - 8:
+                raise ValueError(f"header length {length} does not fit a file of {path.stat().st_size} bytes")
+            header = json.loads(file.read(length))
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise P2UFormatError(f"{path}: not a readable safetensors file ({error})") from None
+    data_bytes = path.stat().st_size - 8 - length
+    for name, info in header.items():
+        if name != "__metadata__" and info["data_offsets"][1] > data_bytes:
+            raise P2UFormatError(f"{path}: truncated; tensor {name!r} ends past the end of the file")
+    return header
+
+
+class ShardedWriter:
+    """Collect tensors and write them as safetensors shards of at most ``max_shard_bytes``.
+
+    Shard file names follow transformers (``model.safetensors`` when one shard,
+    ``model-00001-of-00002.safetensors`` + ``model.safetensors.index.json`` otherwise); at
+    most one shard is held in memory.
+    """
+
+    def __init__(self, folder: str | os.PathLike, prefix: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata: dict[str, str] = {"format": "pt"}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.folder / f".shard-{len(self._shards)}.partial"
+        save_file(self._pending, str(path), metadata=self.metadata)
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write the last shard, give shards their final names, write the index if sharded."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        weight_map: dict[str, str] = {}
+        names = []
+        for number, (path, tensor_names) in enumerate(self._shards, start=1):
+            name = shard_file_name(self.prefix, number, count)
+            os.replace(path, self.folder / name)
+            weight_map.update(dict.fromkeys(tensor_names, name))
+            names.append(name)
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.folder / index_file_name(self.prefix)).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            names.append(index_file_name(self.prefix))
+        return names
+
+
+def tensor_locations(files: list[Path]) -> dict[str, Path]:
+    """Map every tensor name to the file that holds it, validating each header on the way."""
+    locations: dict[str, Path] = {}
+    for file in files:
+        for name in safetensors_header(file):
+            if name == "__metadata__":
+                continue
+            if name in locations:
+                raise P2UFormatError(f"{file}: tensor {name!r} is also in {locations[name]}")
+            locations[name] = file
+    return locations
+
+
+class TensorReader:
+    """Read tensors by name from a set of safetensors files, keeping each file open once."""
+
+    def __init__(self, files: list[Path]):
+        self.locations = tensor_locations(files)
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.locations
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.locations.get(name)
+        if path is None:
+            raise P2UFormatError(f"tensor {name!r} not found in {sorted({str(p) for p in self.locations.values()})}")
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(open_safetensors(path))
+        return read_tensor(self._handles[path], path, name)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
