@@ -10,6 +10,7 @@ Nothing outside this module spells a file name or a JSON key of the format.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 from dataclasses import dataclass, field
@@ -253,22 +254,15 @@ class Manifest:
 
     def source_bytes(self) -> int:
         """Bytes of all source tensors, aliases included (what the original download carries)."""
-        return sum(_numel(e.shape) * SAFETENSORS_DTYPES[e.dtype].itemsize for e in self.tensors.values())
+        return sum(math.prod(e.shape) * SAFETENSORS_DTYPES[e.dtype].itemsize for e in self.tensors.values())
 
     def quantized_weight_count(self) -> int:
-        return sum(_numel(e.shape) for e in self.quantized_tensors().values())
+        return sum(math.prod(e.shape) for e in self.quantized_tensors().values())
 
 
 def read_manifest(base_dir: str | os.PathLike) -> Manifest:
     path = Path(base_dir) / MANIFEST_FILE
     return Manifest.from_json(read_json(path), str(path))
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 @dataclass

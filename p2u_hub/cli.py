@@ -1,0 +1,131 @@
+"""The ``p2u`` command line: one sub-command per public function, arguments named as in the Python API.
+
+Each command imports its module lazily, so ``p2u --help`` and ``p2u inspect`` stay quick.
+Errors in user input end with one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from huggingface_hub.errors import HfHubHTTPError
+
+from .format import P2UFormatError
+
+
+def _split(args: argparse.Namespace) -> None:
+    from .split import split
+
+    output = split(
+        args.source, args.output, bits=args.bits, group_size=args.group_size, stages=args.stages,
+        keep=args.keep, max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite,
+    )  # fmt: skip
+    _print_summary(output, as_json=False)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from .merge import merge
+
+    stage = args.stage if args.stage in ("full", "base") else int(args.stage)
+    print(merge(args.source, args.destination, stage=stage, overwrite=args.overwrite))
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    _print_summary(args.path, as_json=args.json)
+
+
+def _print_summary(path, *, as_json: bool) -> None:
+    from .summary import format_table, summarize
+
+    summary = summarize(path)
+    print(json.dumps(summary, indent=2) if as_json else format_table(summary))
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from .release import Release
+
+    release = Release.open(args.path)
+    with release.rebuilder("full") as rebuilder:
+        for name in release.manifest.tensors:
+            rebuilder.tensor(name)
+    print(f"{release.base_dir}: all {len(release.manifest.tensors)} tensors rebuild bit-exact at full precision")
+
+
+def _push(args: argparse.Namespace) -> None:
+    from .publish import push
+
+    result = push(args.release, args.repo_id, layout=args.layout, private=args.private, commit_message=args.commit_message)
+    print(f"base    {result.repo_id}@main  {result.commit}")
+    for stage in result.stages:
+        print(f"stage   {stage.repo_id}@{stage.branch}  {stage.commit}")
+
+
+def _serve_hub(args: argparse.Namespace) -> None:
+    from .testing import serve
+
+    serve(args.root, port=args.port, rate_mbps=args.rate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2u", description="Progressive precision releases for Hugging Face models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    split = commands.add_parser("split", help="split a checkpoint into a low-bit base and delta stages")
+    split.add_argument("source", help="checkpoint folder, or Hub repo id with optional @revision")
+    split.add_argument("output", help="release folder to create (base/, stage-1/, ...)")
+    split.add_argument("--bits", type=int, default=4, help="base width, 2-8 (default 4)")
+    split.add_argument("--group-size", type=int, default=64, help="weights per scale (default 64)")
+    split.add_argument(
+        "--stages", type=int, nargs="*", default=[8],
+        help="widths of the intermediate integer stages (default 8; none: base then lossless)",
+    )  # fmt: skip
+    split.add_argument("--keep", action="append", default=[], metavar="PATTERN", help="glob of tensor names kept exact")
+    split.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (default 2 GiB)")
+    split.add_argument("--overwrite", action="store_true", help="replace the output folder")
+    split.set_defaults(run=_split)
+
+    merge = commands.add_parser("merge", help="merge base + stages back into a plain checkpoint")
+    merge.add_argument("source", help="release folder, or base folder whose config locates the stages")
+    merge.add_argument("destination", help="checkpoint folder to create")
+    merge.add_argument("--stage", default="full", help="'full' (bit-exact, default), 'base' or a stage number")
+    merge.add_argument("--overwrite", action="store_true", help="replace the destination folder")
+    merge.set_defaults(run=_merge)
+
+    inspect = commands.add_parser("inspect", help="bytes and bits per weight of every stage")
+    inspect.add_argument("path", help="release folder or base folder")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(run=_inspect)
+
+    verify = commands.add_parser("verify", help="rebuild every tensor at full precision and check its sha256")
+    verify.add_argument("path", help="release folder or base folder")
+    verify.set_defaults(run=_verify)
+
+    push = commands.add_parser("push", help="publish a release to the Hub (token from HF_TOKEN / hf auth login)")
+    push.add_argument("release", help="release folder from p2u split")
+    push.add_argument("repo_id", help="repo of the base, e.g. org/model-p2u")
+    push.add_argument("--layout", choices=("branches", "repos"), default="branches", help="where stages go")
+    push.add_argument("--private", action="store_true", help="create new repos as private")
+    push.add_argument("--commit-message", default=None, help="message of the commits")
+    push.set_defaults(run=_push)
+
+    serve = commands.add_parser("serve-hub", help="a local Hub-compatible server on 127.0.0.1 (tests, demos, offline CI)")
+    serve.add_argument("--root", required=True, help="folder holding the repos")
+    serve.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765)")
+    serve.add_argument("--rate", type=float, default=None, metavar="MBPS", help="throttle downloads to MB/s")
+    serve.set_defaults(run=_serve_hub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (P2UFormatError, FileExistsError, FileNotFoundError, ValueError, HfHubHTTPError) as error:
+        print(f"p2u {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""split -> merge round trips through real safetensors files, size targets, and every bad-input error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import p2u_hub
+from p2u_hub import format as fmt
+from p2u_hub.summary import summarize
+
+
+def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def _assert_bit_identical(source: Path, merged: Path) -> None:
+    expected, actual = _all_tensors(source), _all_tensors(merged)
+    assert sorted(expected) == sorted(actual)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype and actual[name].shape == tensor.shape, name
+        assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("variant,base_limit,total_limit", [("fp32", 0.15, 0.90), ("bf16", 0.28, 0.78)])
+def test_minilm_sizes_and_bit_exact_merge(variant, base_limit, total_limit, minilm_dir, minilm_bf16_dir, tmp_path):
+    source = minilm_dir if variant == "fp32" else minilm_bf16_dir
+    release = p2u_hub.split(source, tmp_path / "release", bits=4, group_size=64)
+    summary = summarize(release)
+    base, *stages = summary["stages"]
+    assert base["bytes"] / summary["source_bytes"] <= base_limit
+    assert summary["total_bytes"] / summary["source_bytes"] <= total_limit
+    assert [s["name"] for s in stages] == ["stage-1", "stage-2"] and stages[0]["bits"] == 8
+    merged = p2u_hub.merge(release, tmp_path / "merged")
+    _assert_bit_identical(source, merged)
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    assert (merged / "README.md").read_bytes() == (minilm_dir / "README.md").read_bytes()
+    assert (merged / "1_Pooling" / "config.json").is_file() and (merged / "tokenizer.json").is_file()
+
+
+def test_gpt2_tied_embeddings_round_trip(random_checkpoint, tmp_path):
+    source = random_checkpoint("gpt2")
+    release = p2u_hub.split(source, tmp_path / "release")
+    base = load_file(release / "base" / "model.safetensors")
+    assert "lm_head.weight" not in base and "transformer.wte.weight_p2u_scales" in base
+    assert base["transformer.wte.weight"].dtype == torch.uint8
+    _assert_bit_identical(source, p2u_hub.merge(release, tmp_path / "merged"))
+
+
+def test_shared_tensor_is_stored_once(random_checkpoint, tmp_path):
+    source = random_checkpoint("gpt2")
+    tensors = load_file(source / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    release = p2u_hub.split(source, tmp_path / "release")
+    manifest = fmt.read_manifest(release / "base")
+    pair = {"lm_head.weight", "transformer.wte.weight"}
+    aliases = {name for name in pair if manifest.tensors[name].alias_of is not None}
+    assert len(aliases) == 1 and manifest.tensors[aliases.pop()].alias_of in pair
+    for folder, prefix in (("base", "model"), ("stage-1", "delta"), ("stage-2", "delta")):
+        assert len(pair & set(load_file(release / folder / f"{prefix}.safetensors"))) == 1
+    _assert_bit_identical(source, p2u_hub.merge(release, tmp_path / "merged"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_llama_sharded_round_trip(dtype, random_checkpoint, tmp_path):
+    source = random_checkpoint("llama", dtype=dtype, max_shard_size="100KB")
+    assert (source / "model.safetensors.index.json").is_file()
+    release = p2u_hub.split(source, tmp_path / "release", bits=3, stages=(5, 8), max_shard_bytes=20_000)
+    assert (release / "base" / "model.safetensors.index.json").is_file()
+    assert len(list((release / "stage-3").glob("delta-*.safetensors"))) > 1
+    merged = p2u_hub.merge(release, tmp_path / "merged")
+    _assert_bit_identical(source, merged)
+    assert sorted(p.name for p in merged.glob("*.safetensors")) == sorted(p.name for p in source.glob("*.safetensors"))
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def test_intermediate_stages_load_and_approach_the_source(random_checkpoint, tmp_path):
+    import transformers
+
+    source = random_checkpoint("bert")
+    release = p2u_hub.split(source, tmp_path / "release", bits=2, stages=(4, 8))
+    original = _all_tensors(source)["encoder.layer.0.attention.self.query.weight"]
+    errors = []
+    for stage in ("base", 1, 2):
+        merged = p2u_hub.merge(release, tmp_path / f"merged-{stage}", stage=stage)
+        model = transformers.AutoModel.from_pretrained(merged)
+        assert type(model).__name__ == "BertModel"
+        errors.append((model.encoder.layer[0].attention.self.query.weight - original).abs().mean().item())
+    assert errors[0] > errors[1] > errors[2] > 0
+
+
+def test_keep_patterns_stay_exact(random_checkpoint, tmp_path):
+    source = random_checkpoint("llama")
+    release = p2u_hub.split(source, tmp_path / "release", keep=["*embed_tokens*", "lm_head.weight"])
+    manifest = fmt.read_manifest(release / "base")
+    assert manifest.tensors["model.embed_tokens.weight"].codec == fmt.CODEC_EXACT
+    assert manifest.tensors["lm_head.weight"].codec == fmt.CODEC_EXACT
+    assert manifest.tensors["model.layers.0.mlp.up_proj.weight"].codec == fmt.CODEC_LADDER
+    assert manifest.tensors["model.norm.weight"].codec == fmt.CODEC_EXACT
+    base = load_file(release / "base" / "model.safetensors")
+    assert torch.equal(base["lm_head.weight"], _all_tensors(source)["lm_head.weight"])
+
+
+# Bad input: one clear error naming the file or tensor, and nothing left behind.
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    source = tmp_path / "pickle"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    (source / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(fmt.P2UFormatError, match=r"pytorch_model\.bin.*safetensors"):
+        p2u_hub.split(source, tmp_path / "out")
+    assert _leftovers(tmp_path) == ["pickle"]
+
+
+def test_unsupported_dtype_names_the_tensor(random_checkpoint, tmp_path):
+    source = random_checkpoint("bert")
+    tensors = load_file(source / "model.safetensors")
+    tensors["pooler.dense.weight"] = tensors["pooler.dense.weight"].double()
+    save_file(tensors, source / "model.safetensors")
+    with pytest.raises(fmt.P2UFormatError, match=r"pooler\.dense\.weight.*F64"):
+        p2u_hub.split(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_truncated_safetensors_names_the_file(random_checkpoint, tmp_path):
+    source = random_checkpoint("bert")
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(fmt.P2UFormatError, match=r"model\.safetensors.*truncated"):
+        p2u_hub.split(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def release(random_checkpoint, tmp_path) -> Path:
+    return p2u_hub.split(random_checkpoint("gpt2"), tmp_path / "release")
+
+
+def test_stage_of_another_base_is_refused(release, random_checkpoint, tmp_path):
+    other = p2u_hub.split(random_checkpoint("llama"), tmp_path / "other")
+    shutil.rmtree(release / "stage-1")
+    shutil.copytree(other / "stage-1", release / "stage-1")
+    with pytest.raises(fmt.StageMismatchError, match="stage-1.*another base"):
+        p2u_hub.merge(release, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_missing_stage_is_named(release, tmp_path):
+    shutil.rmtree(release / "stage-2")
+    with pytest.raises(fmt.P2UFormatError, match="stage-2 not found"):
+        p2u_hub.merge(release, tmp_path / "merged")
+    assert p2u_hub.merge(release, tmp_path / "merged-1", stage=1).is_dir()
+
+
+def test_corrupt_payload_fails_checksum(release, tmp_path):
+    stage = release / "stage-2" / "delta.safetensors"
+    tensors = load_file(stage)
+    name = "transformer.h.0.mlp.c_fc.weight"
+    tensors[name][10] ^= 0xFF
+    save_file(tensors, stage)
+    with pytest.raises(fmt.ChecksumError, match=name.replace(".", r"\.")):
+        p2u_hub.merge(release, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_edited_manifest_is_detected(release, tmp_path):
+    manifest_path = release / "base" / fmt.MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tensors"]["transformer.wpe.weight"]["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(fmt.ChecksumError, match="p2u_manifest.json"):
+        p2u_hub.merge(release, tmp_path / "merged")
+
+
+def test_existing_output_is_not_overwritten(release, random_checkpoint):
+    with pytest.raises(FileExistsError, match="already exists"):
+        p2u_hub.split(random_checkpoint("gpt2"), release)
+
+
+def test_cli_split_inspect_merge(random_checkpoint, tmp_path):
+    source = random_checkpoint("gpt2")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "p2u_hub.cli", *args], capture_output=True, text=True)
+    assert run("split", str(source), str(tmp_path / "out"), "--bits", "3", "--stages").returncode == 0
+    inspected = run("inspect", str(tmp_path / "out"), "--json")
+    summary = json.loads(inspected.stdout)
+    assert [s["name"] for s in summary["stages"]] == ["base", "stage-1"]
+    assert summary["total_bytes"] == sum(s["bytes"] for s in summary["stages"])
+    assert summary["source_bytes"] == sum(t.numel() * t.element_size() for t in load_file(source / "model.safetensors").values())
+    assert run("merge", str(tmp_path / "out"), str(tmp_path / "merged")).returncode == 0
+    _assert_bit_identical(source, tmp_path / "merged")
+    failed = run("merge", str(tmp_path / "nowhere"), str(tmp_path / "m2"))
+    assert failed.returncode == 1 and "nowhere" in failed.stderr and "Traceback" not in failed.stderr
