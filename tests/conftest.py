@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-# pytest_plugins = ["p2u_hub.testing.pytest_plugin"]
+pytest_plugins = ["p2u_hub.testing.pytest_plugin"]
 
 
 @pytest.fixture(scope="session")
