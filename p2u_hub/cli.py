@@ -13,6 +13,7 @@ import sys
 from huggingface_hub.errors import HfHubHTTPError
 
 from .format import P2UFormatError
+from .hub import HubError
 
 
 def _split(args: argparse.Namespace) -> None:
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (P2UFormatError, FileExistsError, FileNotFoundError, ValueError, HfHubHTTPError) as error:
+    except (P2UFormatError, HubError, FileExistsError, FileNotFoundError, ValueError, HfHubHTTPError) as error:
         print(f"p2u {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 

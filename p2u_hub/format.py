@@ -30,11 +30,19 @@ P2U_FILE_PREFIX = "p2u_"
 MANIFEST_FILE = "p2u_manifest.json"
 STAGE_FILE = "p2u_stage.json"
 SOURCE_README_FILE = "source_README.md"
+README_FILE = "README.md"
+EVAL_FILE = "p2u_eval.json"
+"""Per-stage quality measured by ``p2u eval``; kept in the base folder, beside the card that quotes it."""
+QUALITY_PLOT_FILE = "p2u_quality.png"
 BASE_WEIGHTS_NAME = "model"
 DELTA_WEIGHTS_NAME = "delta"
 BASE_DIR = "base"
-LOAD_MODES = ("packed", "dense")
-DEFAULT_LOAD_MODE = "packed"
+LOAD_MODE_PACKED = "packed"
+"""Quantized weights stay packed in memory and are expanded in each forward: the low-memory choice."""
+LOAD_MODE_DENSE = "dense"
+"""Quantized weights are expanded once at load: the fast-forward choice."""
+LOAD_MODES = (LOAD_MODE_PACKED, LOAD_MODE_DENSE)
+DEFAULT_LOAD_MODE = LOAD_MODE_PACKED
 
 SCALES_SUFFIX = "_p2u_scales"
 """A quantized tensor ``N`` is stored in the base as ``N`` (packed uint8 codes) and ``N`` + this suffix (float16 scales)."""
@@ -70,6 +78,11 @@ def stage_dir_name(index: int) -> str:
     return f"stage-{index}"
 
 
+def stage_name(index: int) -> str:
+    """Name of stage ``index`` in reports (``p2u inspect``, ``p2u_eval.json``, cards): ``base`` for 0, else its folder name."""
+    return BASE_DIR if index == 0 else stage_dir_name(index)
+
+
 def scales_key(name: str) -> str:
     return name + SCALES_SUFFIX
 
@@ -103,7 +116,11 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    Path(path).write_bytes(canonical_json(obj))
+    """Write ``obj`` as canonical JSON atomically (temp file, then rename): a reader never sees half a file."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(canonical_json(obj))
+    os.replace(temporary, path)
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -321,9 +338,7 @@ def write_quantization_config(base_dir: str | os.PathLike, qconfig: Quantization
     path = Path(base_dir) / CONFIG_FILE
     config = read_json(path)
     config["quantization_config"] = qconfig.to_json()
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(canonical_json(config))
-    os.replace(temporary, path)
+    write_json(path, config)
 
 
 @dataclass

@@ -17,8 +17,28 @@ from . import format as fmt
 OTHER_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.ot", "*.gguf"]
 
 
-class StageUnavailableError(fmt.P2UFormatError):
-    """A stage cannot be fetched: unknown repo or revision, or the Hub cannot be reached."""
+class HubError(RuntimeError):
+    """A Hub operation of p2u failed; the message names the repo and revision."""
+
+
+class StageUnavailableError(HubError):
+    """A stage or source cannot be fetched: unknown repo or revision, or the Hub cannot be reached."""
+
+
+class PushRefusedError(HubError):
+    """The Hub refused a write: no token, a wrong token, or no write access to the repo."""
+
+
+def cached_repo_id(folder: str | os.PathLike) -> str | None:
+    """The model repo id of a folder inside the HF cache (``models--org--name/snapshots/<sha>``), else None.
+
+    A base loaded from the Hub is read from such a folder; its stages, when the config gives
+    no repo, live on branches of this repo.
+    """
+    folder = Path(folder).absolute()
+    if folder.parent.name != "snapshots" or not folder.parent.parent.name.startswith("models--"):
+        return None
+    return folder.parent.parent.name[len("models--") :].replace("--", "/")
 
 
 def stage_branch(index: int) -> str:
@@ -55,7 +75,8 @@ def download_stage(entry: fmt.StageEntry, *, default_repo_id: str | None, token:
     repo_id = entry.repo_id or default_repo_id
     revision = entry.commit or entry.revision or stage_branch(entry.index)
     try:
-        return Path(snapshot_download(repo_id, revision=revision, token=token))
+        stage_files = [fmt.STAGE_FILE, f"{fmt.DELTA_WEIGHTS_NAME}*.safetensors*"]
+        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=stage_files))
     except RepositoryNotFoundError:
         raise StageUnavailableError(f"{entry.name}: repo {repo_id!r} not found (or private without a token)") from None
     except RevisionNotFoundError:

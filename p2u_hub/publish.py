@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
 from . import format as fmt
-from .hub import stage_branch
+from .hub import PushRefusedError, stage_branch
 from .release import Release
 
 LAYOUTS = ("branches", "repos")
@@ -75,28 +76,42 @@ def push(
     release = Release.open(release_dir)
     api = HfApi(token=token)
     stage_repo = repo_id if layout == "branches" else repo_id + DELTA_REPO_SUFFIX
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if stage_repo != repo_id:
-        api.create_repo(stage_repo, private=private, exist_ok=True)
-    published = []
-    stage_entries = []
-    for entry in release.qconfig.stages:
-        folder = release.stage_dir(entry.index)
-        branch = stage_branch(entry.index)
-        api.create_branch(stage_repo, branch=branch, exist_ok=True)
-        api.upload_folder(
-            repo_id=stage_repo, folder_path=folder, revision=branch,
-            commit_message=commit_message or f"p2u {entry.name}", ignore_patterns=[".*"],
+    try:
+        for repo in dict.fromkeys((repo_id, stage_repo)):
+            api.create_repo(repo, private=private, exist_ok=True)
+        stage_entries = [_push_stage(api, release, entry, stage_repo, commit_message) for entry in release.qconfig.stages]
+        published_config = dataclasses.replace(release.qconfig, stages=stage_entries)
+        info = api.create_commit(
+            repo_id, operations=_base_operations(release.base_dir, published_config),
+            commit_message=commit_message or "p2u base",
         )  # fmt: skip
-        commit = api.repo_info(stage_repo, revision=branch).sha
-        published.append(PublishedStage(stage_repo, branch, commit))
-        stage_entries.append(dataclasses.replace(entry, repo_id=stage_repo, revision=branch, commit=commit))
-    published_config = dataclasses.replace(release.qconfig, stages=stage_entries)
-    info = api.create_commit(
-        repo_id, operations=_base_operations(release.base_dir, published_config),
-        commit_message=commit_message or "p2u base",
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status in (401, 403):
+            raise PushRefusedError(
+                f"{repo_id}: the Hub refused the push (HTTP {status}); log in with `hf auth login` or set "
+                "HF_TOKEN to a token with write access"
+            ) from None
+        raise
+    published = tuple(PublishedStage(e.repo_id, e.revision, e.commit) for e in stage_entries)
+    return PushResult(repo_id, info.oid, published)
+
+
+def _push_stage(api: HfApi, release: Release, entry: fmt.StageEntry, stage_repo: str, message: str | None) -> fmt.StageEntry:
+    """Upload one stage folder to its branch; return its entry completed with repo, branch and commit.
+
+    The branch starts at the repo's first commit, so it never inherits the base's files from ``main``.
+    """
+    folder = release.stage_dir(entry.index)
+    branch = stage_branch(entry.index)
+    first_commit = api.list_repo_commits(stage_repo)[-1].commit_id
+    api.create_branch(stage_repo, branch=branch, revision=first_commit, exist_ok=True)
+    api.upload_folder(
+        repo_id=stage_repo, folder_path=folder, revision=branch,
+        commit_message=message or f"p2u {entry.name}", ignore_patterns=[".*"],
     )  # fmt: skip
-    return PushResult(repo_id, info.oid, tuple(published))
+    commit = api.repo_info(stage_repo, revision=branch).sha
+    return dataclasses.replace(entry, repo_id=stage_repo, revision=branch, commit=commit)
 
 
 def _base_operations(base_dir: Path, published_config: fmt.QuantizationConfig) -> list[CommitOperationAdd]:

@@ -13,7 +13,7 @@ import torch
 
 from . import format as fmt
 from .codecs import progressive
-from .hub import download_stage
+from .hub import cached_repo_id, download_stage
 from .storage import TensorReader
 
 StageSpec = int | str
@@ -27,13 +27,14 @@ class Release:
         base_dir: the base folder (config.json with a p2u quantization_config, manifest, weights).
         repo_id: the Hub repo the base was downloaded from, if any: stages without an explicit
             location are then looked up on that repo's ``p2u/stage-N`` branches (what
-            ``hf upload --revision p2u/stage-N`` of a split folder produces).
+            ``hf upload --revision p2u/stage-N`` of a split folder produces). Read from
+            the HF cache path when not given.
         token: Hub token for private stage repos; never stored beyond this object.
     """
 
     def __init__(self, base_dir: str | os.PathLike, *, repo_id: str | None = None, token: str | bool | None = None):
         self.base_dir = Path(base_dir)
-        self.repo_id = repo_id
+        self.repo_id = repo_id or cached_repo_id(self.base_dir)
         self.token = token
         self.qconfig = fmt.read_quantization_config(self.base_dir)
         self.manifest = fmt.read_manifest(self.base_dir)
