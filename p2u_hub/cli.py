@@ -63,6 +63,29 @@ def _push(args: argparse.Namespace) -> None:
         print(f"stage   {stage.repo_id}@{stage.branch}  {stage.commit}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+
+    text_column = args.text_column.split(",") if args.text_column and "," in args.text_column else args.text_column
+    report = evaluate(
+        args.release, task=args.task, dataset=args.dataset, split=args.split, max_samples=args.max_samples,
+        text_column=text_column, label_column=args.label_column, batch_size=args.batch_size,
+        max_length=args.max_length, device=args.device,
+    )  # fmt: skip
+    keys = [metric["key"] for metric in report["metrics"]]
+    print("stage     " + "  ".join(f"{key:>12}" for key in keys))
+    print("original  " + "  ".join(f"{report['original'][key]:>12.6f}" for key in keys))
+    for stage in report["stages"]:
+        print(f"{stage['name']:<10}" + "  ".join(f"{stage['metrics'][key]:>12.6f}" for key in keys))
+
+
+def _card(args: argparse.Namespace) -> None:
+    from .card import write_cards
+
+    for path in write_cards(args.release, base_model=args.base_model, repo_id=args.repo_id, stage_repo_id=args.stage_repo_id):
+        print(path)
+
+
 def _serve_hub(args: argparse.Namespace) -> None:
     from .testing import serve
 
@@ -110,6 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create new repos as private")
     push.add_argument("--commit-message", default=None, help="message of the commits")
     push.set_defaults(run=_push)
+
+    evaluate = commands.add_parser("eval", help="quality of the original, the base and every stage on a dataset")
+    evaluate.add_argument("release", help="release folder from p2u split")
+    evaluate.add_argument("--task", choices=("auto", "embedding", "causal-lm", "classification"), default="auto")
+    evaluate.add_argument("--dataset", default=None, help="csv / json / jsonl / parquet / txt file (default: bundled set)")
+    evaluate.add_argument("--split", default=None, help="dataset split (default: the first)")
+    evaluate.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many samples")
+    evaluate.add_argument("--text-column", default=None, help="text column, or two comma-separated for sentence pairs")
+    evaluate.add_argument("--label-column", default=None, help="label / score column")
+    evaluate.add_argument("--batch-size", type=int, default=None, help="batch size (default: task dependent)")
+    evaluate.add_argument("--max-length", type=int, default=256, help="truncate inputs to this many tokens")
+    evaluate.add_argument("--device", default=None, help="torch device (default cpu, or cuda when available)")
+    evaluate.set_defaults(run=_eval)
+
+    card = commands.add_parser("card", help="write model cards (README.md) into the base and stage folders")
+    card.add_argument("release", help="release folder from p2u split")
+    card.add_argument("--base-model", default=None, help="source repo id for base_model (default: from the split)")
+    card.add_argument("--repo-id", default=None, help="repo the release is published to (links and snippet)")
+    card.add_argument("--stage-repo-id", default=None, help="repo of the stages when not --repo-id (repos layout)")
+    card.set_defaults(run=_card)
 
     serve = commands.add_parser("serve-hub", help="a local Hub-compatible server on 127.0.0.1 (tests, demos, offline CI)")
     serve.add_argument("--root", required=True, help="folder holding the repos")

@@ -22,6 +22,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from . import format as fmt
+from .card import write_cards
 from .hub import PushRefusedError, stage_branch
 from .release import Release
 
@@ -56,6 +57,9 @@ def push(
 ) -> PushResult:
     """Publish a split release: stages first, then the base whose config points at their commits.
 
+    The model cards (``p2u card``) are rewritten first with this repo's links, so the Hub pages
+    explain the release; quality figures appear when ``p2u eval`` has been run.
+
     Idempotent: unchanged files are not uploaded again and an unchanged release makes no new
     commit, so an interrupted push is finished by running it again.
 
@@ -76,6 +80,7 @@ def push(
     release = Release.open(release_dir)
     api = HfApi(token=token)
     stage_repo = repo_id if layout == "branches" else repo_id + DELTA_REPO_SUFFIX
+    write_cards(release_dir, repo_id=repo_id, stage_repo_id=stage_repo)
     try:
         for repo in dict.fromkeys((repo_id, stage_repo)):
             api.create_repo(repo, private=private, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 from safetensors.torch import load_file
 
 import p2u_hub
@@ -51,7 +51,9 @@ def test_push_branches_layout_is_idempotent(release, random_checkpoint, local_hu
         assert (stage["repo_id"], stage["revision"], stage["commit"]) == (REPO, published.branch, published.commit)
         assert api.repo_info(REPO, revision=published.branch).sha == published.commit
     stage_files = {f.rfilename for f in api.model_info(REPO, revision="p2u/stage-1", files_metadata=False).siblings}
-    assert stage_files == {".gitattributes", "delta.safetensors", "p2u_stage.json"}  # no base files on stage branches
+    assert stage_files == {".gitattributes", "README.md", "delta.safetensors", "p2u_stage.json"}  # no base files
+    card = ModelCard.load(hf_hub_download(REPO, "README.md"))
+    assert "p2u" in card.data.tags and card.data.library_name == "transformers"
     counts = _commit_counts(api, REPO)
     assert push(release, REPO) == result
     assert _commit_counts(api, REPO) == counts
