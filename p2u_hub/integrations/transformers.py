@@ -1,0 +1,501 @@
+"""The "p2u" quantization method of transformers: ``from_pretrained`` loads a p2u base as it is.
+
+transformers looks a checkpoint's ``quantization_config.quant_method`` up in a table of
+quantizers. ``register`` adds p2u to it; importing this module registers, and
+``p2u_hub._startup`` imports it as soon as transformers builds that table, in every interpreter
+where p2u-hub is installed.
+
+Loading. The base stores a quantized tensor ``N`` as packed uint8 codes under ``N`` and float16
+scales under ``N_p2u_scales``. Before the weights are read, the quantizer gives each quantized
+parameter of the still empty model exactly those two tensors, in the shapes the base holds, so
+transformers' ordinary loader fills, places and ties them like any other weight. Then, by load mode:
+
+* ``"packed"`` (the default; the low-memory choice): ``nn.Linear``, ``nn.Embedding`` and GPT-2's
+  ``Conv1D`` become the ``Packed*`` layers below, which keep the codes and expand the weight at
+  the start of every forward. A 4-bit base holds about a quarter of a bfloat16 model.
+* ``"dense"`` (the fast-forward choice): every weight is expanded once, after loading, into the
+  model's dtype, and the layers are the plain transformers layers again.
+
+Weights of other layer types are expanded after loading in both modes. Choose the mode in the
+base's ``config.json`` (``quantization_config.load_mode``) or when loading:
+``AutoModel.from_pretrained(path, quantization_config=P2UConfig(load_mode="dense"))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import hf_hub_download
+from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers import auto as quantizer_table
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils import logging
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .. import format as fmt
+from ..codecs import ladder as ladder_codec
+from ..codecs.progressive import Ladder, dequantize_packed
+from ..release import Release
+from ..storage import safetensors_header
+
+logger = logging.get_logger(__name__)
+
+
+class P2UConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` block of a p2u base's config.json, as transformers holds it.
+
+    The fields are those of :class:`p2u_hub.format.QuantizationConfig`. Passed to
+    ``from_pretrained``, only ``load_mode`` is used (transformers takes every other field from the
+    base): ``P2UConfig(load_mode="dense")`` loads a base dense whatever its config.json says.
+    """
+
+    def __init__(
+        self,
+        bits: int | None = None,
+        group_size: int | None = None,
+        manifest_sha256: str | None = None,
+        stages: list[dict] | None = None,
+        load_mode: str = fmt.DEFAULT_LOAD_MODE,
+        format_version: int = fmt.FORMAT_VERSION,
+        quant_method: str = fmt.QUANT_METHOD,
+        **newer_fields,
+    ):
+        if load_mode not in fmt.LOAD_MODES:
+            raise ValueError(f"load_mode must be one of {fmt.LOAD_MODES}, got {load_mode!r}")
+        self.quant_method = quant_method
+        self.bits = bits
+        self.group_size = group_size
+        self.format_version = format_version
+        self.manifest_sha256 = manifest_sha256
+        self.load_mode = load_mode
+        self.stages = stages
+        # Kept so that a base from a newer p2u-hub fails with to_format's "upgrade p2u-hub", not a TypeError.
+        self.__dict__.update(newer_fields)
+
+    def get_loading_attributes(self) -> dict:
+        """What a config passed to ``from_pretrained`` may override in the base's (see ``register``)."""
+        return {"load_mode": self.load_mode}
+
+    def to_format(self) -> fmt.QuantizationConfig:
+        """The validated format object (raises P2UFormatError naming the bad field)."""
+        return fmt.QuantizationConfig.from_json(self.to_dict(), "quantization_config")
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """How one packed weight expands: the release's ladder, the weight's shape, the dtype the model computes in."""
+
+    ladder: Ladder
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def stored_sizes(self) -> tuple[int, int]:
+        """Element counts of the packed codes (uint8) and of the scales, as the base stores them."""
+        groups = ladder_codec.group_count(math.prod(self.shape), self.ladder.group_size)
+        return groups * self.ladder.group_size * self.ladder.base_bits // 8, groups
+
+
+@dataclass(frozen=True)
+class PackedParameter:
+    """A model parameter the base stores quantized, and where its values come from."""
+
+    name: str  # in the model, e.g. "lm_head.weight"
+    tensor: str  # in the manifest: what TensorRebuilder rebuilds
+    layout: PackedLayout
+    owner: str | None = None  # the parameter whose codes it shares (a tied weight or a deduplicated alias)
+    tied: bool = False  # the model itself ties it to ``owner``; an alias gets its own copy once expanded
+
+    @property
+    def module_name(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def attribute(self) -> str:
+        return self.name.rpartition(".")[2]
+
+    @property
+    def attributes(self) -> tuple[str, str]:
+        """Attributes of the codes and of the scales on the module, while loading."""
+        return self.attribute, fmt.scales_key(self.attribute)
+
+    @property
+    def stored(self) -> tuple[str, str]:
+        """Names of the codes and of the scales in the base weights."""
+        return self.tensor, fmt.scales_key(self.tensor)
+
+
+class PackedLayer:
+    """A layer whose ``weight`` is still packed codes: it expands the weight at the start of each forward.
+
+    ``p2u_layout`` (a PackedLayout) says how. An upgrade (``install_parameters``) replaces
+    ``_parameters`` in one assignment, swapping the codes for a dense weight, then drops the
+    scales, restores the plain class and deletes ``p2u_layout``. Reading in the opposite order
+    (layout, buffers, parameters) gives either the codes with their scales and layout or the dense
+    weight, never a mix, even while another thread upgrades the layer.
+    """
+
+    def p2u_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight, or only its ``rows`` (then only the groups holding them are expanded)."""
+        layout: PackedLayout | None = self.__dict__.get("p2u_layout")
+        buffers = self._buffers
+        weight = self._parameters["weight"]
+        if weight.is_floating_point():
+            return weight if rows is None else weight[rows]
+        scales = buffers[fmt.scales_key("weight")]
+        if rows is None:
+            return dequantize_packed(weight, scales, layout.ladder, layout.shape, layout.dtype)
+        return _expand_rows(weight, scales, layout, rows)
+
+
+class PackedLinear(PackedLayer, nn.Linear):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(input, self.p2u_weight(), self.bias)
+
+
+class PackedEmbedding(PackedLayer, nn.Embedding):
+    """A lookup expands only the rows it reads (``max_norm``, which renormalises the whole table, expands it all)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.max_norm is None:
+            return self.p2u_weight(input)  # what F.embedding computes; padding_idx and the rest only shape gradients
+        return nn.functional.embedding(
+            input, self.p2u_weight(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+
+
+def _expand_rows(codes: torch.Tensor, scales: torch.Tensor, layout: PackedLayout, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of a packed weight, the same values as indexing the fully expanded one.
+
+    Groups run over the flattened weight and each fills ``group_size * bits / 8`` whole bytes, so
+    the groups holding the wanted elements are unpacked alone.
+    """
+    ladder = layout.ladder
+    row_size = math.prod(layout.shape[1:])
+    elements = rows.reshape(-1, 1) * row_size + torch.arange(row_size, device=rows.device)
+    groups, position = torch.unique(elements // ladder.group_size, return_inverse=True)
+    group_codes = ladder_codec.unpack(codes.view(-1, ladder.group_size * ladder.base_bits // 8)[groups], ladder.base_bits)
+    values = ladder_codec.dequantize(group_codes.view(-1, ladder.group_size), scales[groups], ladder.base_bits, ladder.base_bits)
+    return values[position, elements % ladder.group_size].reshape(*rows.shape, *layout.shape[1:]).to(layout.dtype)
+
+
+class PackedConv1D(PackedLayer, Conv1D):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.p2u_weight()).view(size_out)
+
+
+PACKED_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: PackedLinear, nn.Embedding: PackedEmbedding, Conv1D: PackedConv1D,
+}  # fmt: skip
+"""Exact layer types that can run packed (a subclass may have its own forward, so it loads dense)."""
+PLAIN_LAYERS = {packed: plain for plain, packed in PACKED_LAYERS.items()}
+
+
+class P2UHfQuantizer(HfQuantizer):
+    """Loads a p2u base (see the module docstring) and remembers what ``p2u_hub.upgrade`` needs.
+
+    Attributes set while loading:
+        base_dir: the base folder read (a snapshot in the HF cache for a Hub repo).
+        repo_id: the Hub repo of the base, None when loaded from a local folder.
+        parameters: every quantized model parameter, owners before the parameters sharing their codes.
+        stage: the stage the model's weights are at (0 = base); ``upgrade`` raises it.
+    """
+
+    quantization_config: P2UConfig
+
+    def __init__(self, quantization_config: P2UConfig, **kwargs):
+        if not kwargs.get("pre_quantized", True):
+            raise ValueError(
+                "P2UConfig only loads p2u bases (folders written by `p2u split`); this checkpoint has no p2u "
+                "quantization_config in its config.json"
+            )
+        super().__init__(quantization_config, **kwargs)
+        self.base_dir: Path | None = None
+        self.repo_id: str | None = None
+        self.parameters: dict[str, PackedParameter] = {}
+        self.stage = 0
+        self._follower_bias_sizes: dict[str, int] = {}
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        self.quantization_config.to_format()
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        logger.warning(
+            "A p2u model below full precision is not saved: the base and stage folders are its saved form. "
+            "Call p2u_hub.upgrade(model) first to save a plain checkpoint."
+        )
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None, **kwargs):
+        self.base_dir, self.repo_id = locate_base(model.config.name_or_path, checkpoint_files)
+        release = Release(self.base_dir, repo_id=self.repo_id)
+        self.parameters = plan_parameters(model, release.manifest)
+        self._check_stored(checkpoint_files)
+        for packed in self.parameters.values():
+            module = model.get_submodule(packed.module_name)
+            codes, scales = packed.layout.stored_sizes()
+            codes_attribute, scales_attribute = packed.attributes
+            setattr(module, codes_attribute, _meta_parameter(codes, torch.uint8))
+            module.register_parameter(scales_attribute, _meta_parameter(scales, ladder_codec.SCALE_DTYPE))
+            if packed.owner is not None:
+                self._tie_for_loading(model, module, packed)
+            if self.quantization_config.load_mode == fmt.LOAD_MODE_PACKED and _can_run_packed(module, packed):
+                module.__class__ = PACKED_LAYERS[type(module)]
+        return model
+
+    def _tie_for_loading(self, model, module: nn.Module, packed: PackedParameter) -> None:
+        """Have transformers share the owner's scales (and an alias's codes) as it does tied weights.
+
+        transformers ties a pair by assigning the owner's tensor to the follower, then pads the
+        follower's bias to the length of its new weight: the codes. The bias size is recorded so
+        that the padding can be cut off after loading.
+        """
+        ties = model.all_tied_weights_keys
+        ties[fmt.scales_key(packed.name)] = fmt.scales_key(packed.owner)
+        if not packed.tied:
+            ties[packed.name] = packed.owner
+        if getattr(module, "bias", None) is not None:
+            self._follower_bias_sizes[packed.module_name] = module.bias.shape[0]
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for packed in self.parameters.values():
+            self._check_arrived(model, packed)
+        for packed in self.parameters.values():
+            module = model.get_submodule(packed.module_name)
+            if packed.owner is not None:
+                _untie_after_loading(model, packed)
+            scales_attribute = packed.attributes[1]
+            module.register_buffer(scales_attribute, module._parameters.pop(scales_attribute).detach())
+            if isinstance(module, PackedLayer):
+                module.p2u_layout = packed.layout
+        for module_name, size in self._follower_bias_sizes.items():
+            bias = model.get_submodule(module_name).bias
+            if bias.shape[0] != size:
+                bias.data = bias.data[:size].clone()
+        dense = {
+            name: packed
+            for name, packed in self.parameters.items()
+            if not isinstance(model.get_submodule(packed.module_name), PackedLayer)
+        }
+        install_expanded(model, dense, lambda packed: expand_loaded(model, packed))
+        return model
+
+    def _check_stored(self, checkpoint_files: list[str]) -> None:
+        """Refuse a base missing codes or scales before loading: transformers would initialise uint8 codes at random."""
+        stored = {name for file in checkpoint_files for name in safetensors_header(file)}
+        for packed in self.parameters.values():
+            for tensor in packed.stored if packed.owner is None else ():
+                if tensor not in stored:
+                    raise self._incomplete(tensor, "it is missing")
+
+    def _check_arrived(self, model, packed: PackedParameter) -> None:
+        """Fail loudly when a packed tensor did not load: transformers would leave uninitialised memory in its place."""
+        module = model.get_submodule(packed.module_name)
+        if packed.owner is None:
+            for attribute, tensor in zip(packed.attributes, packed.stored):
+                value = module._parameters[attribute]
+                if value.is_meta or not getattr(value, "_is_hf_initialized", False):
+                    raise self._incomplete(tensor, f"it did not load into {packed.module_name}.{attribute}")
+            return
+        owner = self.parameters[packed.owner]
+        owner_module = model.get_submodule(owner.module_name)
+        for attribute, owner_attribute in zip(packed.attributes, owner.attributes):
+            if module._parameters[attribute] is not owner_module._parameters[owner_attribute]:
+                raise fmt.P2UFormatError(
+                    f"{self.base_dir}: {packed.module_name}.{attribute} was not tied to "
+                    f"{owner.module_name}.{owner_attribute} while loading this p2u base"
+                )
+
+    def _incomplete(self, tensor: str, what: str) -> fmt.P2UFormatError:
+        files = ", ".join(str(path) for path in fmt.weight_files(self.base_dir, fmt.BASE_WEIGHTS_NAME))
+        return fmt.P2UFormatError(f"{files}: tensor {tensor!r}: {what}; this p2u base is incomplete")
+
+
+def _meta_parameter(size: int, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(size, dtype=dtype, device="meta"), requires_grad=False)
+
+
+def _can_run_packed(module: nn.Module, packed: PackedParameter) -> bool:
+    return packed.attribute == "weight" and type(module) in PACKED_LAYERS
+
+
+def _untie_after_loading(model, packed: PackedParameter) -> None:
+    """Drop the tie entries added for loading: scales become buffers, and an alias is no tie of the model's."""
+    ties = model.all_tied_weights_keys
+    ties.pop(fmt.scales_key(packed.name), None)
+    if not packed.tied:
+        ties.pop(packed.name, None)
+
+
+def locate_base(name_or_path: str, checkpoint_files: list[str] | None) -> tuple[Path, str | None]:
+    """The base folder transformers read the weights from, and its Hub repo (None for a local folder).
+
+    For a Hub repo the folder is a ``snapshots/<commit>`` folder of the HF cache; the manifest is
+    fetched into it at that same commit, so base and manifest always match.
+    """
+    if not checkpoint_files:
+        raise fmt.P2UFormatError(f"{name_or_path}: transformers found no weight files for this p2u base")
+    base_dir = Path(checkpoint_files[0]).parent
+    if Path(name_or_path).is_dir():
+        return base_dir, None
+    parts = base_dir.parts
+    if "snapshots" not in parts:
+        raise fmt.P2UFormatError(f"{base_dir}: expected the weights of Hub repo {name_or_path!r} in an HF cache snapshot")
+    at = len(parts) - 1 - parts[::-1].index("snapshots")
+    commit, subfolder = parts[at + 1], "/".join(parts[at + 2 :])
+    hf_hub_download(name_or_path, fmt.MANIFEST_FILE, subfolder=subfolder or None, revision=commit)
+    return base_dir, name_or_path
+
+
+def plan_parameters(model, manifest: fmt.Manifest) -> dict[str, PackedParameter]:
+    """Every parameter of ``model`` whose tensor the base stores quantized, owners first.
+
+    An owner's codes and scales are in the base weights; its manifest name becomes its parameter
+    name through transformers' own key renaming (legacy names, ``base_model_prefix``), as the
+    loader will rename them. A follower shares an owner's codes: a weight the model ties to it,
+    or a tensor that ``split`` stored once (``alias_of``).
+
+    Raises:
+        P2UFormatError: transformers merges or splits a quantized tensor while loading (e.g. MoE
+            experts), which packed codes cannot follow, or an alias has no owner in the model.
+    """
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+
+    def parameter_name(tensor: str) -> str | None:
+        name, converter = rename_source_key(tensor, renamings, converters, model.base_model_prefix, state)
+        if converter is not None:
+            raise fmt.P2UFormatError(
+                f"tensor {tensor!r}: transformers converts it while loading {type(model).__name__} ({converter}), which "
+                f"packed codes cannot follow; split the source keeping it exact (--keep '{tensor}')"
+            )
+        return name if name in parameters else None
+
+    def layout(name: str, tensor: str) -> PackedLayout:
+        return PackedLayout(manifest.ladder, tuple(manifest.tensors[tensor].shape), parameters[name].dtype)
+
+    quantized = {tensor: entry for tensor, entry in manifest.tensors.items() if entry.codec == fmt.CODEC_LADDER}
+    owners: dict[str, str] = {}  # manifest name -> parameter name
+    plan: dict[str, PackedParameter] = {}
+    for tensor, entry in quantized.items():
+        name = parameter_name(tensor) if entry.alias_of is None else None
+        if name is not None:  # None: a tensor the model does not use; transformers reports it unexpected
+            owners[tensor] = name
+            plan[name] = PackedParameter(name, tensor, layout(name, tensor))
+    followers: dict[str, PackedParameter] = {}
+    for target, source in model.all_tied_weights_keys.items():
+        for follower, owner in ((target, source), (source, target)):
+            if owner in plan and follower not in plan:
+                tensor = plan[owner].tensor
+                followers[follower] = PackedParameter(follower, tensor, layout(follower, tensor), owner, tied=True)
+    for tensor, entry in quantized.items():
+        name = parameter_name(tensor) if entry.alias_of is not None else None
+        if name is None or name in followers:
+            continue
+        if entry.alias_of not in owners:
+            raise fmt.P2UFormatError(
+                f"tensor {tensor!r} is stored as {entry.alias_of!r}, which {type(model).__name__} has no parameter for"
+            )
+        followers[name] = PackedParameter(name, entry.alias_of, layout(name, entry.alias_of), owners[entry.alias_of])
+    return plan | followers
+
+
+def expand_loaded(model, packed: PackedParameter) -> torch.Tensor:
+    """The base weight of ``packed`` expanded from the codes and scales in memory."""
+    module = model.get_submodule(packed.module_name)
+    codes_attribute, scales_attribute = packed.attributes
+    layout = packed.layout
+    return dequantize_packed(
+        module._parameters[codes_attribute], module._buffers[scales_attribute], layout.ladder, layout.shape, layout.dtype
+    )
+
+
+def install_expanded(
+    model,
+    parameters: dict[str, PackedParameter],
+    expand: Callable[[PackedParameter], torch.Tensor],
+    on_module: Callable[[int, int], None] | None = None,
+) -> None:
+    """Give every parameter in ``parameters`` its dense value ``expand(parameter)``, module by module.
+
+    Owners go first; a tied follower then shares its owner's new Parameter and an alias gets a
+    copy. Each module changes atomically (``install_parameters``), so a model serving forward
+    passes meanwhile only ever mixes whole layers of the old and the new precision.
+    ``on_module(done, total)`` is called after each module, for progress reports.
+    """
+    installed: dict[str, nn.Parameter] = {}
+    batches = _module_batches(parameters)
+    for done, (module_name, group) in enumerate(batches, start=1):
+        module = model.get_submodule(module_name)
+        tensors = {}
+        for packed in group:
+            source = installed.get(packed.owner)
+            if source is None:
+                tensors[packed.attribute] = expand(packed)
+            else:
+                tensors[packed.attribute] = source if packed.tied else source.detach().clone()
+        install_parameters(module, tensors)
+        installed.update({packed.name: module._parameters[packed.attribute] for packed in group})
+        if on_module is not None:
+            on_module(done, len(batches))
+
+
+def _module_batches(parameters: dict[str, PackedParameter]) -> list[tuple[str, list[PackedParameter]]]:
+    """Parameters grouped by module, the modules of owners before those of followers."""
+    batches: dict[tuple[bool, str], list[PackedParameter]] = {}
+    for packed in parameters.values():
+        batches.setdefault((packed.owner is not None, packed.module_name), []).append(packed)
+    return [(module_name, group) for (_, module_name), group in sorted(batches.items(), key=lambda item: item[0][0])]
+
+
+def install_parameters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace parameters of ``module`` by plain ``tensors`` (attribute -> tensor) in one step.
+
+    The new parameter dict is built aside and assigned with a single reference store, which a
+    forward in another thread sees entirely or not at all; only then are the scales of the
+    replaced codes dropped and a packed layer given back its plain class, then its layout
+    deleted (see ``PackedLayer``).
+    """
+    parameters = {}
+    for attribute, current in module._parameters.items():
+        new = tensors.get(attribute, current)
+        parameters[attribute] = new if isinstance(new, nn.Parameter) or new is None else nn.Parameter(new)
+    module.__dict__["_parameters"] = parameters
+    dropped = {fmt.scales_key(attribute) for attribute in tensors}
+    module.__dict__["_buffers"] = {name: buffer for name, buffer in module._buffers.items() if name not in dropped}
+    if type(module) in PLAIN_LAYERS:
+        module.__class__ = PLAIN_LAYERS[type(module)]
+        del module.p2u_layout
+
+
+def register() -> None:
+    """Add p2u to transformers' quantization tables; a second call does nothing.
+
+    transformers has no plug-in discovery for quantizers and, meeting an unknown ``quant_method``,
+    only logs a warning and returns random weights: hence the start-up hook in ``p2u_hub._startup``.
+    p2u is also made a config type with *loading attributes*, so that ``load_mode`` passed in a
+    ``P2UConfig`` to ``from_pretrained`` overrides the base's (transformers warns that it does).
+    """
+    if quantizer_table.AUTO_QUANTIZATION_CONFIG_MAPPING.get(fmt.QUANT_METHOD) is not P2UConfig:
+        quantizer_table.register_quantization_config(fmt.QUANT_METHOD)(P2UConfig)
+    if quantizer_table.AUTO_QUANTIZER_MAPPING.get(fmt.QUANT_METHOD) is not P2UHfQuantizer:
+        quantizer_table.register_quantizer(fmt.QUANT_METHOD)(P2UHfQuantizer)
+    if P2UConfig not in quantizer_table.LOADING_ATTRIBUTES_CONFIG_TYPES:
+        quantizer_table.LOADING_ATTRIBUTES_CONFIG_TYPES = (*quantizer_table.LOADING_ATTRIBUTES_CONFIG_TYPES, P2UConfig)
+
+
+register()

@@ -1,0 +1,172 @@
+"""Raise the precision of a loaded p2u model in place: ``p2u_hub.upgrade(model)``.
+
+The model came from ``from_pretrained`` on a p2u base; its quantizer recorded where the base is
+(a local folder, or a Hub repo at a commit). ``upgrade`` finds the stages from the base's config,
+fetches them through huggingface_hub (the HF cache, its progress bars, ``HF_TOKEN``), checks them
+and swaps every quantized weight for its rebuilt value, one layer at a time.
+
+At ``"full"`` the model becomes a plain transformers model: its ``state_dict()`` is bit-identical
+to the source checkpoint and ``save_pretrained`` writes no ``quantization_config``. That holds when
+the base was loaded in the source's dtype (``dtype="auto"`` does it); with another ``dtype=`` the
+weights are the source's cast to that dtype. An intermediate stage leaves dense weights holding
+that stage's dequantized values, in the model's dtype.
+
+Failure handling: everything that can be checked before the model changes is checked first.
+Every stage is fetched, must name this base as its parent and come in order, and every payload
+must match its sha256; a stage that is unreachable (``StageUnavailableError``), from another base
+(``StageMismatchError``) or corrupt (``ChecksumError``) leaves the model exactly as it was. Then each
+layer's tensors are rebuilt (at ``"full"``, each checked against the source's sha256) before that
+layer is swapped. A failure there is possible only if the base weights on disk changed after
+loading; the upgrade stops with the error, swapped layers hold checked weights of the new stage,
+the others keep the old precision, the model still answers, and ``upgrade`` can be called again.
+
+Memory: layers are rebuilt and swapped one by one and the packed codes of a swapped layer are
+freed at once, so the peak stays near the final model size plus one layer being rebuilt.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+from huggingface_hub.utils import tqdm
+
+from . import format as fmt
+from .release import Release, StageSpec, TensorRebuilder
+from .storage import TensorReader
+
+_ONE_AT_A_TIME = threading.Lock()
+"""Upgrades run one after the other: two on one model must not interleave, and each one keeps the CPU busy anyway."""
+
+
+class UpgradeHandle:
+    """An upgrade running in a background thread while the model keeps answering.
+
+    Each layer swaps atomically, so a forward pass running meanwhile sees every layer either at
+    the old precision or at the new one, never a half-written tensor.
+    """
+
+    def __init__(self) -> None:
+        self._future: Future = Future()
+        self._layers_done = 0
+        self._layers_total = 0
+
+    def done(self) -> bool:
+        """Whether the upgrade has finished, successfully or not."""
+        return self._future.done()
+
+    def result(self, timeout: float | None = None):
+        """Wait for the upgrade and return the model; re-raises the upgrade's error.
+
+        Raises:
+            TimeoutError: still running after ``timeout`` seconds.
+        """
+        return self._future.result(timeout)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the layers swapped so far (1.0 once done)."""
+        if self._future.done():
+            return 1.0
+        return self._layers_done / self._layers_total if self._layers_total else 0.0
+
+    def _report(self, done: int, total: int) -> None:
+        self._layers_done, self._layers_total = done, total
+
+
+def upgrade(model, stage: StageSpec = "full", *, background: bool = False, token: str | bool | None = None):
+    """Raise ``model``, loaded from a p2u base with ``from_pretrained``, to ``stage`` in place.
+
+    Args:
+        model: a transformers model loaded from a p2u base (packed or dense).
+        stage: ``"full"`` (the source weights, bit for bit) or a stage index (1 = first delta).
+        background: run in a thread and return an ``UpgradeHandle`` at once; the model keeps
+            answering at its current precision meanwhile, layer by layer at the new one.
+        token: Hub token for private stage repos (default: ``HF_TOKEN`` / ``hf auth login``).
+
+    Returns:
+        ``model`` (upgraded), or an ``UpgradeHandle`` when ``background`` is true.
+
+    Raises:
+        ValueError: the model was not loaded from a p2u base, or ``stage`` is below its current one.
+        StageUnavailableError: a stage cannot be downloaded (the model is unchanged).
+        StageMismatchError: a stage belongs to another base or is out of order (unchanged).
+        ChecksumError: a stage payload or a rebuilt tensor fails its sha256 check.
+    """
+    from .integrations.transformers import P2UHfQuantizer  # transformers is loaded already: the model came from it
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if not isinstance(quantizer, P2UHfQuantizer):
+        raise ValueError(
+            f"{type(model).__name__} has no p2u quantizer: it was not loaded from a p2u base, or it is already "
+            "at full precision (then it is a plain transformers model)"
+        )
+    if not background:
+        return _upgrade(model, quantizer, stage, token, on_layer=None)
+    handle = UpgradeHandle()
+
+    def run() -> None:
+        try:
+            handle._future.set_result(_upgrade(model, quantizer, stage, token, on_layer=handle._report))
+        except BaseException as error:  # handed to the caller through result()
+            handle._future.set_exception(error)
+
+    handle._future.set_running_or_notify_cancel()
+    threading.Thread(target=run, name="p2u-upgrade", daemon=True).start()
+    return handle
+
+
+def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
+    from .integrations.transformers import install_expanded
+
+    with _ONE_AT_A_TIME, torch.no_grad():
+        if getattr(model, "hf_quantizer", None) is not quantizer:
+            return model  # an upgrade queued before this one reached full precision
+        release = Release(quantizer.base_dir, repo_id=quantizer.repo_id, token=token)
+        index = release.stage_index(stage)
+        if index < quantizer.stage:
+            raise ValueError(f"the model is at stage {quantizer.stage}; upgrade cannot lower it to stage {index}")
+        if index == quantizer.stage:
+            return model
+        folders = [release.stage_dir(k) for k in range(1, index + 1)]
+        for folder in folders:
+            verify_payloads(folder)
+        with TensorRebuilder(release, index, folders) as rebuilder, tqdm(desc="p2u upgrade", unit="layer") as bar:
+
+            def rebuild(packed) -> torch.Tensor:
+                current = model.get_submodule(packed.module_name)._parameters[packed.attribute]
+                return rebuilder.tensor(packed.tensor).to(device=current.device, dtype=packed.layout.dtype)
+
+            def layer_done(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(1)
+                if on_layer is not None:
+                    on_layer(done, total)
+
+            install_expanded(model, quantizer.parameters, rebuild, on_module=layer_done)
+        quantizer.stage = index
+        if index == release.stage_count:
+            _make_plain(model, quantizer)
+    return model
+
+
+def verify_payloads(folder: Path) -> None:
+    """Check every payload of a stage folder against its sha256, before anything in the model changes."""
+    record = fmt.read_stage_record(folder)
+    with TensorReader(fmt.weight_files(folder, fmt.DELTA_WEIGHTS_NAME)) as reader:
+        for name, payload in record.payloads.items():
+            if fmt.tensor_sha256(reader.get(name)) != payload["sha256"]:
+                raise fmt.ChecksumError(f"{folder}: payload of tensor {name!r} fails its sha256 check (corrupt download?)")
+
+
+def _make_plain(model, quantizer) -> None:
+    """Forget the quantization, as a model loaded from the source checkpoint never had it."""
+    from transformers import PreTrainedModel
+
+    quantizer.remove_quantization_config(model)
+    del model.is_quantized  # remove_quantization_config leaves it False; a plain model has no such attribute
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            vars(module.config).pop("_is_quantized", None)
