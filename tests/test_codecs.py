@@ -94,3 +94,14 @@ def test_intermediate_stages_reduce_error():
 def test_invalid_ladders_are_refused(bits, stages, group):
     with pytest.raises(ValueError):
         progressive.Ladder(bits, stages, group)
+
+
+def test_multi_block_tensor_round_trips_and_frames_are_checked():
+    spec = progressive.Ladder(3, (8,), 96)
+    weight = _weights(torch.bfloat16, (1100, 1000))  # 1.1M elements: two blocks of 10922 groups of 96, the last one short
+    encoded = progressive.encode(weight, spec)
+    assert int.from_bytes(encoded.deltas[0][:4], "little") == 2
+    rebuilt = progressive.decode(encoded.packed_codes, encoded.scales, encoded.deltas, spec, tuple(weight.shape), weight.dtype)
+    assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
+    with pytest.raises(entropy.CorruptStreamError, match="header says"):
+        progressive.decode(encoded.packed_codes, encoded.scales, [encoded.deltas[0][:-1]], spec, tuple(weight.shape), weight.dtype)

@@ -3,16 +3,31 @@
 ``encode`` turns a float tensor into the base payload (packed codes + float16 scales) and
 one delta per stage; ``decode`` rebuilds the tensor at any stage from the base payload and
 the deltas up to that stage. Both are pure: tensors and bytes in, tensors and bytes out.
+
+Deltas are coded in *blocks* of ``block_groups(group_size)`` consecutive groups (about 2**20
+elements), each an independent entropy stream, so coding memory is bounded by the block,
+not the tensor: decoding a large embedding needs the output tensor plus one block's
+temporaries. A delta is ``u32le block_count``, ``block_count`` x ``u32le length``, then the
+blocks' streams in order.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
 
 from . import entropy, ladder, lossless
+
+BLOCK_ELEMENTS = 1 << 20
+_U32 = struct.Struct("<I")
+
+
+def block_groups(group_size: int) -> int:
+    """Groups per coding block: ``max(1, 2**20 // group_size)``."""
+    return max(1, BLOCK_ELEMENTS // group_size)
 
 
 @dataclass(frozen=True)
@@ -58,21 +73,16 @@ class EncodedTensor:
 
 
 def encode(weight: torch.Tensor, spec: Ladder) -> EncodedTensor:
-    """Quantize ``weight`` onto the ladder and code every stage's delta."""
-    groups = ladder.to_groups(weight, spec.group_size)
-    scales = ladder.base_scales(groups, spec.base_bits)
-    top_codes = ladder.quantize(groups, scales, spec.base_bits, spec.top_bits)
-    widths = spec.widths()
-    deltas = []
-    for low, high in zip(widths, widths[1:]):
-        coarse = ladder.coarsen(top_codes, spec.top_bits, low)
-        low_bits = ladder.refinement_bits(ladder.coarsen(top_codes, spec.top_bits, high), low, high)
-        deltas.append(entropy.encode(low_bits.to(torch.int64), _refinement_contexts(coarse, low)))
-    reconstruction = _reconstruct(top_codes, scales, spec, spec.top_bits, weight)
-    residual = lossless.residual(weight.contiguous(), reconstruction)
-    deltas.append(entropy.encode(residual, _lossless_contexts(reconstruction, scales, spec, weight)))
-    base_codes = ladder.coarsen(top_codes, spec.top_bits, spec.base_bits)
-    return EncodedTensor(ladder.pack(base_codes, spec.base_bits), scales, tuple(deltas))
+    """Quantize ``weight`` onto the ladder and code every stage's delta, block by block."""
+    flat = weight.detach().reshape(-1)
+    packed, scales, stage_streams = [], [], [[] for _ in range(spec.stage_count)]
+    for start, stop in _block_ranges(flat.numel(), spec.group_size):
+        block_packed, block_scales, block_deltas = _encode_block(flat[start:stop], spec)
+        packed.append(block_packed)
+        scales.append(block_scales)
+        for streams, delta in zip(stage_streams, block_deltas):
+            streams.append(delta)
+    return EncodedTensor(torch.cat(packed), torch.cat(scales), tuple(_frame(streams) for streams in stage_streams))
 
 
 def decode(
@@ -86,9 +96,76 @@ def decode(
     """Rebuild a tensor of ``shape``/``dtype`` at stage ``len(deltas)`` (0 = base).
 
     With all ``spec.stage_count`` deltas the result is bit-identical to the encoded tensor.
+
+    Raises:
+        entropy.CorruptStreamError: a delta does not parse or decode.
     """
     if len(deltas) > spec.stage_count:
         raise ValueError(f"{len(deltas)} deltas given, the ladder has {spec.stage_count} stages")
+    numel = math.prod(shape)
+    ranges = _block_ranges(numel, spec.group_size)
+    block_deltas = [_unframe(delta, len(ranges)) for delta in deltas]
+    output = torch.empty(numel, dtype=dtype)
+    bytes_per_group = spec.group_size * spec.base_bits // 8
+    for index, (start, stop) in enumerate(ranges):
+        first, last = start // spec.group_size, ladder.group_count(stop, spec.group_size)
+        output[start:stop] = _decode_block(
+            packed_codes[first * bytes_per_group : last * bytes_per_group], scales[first:last],
+            [blocks[index] for blocks in block_deltas], spec, stop - start, dtype,
+        )  # fmt: skip
+    return output.reshape(shape)
+
+
+def _block_ranges(numel: int, group_size: int) -> list[tuple[int, int]]:
+    """Element ranges ``[start, stop)`` of the coding blocks (whole groups; the last one may be short)."""
+    step = block_groups(group_size) * group_size
+    return [(start, min(start + step, numel)) for start in range(0, numel, step)] or [(0, 0)]
+
+
+def _frame(streams: list[bytes]) -> bytes:
+    header = _U32.pack(len(streams)) + b"".join(_U32.pack(len(stream)) for stream in streams)
+    return header + b"".join(streams)
+
+
+def _unframe(delta: bytes, expected_blocks: int) -> list[bytes]:
+    try:
+        (count,) = _U32.unpack_from(delta, 0)
+        if count != expected_blocks:
+            raise entropy.CorruptStreamError(f"delta has {count} blocks, the tensor has {expected_blocks}")
+        lengths = [_U32.unpack_from(delta, _U32.size * (1 + i))[0] for i in range(count)]
+    except struct.error:
+        raise entropy.CorruptStreamError("delta header is truncated") from None
+    offset = _U32.size * (1 + count)
+    if offset + sum(lengths) != len(delta):
+        raise entropy.CorruptStreamError(f"delta holds {len(delta) - offset} stream bytes, its header says {sum(lengths)}")
+    streams = []
+    for length in lengths:
+        streams.append(delta[offset : offset + length])
+        offset += length
+    return streams
+
+
+def _encode_block(weight: torch.Tensor, spec: Ladder) -> tuple[torch.Tensor, torch.Tensor, list[bytes]]:
+    """Base payload and stage deltas of one block (a 1-D run of whole groups)."""
+    groups = ladder.to_groups(weight, spec.group_size)
+    scales = ladder.base_scales(groups, spec.base_bits)
+    top_codes = ladder.quantize(groups, scales, spec.base_bits, spec.top_bits)
+    widths = spec.widths()
+    deltas = []
+    for low, high in zip(widths, widths[1:]):
+        coarse = ladder.coarsen(top_codes, spec.top_bits, low)
+        low_bits = ladder.refinement_bits(ladder.coarsen(top_codes, spec.top_bits, high), low, high)
+        deltas.append(entropy.encode(low_bits.to(torch.int64), _refinement_contexts(coarse, low)))
+    reconstruction = _reconstruct(top_codes, scales, spec, spec.top_bits, weight)
+    residual = lossless.residual(weight.contiguous(), reconstruction)
+    deltas.append(entropy.encode(residual, _lossless_contexts(reconstruction, scales, spec, weight)))
+    base_codes = ladder.coarsen(top_codes, spec.top_bits, spec.base_bits)
+    return ladder.pack(base_codes, spec.base_bits), scales, deltas
+
+
+def _decode_block(
+    packed_codes: torch.Tensor, scales: torch.Tensor, deltas: list[bytes], spec: Ladder, numel: int, dtype: torch.dtype
+) -> torch.Tensor:
     codes = ladder.unpack(packed_codes, spec.base_bits).view(-1, spec.group_size)
     widths = spec.widths()
     reached = spec.base_bits
@@ -96,7 +173,7 @@ def decode(
         low_bits = entropy.decode(delta, _refinement_contexts(codes, low))
         codes = ladder.refine(codes, low_bits, low, high)
         reached = high
-    template = torch.empty(shape, dtype=dtype, device="meta")
+    template = torch.empty(numel, dtype=dtype, device="meta")
     reconstruction = _reconstruct(codes, scales, spec, reached, template)
     if len(deltas) < spec.stage_count:
         return reconstruction
