@@ -13,11 +13,10 @@ import shutil
 from pathlib import Path
 
 from huggingface_hub.utils import tqdm
-from safetensors.torch import save_file
 
 from . import format as fmt
 from .release import Release, StageSpec
-from .storage import atomic_output_dir
+from .storage import StreamingSafetensorsWriter, atomic_output_dir
 
 
 def merge(
@@ -50,9 +49,10 @@ def merge(
     manifest = release.manifest
     with release.rebuilder(stage) as rebuilder, atomic_output_dir(destination, overwrite=overwrite) as work:
         for file_name, source_file in tqdm(manifest.source_files.items(), desc="p2u merge", unit="file"):
-            tensors = {name: rebuilder.tensor(name) for name in source_file.tensors}
-            save_file(tensors, str(work / file_name), metadata=source_file.metadata)
-            del tensors
+            writer = StreamingSafetensorsWriter(work / file_name, source_file.metadata)
+            for name in source_file.tensors:
+                writer.add(name, rebuilder.tensor(name))
+            writer.close()
         if manifest.source_index_file is not None:
             weight_map = {name: file for file, f in manifest.source_files.items() for name in f.tensors}
             index = {"metadata": manifest.source_index_metadata or {}, "weight_map": weight_map}

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .format import P2UFormatError, index_file_name, shard_file_name
+from .format import DTYPE_NAMES, P2UFormatError, index_file_name, shard_file_name, tensor_bytes
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -84,12 +83,57 @@ def safetensors_header(path: str | os.PathLike) -> dict:
     return header
 
 
+class StreamingSafetensorsWriter:
+    """Write one safetensors file tensor by tensor, holding at most one tensor in memory.
+
+    safetensors puts the header (every name, dtype, shape and offset) before the data, so
+    tensor bytes go to a spill file first; ``close`` writes the header and copies the data
+    after it. Tensors are laid out as ``safetensors.save_file`` does (by decreasing alignment,
+    then name), so every tensor is aligned to its dtype for zero-copy loading.
+    """
+
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.metadata = metadata
+        self._spill = tempfile.TemporaryFile(dir=self.path.parent)
+        self._entries: dict[str, tuple[str, list[int], int, int, int]] = {}  # dtype, shape, itemsize, offset, size
+        self.data_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor_bytes(tensor)
+        self._entries[name] = (DTYPE_NAMES[tensor.dtype], list(tensor.shape), tensor.element_size(), self.data_bytes, len(data))
+        self._spill.write(data)
+        self.data_bytes += len(data)
+
+    def close(self) -> None:
+        order = sorted(self._entries, key=lambda name: (-self._entries[name][2], name))
+        header: dict[str, object] = {"__metadata__": self.metadata} if self.metadata else {}
+        offset = 0
+        for name in order:
+            dtype, shape, _, _, size = self._entries[name]
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with self.path.open("wb") as output:
+            output.write(len(encoded).to_bytes(8, "little") + encoded)
+            for name in order:
+                _, _, _, start, size = self._entries[name]
+                self._spill.seek(start)
+                while size:
+                    chunk = self._spill.read(min(size, 1 << 24))
+                    output.write(chunk)
+                    size -= len(chunk)
+        self._spill.close()
+
+
 class ShardedWriter:
     """Collect tensors and write them as safetensors shards of at most ``max_shard_bytes``.
 
     Shard file names follow transformers (``model.safetensors`` when one shard,
-    ``model-00001-of-00002.safetensors`` + ``model.safetensors.index.json`` otherwise); at
-    most one shard is held in memory.
+    ``model-00001-of-00002.safetensors`` + ``model.safetensors.index.json`` otherwise). Tensors
+    are streamed to disk as they come (``StreamingSafetensorsWriter``), so memory does not grow
+    with the shard.
     """
 
     def __init__(self, folder: str | os.PathLike, prefix: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
@@ -97,30 +141,32 @@ class ShardedWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.max_shard_bytes = max_shard_bytes
-        self.metadata: dict[str, str] = {"format": "pt"}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._current: StreamingSafetensorsWriter | None = None
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += size
+        if self._current is not None and self._current.data_bytes and self._current.data_bytes + size > self.max_shard_bytes:
+            self._finish_shard()
+        if self._current is None:
+            self._current = StreamingSafetensorsWriter(self.folder / f".shard-{len(self._shards)}.partial", {"format": "pt"})
+            self._shards.append((self._current.path, []))
+        self._current.add(name, tensor)
+        self._shards[-1][1].append(name)
         self.total_bytes += size
 
-    def _flush(self) -> None:
-        path = self.folder / f".shard-{len(self._shards)}.partial"
-        save_file(self._pending, str(path), metadata=self.metadata)
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+    def _finish_shard(self) -> None:
+        self._current.close()
+        self._current = None
 
     def close(self) -> list[str]:
         """Write the last shard, give shards their final names, write the index if sharded."""
-        if self._pending or not self._shards:
-            self._flush()
+        if self._current is None and not self._shards:
+            self._current = StreamingSafetensorsWriter(self.folder / ".shard-0.partial", {"format": "pt"})
+            self._shards.append((self._current.path, []))
+        if self._current is not None:
+            self._finish_shard()
         count = len(self._shards)
         weight_map: dict[str, str] = {}
         names = []
