@@ -86,6 +86,28 @@ def _card(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import bench, format_table, write_synthetic_llama
+
+    if args.synthetic_gb:
+        write_synthetic_llama(args.source, args.synthetic_gb)
+    result = bench(
+        args.source, bits=args.bits, bandwidths=args.bandwidth, json_path=args.json, workdir=args.workdir,
+        repeats=args.repeats,
+    )  # fmt: skip
+    print(format_table(result))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import format_demo, run_demo
+
+    result = run_demo(rate_mbps=args.rate)
+    print(format_demo(result))
+    demo = result["demo"]
+    if not (demo["full_state_dict_bit_exact"] and demo["full_last_hidden_state_equal"]) or demo["full_has_quantization_config"]:
+        raise SystemExit("p2u demo: the upgraded model is not the original bit for bit")
+
+
 def _serve_hub(args: argparse.Namespace) -> None:
     from .testing import serve
 
@@ -153,6 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--repo-id", default=None, help="repo the release is published to (links and snippet)")
     card.add_argument("--stage-repo-id", default=None, help="repo of the stages when not --repo-id (repos layout)")
     card.set_defaults(run=_card)
+
+    bench = commands.add_parser("bench", help="bytes and time to usable / full precision vs plain download")
+    bench.add_argument("source", help="checkpoint folder or Hub repo id")
+    bench.add_argument("--bits", type=int, default=4, help="base width (default 4; ladder bits -> 8 -> lossless)")
+    bench.add_argument("--bandwidth", type=float, nargs="+", default=[20.0, 100.0], metavar="MBPS", help="link speeds")
+    bench.add_argument("--json", default=None, metavar="FILE", help="write the result as JSON (and a PNG plot beside it)")
+    bench.add_argument("--repeats", type=int, default=1, help="runs per measurement; the median is reported")
+    bench.add_argument("--workdir", default=None, metavar="DIR", help="keep the release, local Hub and caches there")
+    bench.add_argument(
+        "--synthetic-gb", type=float, default=None, metavar="GB",
+        help="first write a synthetic Llama-shaped bf16 checkpoint of at least GB GB to SOURCE (must not exist)",
+    )  # fmt: skip
+    bench.set_defaults(run=_bench)
+
+    demo = commands.add_parser("demo", help="split, publish, load and upgrade the bundled all-MiniLM-L6-v2, offline")
+    demo.add_argument("--rate", type=float, default=20.0, metavar="MBPS", help="simulated link speed (default 20)")
+    demo.set_defaults(run=_demo)
 
     serve = commands.add_parser("serve-hub", help="a local Hub-compatible server on 127.0.0.1 (tests, demos, offline CI)")
     serve.add_argument("--root", required=True, help="folder holding the repos")
