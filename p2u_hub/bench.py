@@ -382,27 +382,27 @@ def zipnn_reference(files: Sequence[Path]) -> dict:
     names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
     compressed = 0
     compress_s = decompress_s = 0.0
-    with TensorReader(list(files)) as reader:
-        for name in reader.locations:
-            tensor = reader.get(name)
-            raw = fmt.tensor_bytes(tensor).tobytes()
-            if tensor.dtype not in names:
-                compressed += len(raw)
-                continue
-            codec = codecs.setdefault(tensor.dtype, zipnn.ZipNN(input_format="byte", bytearray_dtype=names[tensor.dtype], threads=os.cpu_count()))
-            expected = fmt.sha256_bytes(raw)  # taken first: ZipNN reorders the bytes of its input in place
-            start = time.perf_counter()
-            packed = codec.compress(raw)
-            compress_s += time.perf_counter() - start
-            start = time.perf_counter()
-            restored = codec.decompress(packed)
-            decompress_s += time.perf_counter() - start
-            if fmt.sha256_bytes(restored) != expected:
-                return {
-                    "codec": f"zipnn {version}", "bytes": None,
-                    "reason": f"zipnn {version} does not round-trip {names[tensor.dtype]} tensor {name!r} (decompressed bytes differ)",
-                }  # fmt: skip
-            compressed += len(packed)
+    reader = TensorReader(list(files))
+    for name in reader.locations:
+        tensor = reader.get(name)
+        raw = fmt.tensor_bytes(tensor).tobytes()
+        if tensor.dtype not in names:
+            compressed += len(raw)
+            continue
+        codec = codecs.setdefault(tensor.dtype, zipnn.ZipNN(input_format="byte", bytearray_dtype=names[tensor.dtype], threads=os.cpu_count()))
+        expected = fmt.sha256_bytes(raw)  # taken first: ZipNN reorders the bytes of its input in place
+        start = time.perf_counter()
+        packed = codec.compress(raw)
+        compress_s += time.perf_counter() - start
+        start = time.perf_counter()
+        restored = codec.decompress(packed)
+        decompress_s += time.perf_counter() - start
+        if fmt.sha256_bytes(restored) != expected:
+            return {
+                "codec": f"zipnn {version}", "bytes": None,
+                "reason": f"zipnn {version} does not round-trip {names[tensor.dtype]} tensor {name!r} (decompressed bytes differ)",
+            }  # fmt: skip
+        compressed += len(packed)
     size = sum(file.stat().st_size for file in files)
     return {
         "codec": f"zipnn {version}", "bytes": compressed, "ratio": round(compressed / size, 4),

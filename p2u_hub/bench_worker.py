@@ -127,16 +127,16 @@ def matches_source(model: torch.nn.Module, source: str | Path) -> bool:
     from .storage import TensorReader
 
     prefix = model.base_model_prefix + "."
-    with TensorReader(sorted(Path(source).glob("*.safetensors"))) as reader:
-        for key, actual in model.state_dict().items():
-            name = next((n for n in (key, key.removeprefix(prefix), prefix + key) if n in reader), None)
-            if name is None:
-                return False
-            expected = reader.get(name)
-            if actual.dtype != expected.dtype or actual.shape != expected.shape:
-                return False
-            if fmt.tensor_sha256(actual) != fmt.tensor_sha256(expected):
-                return False
+    reader = TensorReader(sorted(Path(source).glob("*.safetensors")))
+    for key, actual in model.state_dict().items():
+        name = next((n for n in (key, key.removeprefix(prefix), prefix + key) if n in reader), None)
+        if name is None:
+            return False
+        expected = reader.get(name)
+        if actual.dtype != expected.dtype or actual.shape != expected.shape:
+            return False
+        if fmt.tensor_sha256(actual) != fmt.tensor_sha256(expected):
+            return False
     return True
 
 

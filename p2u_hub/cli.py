@@ -48,9 +48,9 @@ def _verify(args: argparse.Namespace) -> None:
     from .release import Release
 
     release = Release.open(args.path)
-    with release.rebuilder("full") as rebuilder:
-        for name in release.manifest.tensors:
-            rebuilder.tensor(name)
+    rebuilder = release.rebuilder("full")
+    for name in release.manifest.tensors:
+        rebuilder.tensor(name)
     print(f"{release.base_dir}: all {len(release.manifest.tensors)} tensors rebuild bit-exact at full precision")
 
 

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
 from . import format as fmt
 
@@ -61,6 +62,10 @@ def resolve_source(source: str | os.PathLike, *, token: str | bool | None = None
     if Path(source).exists():
         return Path(source), None, None
     repo_id, revision = parse_repo_reference(str(source))
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise StageUnavailableError(f"{source}: no such local folder, and not a Hub repo id") from None
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, token=token, ignore_patterns=OTHER_WEIGHT_PATTERNS))
     except RepositoryNotFoundError:

@@ -47,7 +47,8 @@ def merge(
     """
     release = Release.open(source, token=token)
     manifest = release.manifest
-    with release.rebuilder(stage) as rebuilder, atomic_output_dir(destination, overwrite=overwrite) as work:
+    rebuilder = release.rebuilder(stage)
+    with atomic_output_dir(destination, overwrite=overwrite) as work:
         for file_name, source_file in tqdm(manifest.source_files.items(), desc="p2u merge", unit="file"):
             writer = StreamingSafetensorsWriter(work / file_name, source_file.metadata)
             for name in source_file.tensors:

@@ -139,6 +139,12 @@ class TensorRebuilder:
             self._check_source_bytes(name, tensor, entry)
         return tensor
 
+    def verify_payloads(self) -> None:
+        """Check every payload of every stage against its sha256: lets a caller fail before changing anything."""
+        for folder, record, reader in self._stages:
+            for name in record.payloads:
+                self._payload(folder, record, reader, name)
+
     def _payload(self, folder: Path, record: fmt.StageRecord, reader: TensorReader, name: str) -> bytes:
         expected = record.payloads.get(name)
         if expected is None:
@@ -156,14 +162,3 @@ class TensorRebuilder:
             )
         if self.full and fmt.tensor_sha256(tensor) != entry.sha256:
             raise fmt.ChecksumError(f"tensor {name!r}: rebuilt bytes do not match the source sha256 in the manifest")
-
-    def close(self) -> None:
-        self._base.close()
-        for _, _, reader in self._stages:
-            reader.close()
-
-    def __enter__(self) -> "TensorRebuilder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -73,28 +73,28 @@ def split(
         tensors: dict[str, fmt.TensorEntry] = {}
         source_files: dict[str, fmt.SourceFile] = {}
         stored_by_content: dict[tuple, str] = {}
-        with TensorReader(weight_files) as reader:
-            for name in tqdm(list(reader.locations), desc="p2u split", unit="tensor"):
-                tensor = reader.get(name)
-                file = reader.locations[name]
-                source_files.setdefault(file.name, fmt.SourceFile(_file_metadata(file), [])).tensors.append(name)
-                entry = _describe(name, tensor, file, keep, spec.group_size)
-                content_key = (entry.sha256, entry.dtype, tuple(entry.shape))
-                if entry.codec == fmt.CODEC_LADDER and content_key in stored_by_content:
-                    entry.alias_of = stored_by_content[content_key]
-                    tensors[name] = entry
-                    continue
+        reader = TensorReader(weight_files)
+        for name in tqdm(list(reader.locations), desc="p2u split", unit="tensor"):
+            tensor = reader.get(name)
+            file = reader.locations[name]
+            source_files.setdefault(file.name, fmt.SourceFile(_file_metadata(file), [])).tensors.append(name)
+            entry = _describe(name, tensor, file, keep, spec.group_size)
+            content_key = (entry.sha256, entry.dtype, tuple(entry.shape))
+            if entry.codec == fmt.CODEC_LADDER and content_key in stored_by_content:
+                entry.alias_of = stored_by_content[content_key]
                 tensors[name] = entry
-                if entry.codec == fmt.CODEC_EXACT:
-                    base.add(name, tensor)
-                    continue
-                stored_by_content[content_key] = name
-                encoded = progressive.encode(tensor, spec)
-                base.add(name, encoded.packed_codes)
-                base.add(fmt.scales_key(name), encoded.scales)
-                for writer, record, delta in zip(deltas, payloads, encoded.deltas):
-                    writer.add(name, torch.frombuffer(bytearray(delta), dtype=torch.uint8) if delta else torch.empty(0, dtype=torch.uint8))
-                    record[name] = {"sha256": fmt.sha256_bytes(delta), "bytes": len(delta)}
+                continue
+            tensors[name] = entry
+            if entry.codec == fmt.CODEC_EXACT:
+                base.add(name, tensor)
+                continue
+            stored_by_content[content_key] = name
+            encoded = progressive.encode(tensor, spec)
+            base.add(name, encoded.packed_codes)
+            base.add(fmt.scales_key(name), encoded.scales)
+            for writer, record, delta in zip(deltas, payloads, encoded.deltas):
+                writer.add(name, torch.frombuffer(bytearray(delta), dtype=torch.uint8) if delta else torch.empty(0, dtype=torch.uint8))
+                record[name] = {"sha256": fmt.sha256_bytes(delta), "bytes": len(delta)}
         base.close()
         manifest = fmt.Manifest(spec, tensors, source_files, index_file, index_metadata, source_repo, source_revision)
         fmt.write_json(base_dir / fmt.MANIFEST_FILE, manifest.to_json())

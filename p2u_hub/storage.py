@@ -196,12 +196,15 @@ def tensor_locations(files: list[Path]) -> dict[str, Path]:
 
 
 class TensorReader:
-    """Read tensors by name from a set of safetensors files, keeping each file open once."""
+    """Read tensors by name from a set of safetensors files.
+
+    Each read opens, copies and closes: a file kept mapped would count every page already read
+    in the process's resident memory, so a pass over a checkpoint would look (and, under memory
+    pressure, act) like holding all of it.
+    """
 
     def __init__(self, files: list[Path]):
         self.locations = tensor_locations(files)
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.locations
@@ -210,15 +213,5 @@ class TensorReader:
         path = self.locations.get(name)
         if path is None:
             raise P2UFormatError(f"tensor {name!r} not found in {sorted({str(p) for p in self.locations.values()})}")
-        if path not in self._handles:
-            self._handles[path] = self._stack.enter_context(open_safetensors(path))
-        return read_tensor(self._handles[path], path, name)
-
-    def close(self) -> None:
-        self._stack.close()
-
-    def __enter__(self) -> "TensorReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        with open_safetensors(path) as handle:
+            return read_tensor(handle, path, name)

@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from pathlib import Path
 
 import torch
 from huggingface_hub.utils import tqdm
 
-from . import format as fmt
 from .release import Release, StageSpec, TensorRebuilder
-from .storage import TensorReader
 
 _ONE_AT_A_TIME = threading.Lock()
 """Upgrades run one after the other: two on one model must not interleave, and each one keeps the CPU busy anyway."""
@@ -131,9 +128,9 @@ def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
         if index == quantizer.stage:
             return model
         folders = [release.stage_dir(k) for k in range(1, index + 1)]
-        for folder in folders:
-            verify_payloads(folder)
-        with TensorRebuilder(release, index, folders) as rebuilder, tqdm(desc="p2u upgrade", unit="layer") as bar:
+        rebuilder = TensorRebuilder(release, index, folders)
+        rebuilder.verify_payloads()
+        with tqdm(desc="p2u upgrade", unit="layer") as bar:
 
             def rebuild(packed) -> torch.Tensor:
                 current = model.get_submodule(packed.module_name)._parameters[packed.attribute]
@@ -150,15 +147,6 @@ def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
         if index == release.stage_count:
             _make_plain(model, quantizer)
     return model
-
-
-def verify_payloads(folder: Path) -> None:
-    """Check every payload of a stage folder against its sha256, before anything in the model changes."""
-    record = fmt.read_stage_record(folder)
-    with TensorReader(fmt.weight_files(folder, fmt.DELTA_WEIGHTS_NAME)) as reader:
-        for name, payload in record.payloads.items():
-            if fmt.tensor_sha256(reader.get(name)) != payload["sha256"]:
-                raise fmt.ChecksumError(f"{folder}: payload of tensor {name!r} fails its sha256 check (corrupt download?)")
 
 
 def _make_plain(model, quantizer) -> None:
