@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import json
 import shutil
 import subprocess
@@ -304,3 +305,26 @@ def test_base_and_stages_from_the_hub(local_hub, random_checkpoint, tmp_path):
     assert len(_packed_modules(model)) > 0
     p2u_hub.upgrade(model)
     _assert_state_dict_identical(model, _load(source, causal=True))
+
+
+def test_hf_upload_layout_loads_upgrades_resumes_and_works_offline(local_hub, random_checkpoint, tmp_path):
+    source = random_checkpoint("gpt2")
+    release = p2u_hub.split(source, tmp_path / "release")
+    hf = [sys.executable, "-m", "huggingface_hub.cli.hf", "upload", "local/plain-upload"]
+    for index in (1, 2):
+        subprocess.run([*hf, str(release / f"stage-{index}"), ".", "--revision", f"p2u/stage-{index}"], check=True, capture_output=True)
+    subprocess.run([*hf, str(release / "base"), "."], check=True, capture_output=True)
+    model = _load("local/plain-upload", causal=True)
+    local_hub.drop_next_downloads(1)  # the first stage download is cut half way: the client resumes it
+    p2u_hub.upgrade(model)
+    _assert_state_dict_identical(model, _load(source, causal=True))
+    offline = textwrap.dedent(f"""
+        import torch, transformers, p2u_hub
+        model = transformers.AutoModelForCausalLM.from_pretrained("local/plain-upload")
+        p2u_hub.upgrade(model)
+        source = transformers.AutoModelForCausalLM.from_pretrained({str(source)!r})
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+        print("offline upgrade ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", offline], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0 and "offline upgrade ok" in result.stdout, result.stderr[-2000:]
