@@ -40,6 +40,7 @@ import torch
 
 from . import format as fmt
 from .storage import ShardedWriter, TensorReader, atomic_output_dir
+from .summary import text_table
 
 DEFAULT_BANDWIDTHS = (20.0, 100.0)
 ZSTD_LEVEL = 3
@@ -171,7 +172,7 @@ def format_table(result: dict) -> str:
         cumulative += stage["bytes"]
         label = f"{stage['name']} ({stage['bits']}-bit)" if stage["bits"] else f"{stage['name']} (lossless)"
         rows.append((f"p2u {label}", f"{stage['bytes']:,}", f"{100 * stage['bytes'] / source:.1f} (cum. {100 * cumulative / source:.1f})"))
-    lines += _table(rows) + [""]
+    lines += text_table(rows) + [""]
     lines.append(f"seconds from from_pretrained to the first answer, fresh process and empty cache, median of {result['repeats']}:")
     rows = [("MB/s", "plain_s", "usable_s", "full_s", "zstd_s (est.)", "zipnn_s (est.)", "usable speed-up")]
     for row in result["bandwidths"]:
@@ -179,7 +180,7 @@ def format_table(result: dict) -> str:
             f"{row['mbps']:g}", f"{row['plain_s']:.2f}", f"{row['usable_s']:.2f}", f"{row['full_s']:.2f}",
             _seconds(row["zstd_s"]), _seconds(row["zipnn_s"]), f"{row['plain_s'] / row['usable_s']:.2f}x",
         ))  # fmt: skip
-    lines += _table(rows) + [""]
+    lines += text_table(rows) + [""]
     rows = [("job", "seconds", "of which upgrade", "MB/s of source", "peak RSS MB", "RSS after imports MB")]
     for job in ("split", "merge"):
         run = result[job]
@@ -188,19 +189,12 @@ def format_table(result: dict) -> str:
     for mode, run in last["runs"].items():
         upgrade = f"{run['upgrade_s']:.2f}" if mode == "full" else ""
         rows.append((f"load {mode} @{last['mbps']:g} MB/s", f"{run['seconds']:.2f}", upgrade, "", f"{run['peak_rss_mb']:,.0f}", f"{run['baseline_rss_mb']:,.0f}"))
-    lines += _table(rows)
+    lines += text_table(rows)
     return "\n".join(lines)
 
 
 def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
-
-
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(width) if column else cell.ljust(width) for column, (cell, width) in enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return lines
 
 
 def plot(result: dict, path: str | os.PathLike) -> Path:

@@ -66,10 +66,15 @@ def format_table(summary: dict) -> str:
             f"{100 * stage['cumulative_bytes'] / summary['source_bytes']:.1f}",
         ))  # fmt: skip
     rows.append(("source", "", "", f"{summary['source_bytes']:,}", "", "100.0", ""))
+    return "\n".join(text_table(rows))
+
+
+def text_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Lines of a plain-text table: the first row is the header, first column left-aligned, others right."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(width) if column else cell.ljust(width) for column, (cell, width) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return lines
 
 
 def _weight_bytes(folder: Path, prefix: str) -> int:
