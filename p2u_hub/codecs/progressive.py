@@ -14,7 +14,9 @@ blocks' streams in order.
 from __future__ import annotations
 
 import math
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,18 @@ from . import entropy, ladder, lossless
 
 BLOCK_ELEMENTS = 1 << 20
 _U32 = struct.Struct("<I")
+
+
+def _map_blocks(function, count: int) -> list:
+    """``[function(i) for i in range(count)]``, on threads when there are several blocks.
+
+    The heavy steps (numpy sorts, zlib, torch ops) release the GIL; a single block runs inline,
+    where a thread pool only costs.
+    """
+    if count == 1:
+        return [function(0)]
+    with ThreadPoolExecutor(max(1, min(count, os.cpu_count() or 1, 8))) as pool:
+        return list(pool.map(function, range(count)))
 
 
 def block_groups(group_size: int) -> int:
@@ -75,14 +89,13 @@ class EncodedTensor:
 def encode(weight: torch.Tensor, spec: Ladder) -> EncodedTensor:
     """Quantize ``weight`` onto the ladder and code every stage's delta, block by block."""
     flat = weight.detach().reshape(-1)
-    packed, scales, stage_streams = [], [], [[] for _ in range(spec.stage_count)]
-    for start, stop in _block_ranges(flat.numel(), spec.group_size):
-        block_packed, block_scales, block_deltas = _encode_block(flat[start:stop], spec)
-        packed.append(block_packed)
-        scales.append(block_scales)
-        for streams, delta in zip(stage_streams, block_deltas):
-            streams.append(delta)
-    return EncodedTensor(torch.cat(packed), torch.cat(scales), tuple(_frame(streams) for streams in stage_streams))
+    ranges = _block_ranges(flat.numel(), spec.group_size)
+    blocks = _map_blocks(lambda index: _encode_block(flat[ranges[index][0] : ranges[index][1]], spec), len(ranges))
+    stage_streams = [[deltas[stage] for _, _, deltas in blocks] for stage in range(spec.stage_count)]
+    return EncodedTensor(
+        torch.cat([packed for packed, _, _ in blocks]), torch.cat([scales for _, scales, _ in blocks]),
+        tuple(_frame(streams) for streams in stage_streams),
+    )  # fmt: skip
 
 
 def decode(
@@ -107,12 +120,16 @@ def decode(
     block_deltas = [_unframe(delta, len(ranges)) for delta in deltas]
     output = torch.empty(numel, dtype=dtype)
     bytes_per_group = spec.group_size * spec.base_bits // 8
-    for index, (start, stop) in enumerate(ranges):
+
+    def decode_block(index: int) -> None:
+        start, stop = ranges[index]
         first, last = start // spec.group_size, ladder.group_count(stop, spec.group_size)
         output[start:stop] = _decode_block(
             packed_codes[first * bytes_per_group : last * bytes_per_group], scales[first:last],
             [blocks[index] for blocks in block_deltas], spec, stop - start, dtype,
         )  # fmt: skip
+
+    _map_blocks(decode_block, len(ranges))  # each block writes its own slice of ``output``
     return output.reshape(shape)
 
 
