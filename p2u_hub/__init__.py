@@ -4,6 +4,8 @@ A release is a low-bit *base* that loads with plain ``from_pretrained`` plus del
 that raise precision until the source weights are restored bit for bit.
 """
 
+import importlib
+
 from . import _startup  # noqa: F401  registers the p2u quantizer with transformers once it loads (see _startup)
 from .format import ChecksumError, P2UFormatError, StageMismatchError
 from .merge import merge
@@ -12,6 +14,16 @@ from .upgrade import UpgradeHandle, upgrade
 
 __version__ = "0.1.0"
 
+_LAZY = {"push": "publish", "summarize": "summary", "write_cards": "card"}
+"""Functions whose modules import matplotlib or huggingface_hub upload code: loaded on first use, so ``import p2u_hub`` stays light."""
+
 __all__ = [
-    "ChecksumError", "P2UFormatError", "StageMismatchError", "UpgradeHandle", "merge", "split", "upgrade", "__version__",
+    "ChecksumError", "P2UFormatError", "StageMismatchError", "UpgradeHandle", "merge", "split", "upgrade",
+    *_LAZY, "__version__",
 ]  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
