@@ -87,6 +87,7 @@ def run_load(job: dict) -> dict:
     if job["mode"] == "full":
         upgrade(model, stage="full")
     upgraded = time.perf_counter()
+    peak_after_upgrade = peak_rss_mb()  # before the forward pass and the bit-exact check add their own
     answers = answer(model)
     done = time.perf_counter()
     result = {
@@ -94,6 +95,7 @@ def run_load(job: dict) -> dict:
         "answer_s": done - upgraded, "answers": answers,
     }  # fmt: skip
     if job["mode"] == "full":
+        result["peak_rss_after_upgrade_mb"] = peak_after_upgrade
         result["bit_exact"] = matches_source(model, job["source"])
     if job["mode"] == "plain":
         del model

@@ -129,7 +129,8 @@ def decode(
             [blocks[index] for blocks in block_deltas], spec, stop - start, dtype,
         )  # fmt: skip
 
-    _map_blocks(decode_block, len(ranges))  # each block writes its own slice of ``output``
+    for index in range(len(ranges)):  # serial: threads gained ~10% here but raised an upgrade's peak memory by ~0.3 GB
+        decode_block(index)
     return output.reshape(shape)
 
 
