@@ -7,7 +7,6 @@ last stage every tensor is byte-identical to the source, checked before the fold
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from huggingface_hub.utils import tqdm
 
 from . import format as fmt
 from .release import Release, StageSpec
-from .storage import StreamingSafetensorsWriter, atomic_output_dir
+from .storage import StreamingSafetensorsWriter, atomic_output_dir, visible_files
 
 
 def merge(
@@ -57,17 +56,15 @@ def merge(
         if manifest.source_index_file is not None:
             weight_map = {name: file for file, f in manifest.source_files.items() for name in f.tensors}
             index = {"metadata": manifest.source_index_metadata or {}, "weight_map": weight_map}
-            (work / manifest.source_index_file).write_text(json.dumps(index, indent=2) + "\n")
+            fmt.write_json(work / manifest.source_index_file, index)
         _copy_plain_files(release.base_dir, work)
     return Path(destination)
 
 
 def _copy_plain_files(base_dir: Path, destination: Path) -> None:
     """Copy the non-weight files, dropping everything p2u added and restoring the source README."""
-    for path in sorted(base_dir.rglob("*")):
-        relative = path.relative_to(base_dir)
-        if path.is_dir() or any(part.startswith(".") for part in relative.parts):
-            continue
+    for relative in visible_files(base_dir):
+        path = base_dir / relative
         name = relative.as_posix()
         if name.startswith(fmt.P2U_FILE_PREFIX) or name == "README.md" or name.endswith(".safetensors"):
             continue
@@ -76,8 +73,8 @@ def _copy_plain_files(base_dir: Path, destination: Path) -> None:
         target = destination / ("README.md" if name == fmt.SOURCE_README_FILE else relative)
         target.parent.mkdir(parents=True, exist_ok=True)
         if name == fmt.CONFIG_FILE:
-            config = json.loads(path.read_text())
+            config = fmt.read_json(path)
             config.pop("quantization_config", None)
-            target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            fmt.write_json(target, config)
         else:
             shutil.copyfile(path, target)

@@ -25,6 +25,7 @@ from . import format as fmt
 from .card import write_cards
 from .hub import PushRefusedError, stage_branch
 from .release import Release
+from .storage import visible_files
 
 LAYOUTS = ("branches", "repos")
 DELTA_REPO_SUFFIX = "-p2u-delta"
@@ -124,8 +125,7 @@ def _base_operations(base_dir: Path, published_config: fmt.QuantizationConfig) -
     config = fmt.read_json(base_dir / fmt.CONFIG_FILE)
     config["quantization_config"] = published_config.to_json()
     operations = [CommitOperationAdd(fmt.CONFIG_FILE, fmt.canonical_json(config))]
-    for path in sorted(base_dir.rglob("*")):
-        relative = path.relative_to(base_dir)
-        if path.is_file() and relative.as_posix() != fmt.CONFIG_FILE and not relative.parts[0].startswith("."):
-            operations.append(CommitOperationAdd(relative.as_posix(), path))
+    for relative in visible_files(base_dir):
+        if relative.as_posix() != fmt.CONFIG_FILE:
+            operations.append(CommitOperationAdd(relative.as_posix(), base_dir / relative))
     return operations

@@ -18,7 +18,7 @@ from huggingface_hub.utils import tqdm
 
 from . import format as fmt
 from .codecs import progressive
-from .storage import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TensorReader, atomic_output_dir, safetensors_header
+from .storage import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TensorReader, atomic_output_dir, safetensors_header, visible_files
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OTHER_WEIGHT_SUFFIXES = (*PICKLE_SUFFIXES, ".h5", ".msgpack", ".onnx", ".ot", ".gguf")
@@ -158,10 +158,8 @@ def _source_weight_files(source_dir: Path) -> tuple[list[Path], str | None, dict
 
 def _copy_non_weight_files(source_dir: Path, base_dir: Path) -> None:
     """Copy tokenizer, configs and the rest; the source README is kept aside for the model card."""
-    for path in sorted(source_dir.rglob("*")):
-        relative = path.relative_to(source_dir)
-        if path.is_dir() or any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
-            continue
+    for relative in visible_files(source_dir):
+        path = source_dir / relative
         if path.name.endswith((".safetensors", ".safetensors.index.json")) or path.suffix in OTHER_WEIGHT_SUFFIXES:
             continue
         if relative == Path(fmt.CONFIG_FILE):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .format import DTYPE_NAMES, P2UFormatError, index_file_name, shard_file_name, tensor_bytes
+from .format import DTYPE_NAMES, P2UFormatError, index_file_name, shard_file_name, tensor_bytes, write_json
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -46,23 +46,13 @@ def atomic_output_dir(destination: str | os.PathLike, *, overwrite: bool = False
     os.replace(temporary, destination)
 
 
-@contextlib.contextmanager
-def open_safetensors(path: str | os.PathLike) -> Iterator:
-    """``safe_open`` with errors that name the file (truncated or corrupted headers, bad offsets)."""
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, ValueError) as error:
-        raise P2UFormatError(f"{path}: not a readable safetensors file ({error})") from None
-    with handle as opened:
-        yield opened
-
-
-def read_tensor(handle, path: str | os.PathLike, name: str) -> torch.Tensor:
-    """One tensor from an open safetensors file; a truncated data section names file and tensor."""
-    try:
-        return handle.get_tensor(name)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise P2UFormatError(f"{path}: tensor {name!r} cannot be read ({error})") from None
+def visible_files(folder: Path) -> list[Path]:
+    """Files under ``folder``, relative to it, sorted; hidden files and folders (``.git``, ``.cache``) left out."""
+    return [
+        path.relative_to(folder)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") or part == "__pycache__" for part in path.relative_to(folder).parts)
+    ]
 
 
 def safetensors_header(path: str | os.PathLike) -> dict:
@@ -177,7 +167,7 @@ class ShardedWriter:
             names.append(name)
         if count > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.folder / index_file_name(self.prefix)).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            write_json(self.folder / index_file_name(self.prefix), index)
             names.append(index_file_name(self.prefix))
         return names
 
@@ -213,5 +203,8 @@ class TensorReader:
         path = self.locations.get(name)
         if path is None:
             raise P2UFormatError(f"tensor {name!r} not found in {sorted({str(p) for p in self.locations.values()})}")
-        with open_safetensors(path) as handle:
-            return read_tensor(handle, path, name)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise P2UFormatError(f"{path}: tensor {name!r} cannot be read ({error})") from None
