@@ -7,7 +7,14 @@ that raise precision until the source weights are restored bit for bit.
 import importlib
 
 from . import _startup  # noqa: F401  registers the p2u quantizer with transformers once it loads (see _startup)
-from .format import ChecksumError, P2UFormatError, StageMismatchError
+from .errors import (
+    ChecksumError,
+    HubError,
+    P2UError,
+    P2UFormatError,
+    StageMismatchError,
+    StageUnavailableError,
+)
 from .merge import merge
 from .split import split
 from .upgrade import UpgradeHandle, upgrade
@@ -18,7 +25,8 @@ _LAZY = {"push": "publish", "summarize": "summary", "write_cards": "card"}
 """Functions whose modules import matplotlib or huggingface_hub upload code: loaded on first use, so ``import p2u_hub`` stays light."""
 
 __all__ = [
-    "ChecksumError", "P2UFormatError", "StageMismatchError", "UpgradeHandle", "merge", "split", "upgrade",
+    "ChecksumError", "HubError", "P2UError", "P2UFormatError", "StageMismatchError", "StageUnavailableError",
+    "UpgradeHandle", "merge", "split", "upgrade",
     *_LAZY, "__version__",
 ]  # fmt: skip
 

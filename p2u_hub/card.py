@@ -7,7 +7,7 @@ bits per weight, what ``p2u inspect --json`` prints) and the base's ``p2u_eval.j
 
 Links: with ``repo_id`` given (``p2u push`` knows it) the cards link the Hub pages of the base
 and of each stage's revision. Without it they name the revisions: the base is ``main`` and
-stage N is the branch ``p2u/stage-N`` of the same repo (the default ``branches`` layout of
+stage N is the branch ``p2u-stage-N`` of the same repo (the default ``branches`` layout of
 ``p2u push``); for the ``repos`` layout pass ``stage_repo_id``.
 """
 
@@ -22,7 +22,6 @@ from matplotlib.figure import Figure
 
 from . import format as fmt
 from .evaluate import read_eval, resolve_task
-from .hub import stage_branch
 from .release import Release
 from .summary import summarize
 
@@ -181,8 +180,8 @@ class _CardContext:
         return f"{bits}-bit" if bits else "lossless"
 
     def _revision(self, index: int) -> str:
-        """``main`` or ``p2u/stage-N``, linked to its Hub page when the repo is known."""
-        revision = "main" if index == 0 else stage_branch(index)
+        """``main`` or ``p2u-stage-N``, linked to its Hub page when the repo is known."""
+        revision = "main" if index == 0 else fmt.stage_branch(index)
         repo = self.repo_id if index == 0 else self.stage_repo_id
         return f"[`{revision}`]({constants.ENDPOINT}/{repo}/tree/{quote(revision, safe='')})" if repo else f"`{revision}`"
 

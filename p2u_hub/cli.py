@@ -10,10 +10,7 @@ import argparse
 import json
 import sys
 
-from huggingface_hub.errors import HfHubHTTPError
-
-from .format import P2UFormatError
-from .hub import HubError
+from .errors import P2UError
 
 
 def _split(args: argparse.Namespace) -> None:
@@ -205,8 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (P2UFormatError, HubError, FileExistsError, FileNotFoundError, ValueError, HfHubHTTPError) as error:
-        print(f"p2u {args.command}: error: {error}", file=sys.stderr)
+    except (P2UError, FileExistsError, FileNotFoundError, ValueError) as error:
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"p2u {args.command}: error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

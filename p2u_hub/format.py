@@ -10,9 +10,11 @@ Nothing outside this module spells a file name or a JSON key of the format.
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,13 @@ from typing import Any
 import torch
 
 from .codecs.progressive import Ladder
+from .errors import ChecksumError, P2UFormatError, StageMismatchError, UnsafePathError  # noqa: F401  (Checksum-, StageMismatchError: re-exported)
 
-FORMAT_VERSION = 1
+# The errors above are re-exported: format.py was their home before errors.py, and callers import them from here.
+
+FORMAT_VERSION = 2
+"""2 adds ``base_sha256`` to the manifest; version-1 releases are still read (without that check)."""
+MIN_FORMAT_VERSION = 1
 QUANT_METHOD = "p2u"
 
 CONFIG_FILE = "config.json"
@@ -60,22 +67,130 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
+MAX_ELEMENTS = 1 << 48
+"""No tensor of a release may declare more elements: a sanity bound checked before any size arithmetic.
+The real bounds come later, before allocating: the base codes' stored size must match the declared shape."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_REVISION = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_./-]{0,199}")
+HF_CACHE_SNAPSHOTS = "snapshots"
+HF_CACHE_REPO_PREFIX = "models--"
 
-class P2UFormatError(ValueError):
-    """A release folder or file does not follow the p2u format (names the file or tensor at fault)."""
+
+def plain_name(name: object, origin: str, what: str = "file name") -> str:
+    """``name`` if it is a relative POSIX path of plain components (no ``..``, absolute path, backslash or NUL).
+
+    Every file name a release declares goes through this before it is joined to a folder, so
+    a crafted manifest cannot make a reader or writer touch a file outside that folder.
+    """
+    if (
+        not isinstance(name, str) or not name or len(name) > 1024 or name.startswith("/") or "\\" in name
+        or "\x00" in name or any(part in ("", ".", "..") for part in name.split("/"))
+    ):  # fmt: skip
+        raise UnsafePathError(f"{origin}: {what} {name!r} is not a plain relative name inside its folder")
+    return name
 
 
-class StageMismatchError(P2UFormatError):
-    """A stage does not belong to this base, or stages were applied out of order."""
+def check_revision(revision: object, origin: str) -> str:
+    """A Hub revision (branch, tag or commit) that is safe to hand to huggingface_hub: no ``..``, ``\\``, NUL, leading ``/``."""
+    if not isinstance(revision, str) or not _REVISION.fullmatch(revision) or ".." in revision or "//" in revision or revision.endswith(("/", ".lock")):
+        raise UnsafePathError(f"{origin}: revision {revision!r} is not a valid branch, tag or commit name")
+    return revision
 
 
-class ChecksumError(P2UFormatError):
-    """Bytes on disk or rebuilt in memory do not match the sha256 recorded in the manifest."""
+def _trusted_root(folder: Path) -> Path:
+    """Where files of ``folder`` may really live: the folder itself, or for an HF cache snapshot its repo's cache folder.
+
+    The HF cache stores a snapshot's files as symlinks into the repo's ``blobs/``; anywhere else
+    a symlink in a release is refused, since it could make merge copy or push upload any file.
+    """
+    for parent in (folder, *folder.parents):
+        if parent.parent.name == HF_CACHE_SNAPSHOTS and parent.parent.parent.name.startswith(HF_CACHE_REPO_PREFIX):
+            return parent.parent.parent
+    return folder
+
+
+def release_file(folder: str | os.PathLike, name: str, origin: str | None = None) -> Path:
+    """``folder / name`` for a file name a release declares, refusing names and symlinks that leave ``folder``."""
+    folder = Path(folder)
+    path = folder / plain_name(name, origin or str(folder))
+    root = _trusted_root(folder)
+    if root == folder:
+        for step in (folder / Path(*name.split("/")[: depth + 1]) for depth in range(name.count("/") + 1)):
+            if step.is_symlink():
+                raise UnsafePathError(f"{step}: symlinks are not allowed in a release")
+    elif path.exists() and not path.resolve().is_relative_to(root.resolve()):
+        raise UnsafePathError(f"{path}: symlink points outside {root}")
+    return path
+
+
+def refuse_symlinks(folder: str | os.PathLike) -> None:
+    """Refuse a release folder holding any symlink (before push uploads what they point at)."""
+    for path in Path(folder).rglob("*"):
+        if path.is_symlink():
+            raise UnsafePathError(f"{path}: symlinks are not allowed in a release")
+
+
+def _integer(value: object, origin: str, what: str, low: int = 0, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"{low}..{high}" if high is not None else f">= {low}"
+        raise P2UFormatError(f"{origin}: {what} must be an integer in {bounds}, got {value!r}")
+    return value
+
+
+def _sha256(value: object, origin: str, what: str) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise P2UFormatError(f"{origin}: {what} must be a lowercase hex sha256, got {value!r}")
+    return value
+
+
+def _mapping(value: object, origin: str, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise P2UFormatError(f"{origin}: {what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _format_version(value: object, origin: str) -> int:
+    version = _integer(value, origin, "format_version", 1)
+    if version > FORMAT_VERSION:
+        raise P2UFormatError(f"{origin}: format version {version} is newer than this p2u-hub understands ({FORMAT_VERSION}); upgrade p2u-hub")
+    return version
+
+
+def _ladder(data: object, origin: str) -> Ladder:
+    data = _mapping(data, origin, "ladder")
+    stage_bits = data.get("stage_bits")
+    if not isinstance(stage_bits, list):
+        raise P2UFormatError(f"{origin}: ladder stage_bits must be a list, got {stage_bits!r}")
+    try:
+        return Ladder(
+            _integer(data.get("base_bits"), origin, "ladder base_bits", 2, 8),
+            tuple(_integer(bits, origin, "ladder stage_bits", 3, 16) for bits in stage_bits),
+            _integer(data.get("group_size"), origin, "ladder group_size", 8, 1 << 20),
+        )
+    except ValueError as error:
+        if isinstance(error, P2UFormatError):
+            raise
+        raise P2UFormatError(f"{origin}: {error}") from None
 
 
 def stage_dir_name(index: int) -> str:
     """Folder (and branch suffix) of stage ``index``, counted from 1: ``stage-1``, ``stage-2``, ..."""
     return f"stage-{index}"
+
+
+def stage_branch(index: int) -> str:
+    """Hub branch of stage ``index``: ``p2u-stage-1`` ... (what ``hf upload --revision`` should use).
+
+    No slash: mirrors (olah) and ``HfFileSystem`` paths (``repo@branch/file``) cannot route
+    branch names holding one.
+    """
+    return f"p2u-{stage_dir_name(index)}"
+
+
+def legacy_stage_branch(index: int) -> str:
+    """Stage branch of releases pushed before format version 2 (``p2u/stage-1``); readers still look there."""
+    return f"p2u/{stage_dir_name(index)}"
 
 
 def stage_name(index: int) -> str:
@@ -153,6 +268,30 @@ class TensorEntry:
     def torch_dtype(self) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.dtype]
 
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @classmethod
+    def from_json(cls, data: object, origin: str) -> TensorEntry:
+        data = _mapping(data, origin, "tensor entry")
+        shape = data.get("shape")
+        if not isinstance(shape, list) or len(shape) > 8:
+            raise P2UFormatError(f"{origin}: shape must be a list of at most 8 sizes, got {shape!r}")
+        shape = [_integer(size, origin, "shape", 0, MAX_ELEMENTS) for size in shape]
+        if math.prod(shape) > MAX_ELEMENTS:
+            raise P2UFormatError(f"{origin}: shape {shape} declares more than 2**48 elements")
+        dtype, codec, alias_of = data.get("dtype"), data.get("codec"), data.get("alias_of")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise P2UFormatError(f"{origin}: dtype {dtype!r} is not one of {sorted(SAFETENSORS_DTYPES)}")
+        if codec not in (CODEC_LADDER, CODEC_EXACT):
+            raise P2UFormatError(f"{origin}: codec {codec!r} is not {CODEC_LADDER!r} or {CODEC_EXACT!r}")
+        if codec == CODEC_LADDER and dtype not in SUPPORTED_FLOAT_DTYPES.values():
+            raise P2UFormatError(f"{origin}: a {CODEC_LADDER!r} tensor must be F32, F16 or BF16, not {dtype}")
+        if alias_of is not None and not isinstance(alias_of, str):
+            raise P2UFormatError(f"{origin}: alias_of must be a tensor name, got {alias_of!r}")
+        return cls(shape, dtype, codec, _sha256(data.get("sha256"), origin, "sha256"), alias_of)
+
 
 @dataclass
 class StageEntry:
@@ -181,11 +320,27 @@ class StageEntry:
         return entry
 
     @classmethod
-    def from_json(cls, data: dict) -> "StageEntry":
-        return cls(
-            index=int(data["index"]), bits=data.get("bits"), path=data.get("path"),
-            repo_id=data.get("repo_id"), revision=data.get("revision"), commit=data.get("commit"),
-        )  # fmt: skip
+    def from_json(cls, data: object, origin: str) -> StageEntry:
+        data = _mapping(data, origin, "a stage entry")
+        index = _integer(data.get("index"), origin, "stage index", 1, 64)
+        bits = data.get("bits")
+        entry = cls(index=index, bits=None if bits is None else _integer(bits, origin, f"bits of stage {index}", 3, 16))
+        where = f"{origin}: stage {index}"
+        if data.get("path") is not None:
+            path = data["path"]
+            plain_name(path[len("../") :] if isinstance(path, str) and path.startswith("../") else path, where, "path")
+            entry.path = path
+        if data.get("repo_id") is not None:
+            if not isinstance(data["repo_id"], str) or not data["repo_id"] or ".." in data["repo_id"] or data["repo_id"].count("/") > 1:
+                raise UnsafePathError(f"{where}: repo_id {data['repo_id']!r} is not a Hub repo id")
+            entry.repo_id = data["repo_id"]
+        if data.get("revision") is not None:
+            entry.revision = check_revision(data["revision"], where)
+        if data.get("commit") is not None:
+            if not isinstance(data["commit"], str) or not _COMMIT.fullmatch(data["commit"]):
+                raise UnsafePathError(f"{where}: commit {data['commit']!r} is not a 40-digit hex commit id")
+            entry.commit = data["commit"]
+        return entry
 
 
 @dataclass
@@ -211,11 +366,13 @@ class Manifest:
     source_index_metadata: dict | None = None  # its ``metadata`` block
     source_repo: str | None = None
     source_revision: str | None = None
+    base_sha256: dict[str, str] | None = None  # every tensor of the base weights -> sha256 of its stored bytes (v2)
+    format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "format": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "ladder": {
                 "base_bits": self.ladder.base_bits,
                 "stage_bits": list(self.ladder.stage_bits),
@@ -230,6 +387,9 @@ class Manifest:
             },
             "tensors": {name: entry.to_json() for name, entry in self.tensors.items()},
         }
+        if self.base_sha256 is not None:
+            data["base_sha256"] = self.base_sha256
+        return data
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_json())
@@ -239,28 +399,53 @@ class Manifest:
         return sha256_bytes(self.to_bytes())
 
     @classmethod
-    def from_json(cls, data: dict, origin: str) -> "Manifest":
-        try:
-            if data["format"] != QUANT_METHOD:
-                raise P2UFormatError(f"{origin}: not a p2u manifest (format {data['format']!r})")
-            if data["format_version"] > FORMAT_VERSION:
-                raise P2UFormatError(
-                    f"{origin}: format version {data['format_version']} is newer than this p2u-hub "
-                    f"understands ({FORMAT_VERSION}); upgrade p2u-hub"
-                )
-            ladder = Ladder(data["ladder"]["base_bits"], tuple(data["ladder"]["stage_bits"]), data["ladder"]["group_size"])
-            tensors = {
-                name: TensorEntry(list(t["shape"]), t["dtype"], t["codec"], t["sha256"], t.get("alias_of"))
-                for name, t in data["tensors"].items()
-            }
-            source = data["source"]
-            files = {name: SourceFile(f["metadata"], list(f["tensors"])) for name, f in source["files"].items()}
-            return cls(
-                ladder, tensors, files, source.get("index_file"), source.get("index_metadata"),
-                source.get("repo_id"), source.get("revision"),
-            )  # fmt: skip
-        except (KeyError, TypeError) as error:
-            raise P2UFormatError(f"{origin}: malformed manifest (missing or bad field {error})") from None
+    def from_json(cls, data: object, origin: str) -> Manifest:
+        """Parse and validate a manifest: types, sizes, names and cross references, before anything uses it."""
+        data = _mapping(data, origin, "the manifest")
+        if data.get("format") != QUANT_METHOD:
+            raise P2UFormatError(f"{origin}: not a p2u manifest (format {data.get('format')!r})")
+        version = _format_version(data.get("format_version"), origin)
+        ladder = _ladder(data.get("ladder"), origin)
+        tensors = {}
+        for name, entry in _mapping(data.get("tensors"), origin, "tensors").items():
+            tensors[name] = TensorEntry.from_json(entry, f"{origin}: tensor {name!r}")
+        for name, entry in tensors.items():
+            owner = tensors.get(entry.alias_of) if entry.alias_of is not None else entry
+            if owner is None or owner.alias_of is not None or (owner.shape, owner.dtype, owner.codec) != (entry.shape, entry.dtype, entry.codec):
+                raise P2UFormatError(f"{origin}: tensor {name!r} is an alias of {entry.alias_of!r}, which is no stored tensor of its shape and dtype")
+        source = _mapping(data.get("source"), origin, "source")
+        files: dict[str, SourceFile] = {}
+        listed: set[str] = set()
+        for file_name, file in _mapping(source.get("files"), origin, "source files").items():
+            where = f"{origin}: source file {file_name!r}"
+            plain_name(file_name, origin, "source file name")
+            file = _mapping(file, where, "source file")
+            metadata, names = file.get("metadata"), file.get("tensors")
+            if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+                raise P2UFormatError(f"{where}: metadata must be an object of strings")
+            if not isinstance(names, list) or any(name not in tensors or name in listed for name in names):
+                raise P2UFormatError(f"{where}: tensors must list tensors of the manifest, each once")
+            listed.update(names)
+            files[file_name] = SourceFile(metadata, list(names))
+        if listed != set(tensors):
+            raise P2UFormatError(f"{origin}: tensors {sorted(set(tensors) - listed)[:3]} are in no source file")
+        index_file, index_metadata = source.get("index_file"), source.get("index_metadata")
+        if index_file is not None:
+            plain_name(index_file, origin, "source index_file")
+        if index_metadata is not None:
+            _mapping(index_metadata, origin, "source index_metadata")
+        for key in ("repo_id", "revision"):
+            if source.get(key) is not None and not isinstance(source[key], str):
+                raise P2UFormatError(f"{origin}: source {key} must be a string")
+        base_sha256 = data.get("base_sha256")
+        if base_sha256 is not None:
+            base_sha256 = {name: _sha256(digest, origin, f"base_sha256 of {name!r}") for name, digest in _mapping(base_sha256, origin, "base_sha256").items()}
+        elif version >= 2:
+            raise P2UFormatError(f"{origin}: format version {version} requires base_sha256")
+        return cls(
+            ladder, tensors, files, index_file, index_metadata, source.get("repo_id"), source.get("revision"),
+            base_sha256, version,
+        )  # fmt: skip
 
     def stored_tensors(self) -> dict[str, TensorEntry]:
         """Tensors stored under their own name (aliases point at one of these)."""
@@ -278,8 +463,15 @@ class Manifest:
 
 
 def read_manifest(base_dir: str | os.PathLike) -> Manifest:
-    path = Path(base_dir) / MANIFEST_FILE
-    return Manifest.from_json(read_json(path), str(path))
+    path = release_file(base_dir, MANIFEST_FILE)
+    manifest = Manifest.from_json(read_json(path), str(path))
+    if manifest.base_sha256 is None:
+        warnings.warn(
+            f"{path}: format version 1 records no checksums of the base weights; they are not verified "
+            "(split the source again with this p2u-hub to get them)",
+            stacklevel=2,
+        )
+    return manifest
 
 
 @dataclass
@@ -305,30 +497,44 @@ class QuantizationConfig:
         }
 
     @classmethod
-    def from_json(cls, data: dict, origin: str) -> "QuantizationConfig":
+    def from_json(cls, data: object, origin: str) -> QuantizationConfig:
+        data = _mapping(data, origin, "quantization_config")
         if data.get("quant_method") != QUANT_METHOD:
             raise P2UFormatError(f"{origin}: quantization_config is not a p2u one (quant_method {data.get('quant_method')!r})")
-        try:
-            if int(data["format_version"]) > FORMAT_VERSION:
-                raise P2UFormatError(f"{origin}: format version {data['format_version']} is newer than this p2u-hub; upgrade p2u-hub")
-            load_mode = data.get("load_mode", DEFAULT_LOAD_MODE)
-            if load_mode not in LOAD_MODES:
-                raise P2UFormatError(f"{origin}: load_mode must be one of {LOAD_MODES}, got {load_mode!r}")
-            return cls(
-                bits=int(data["bits"]), group_size=int(data["group_size"]), manifest_sha256=data["manifest_sha256"],
-                stages=[StageEntry.from_json(s) for s in data["stages"]], load_mode=load_mode,
-                format_version=int(data["format_version"]),
-            )  # fmt: skip
-        except (KeyError, TypeError, ValueError) as error:
-            if isinstance(error, P2UFormatError):
-                raise
-            raise P2UFormatError(f"{origin}: malformed p2u quantization_config ({error!r})") from None
+        where = f"{origin}: quantization_config"
+        version = _format_version(data.get("format_version"), where)
+        load_mode = data.get("load_mode", DEFAULT_LOAD_MODE)
+        if load_mode not in LOAD_MODES:
+            raise P2UFormatError(f"{where}: load_mode must be one of {LOAD_MODES}, got {load_mode!r}")
+        bits = _integer(data.get("bits"), where, "bits", 2, 8)
+        group_size = _integer(data.get("group_size"), where, "group_size", 8, 1 << 20)
+        if group_size % 8:
+            raise P2UFormatError(f"{where}: group_size must be a multiple of 8, got {group_size}")
+        stages = data.get("stages")
+        if not isinstance(stages, list) or not 1 <= len(stages) <= 64:
+            raise P2UFormatError(f"{where}: stages must be a list of 1 to 64 stage objects, got {stages!r}")
+        entries = [StageEntry.from_json(stage, where) for stage in stages]
+        if [entry.index for entry in entries] != list(range(1, len(entries) + 1)) or entries[-1].bits is not None:
+            raise P2UFormatError(f"{where}: stages must be numbered 1..{len(entries)}, the last one lossless")
+        return cls(
+            bits=bits, group_size=group_size, manifest_sha256=_sha256(data.get("manifest_sha256"), where, "manifest_sha256"),
+            stages=entries, load_mode=load_mode, format_version=version,
+        )  # fmt: skip
+
+    def check_ladder(self, ladder: Ladder, origin: str) -> None:
+        """Refuse a config whose widths or group size differ from the manifest's ladder (the manifest is hashed, the config is not)."""
+        declared = (self.bits, tuple(stage.bits for stage in self.stages[:-1]), self.group_size)
+        if declared != (ladder.base_bits, ladder.stage_bits, ladder.group_size):
+            raise P2UFormatError(
+                f"{origin}: quantization_config (bits {self.bits}, stages {list(declared[1])}, group_size "
+                f"{self.group_size}) does not match the manifest's ladder {ladder}"
+            )
 
 
 def read_quantization_config(base_dir: str | os.PathLike) -> QuantizationConfig:
-    path = Path(base_dir) / CONFIG_FILE
+    path = release_file(base_dir, CONFIG_FILE)
     config = read_json(path)
-    if "quantization_config" not in config:
+    if not isinstance(config, dict) or "quantization_config" not in config:
         raise P2UFormatError(f"{path}: no quantization_config; this is not a p2u base folder")
     return QuantizationConfig.from_json(config["quantization_config"], str(path))
 
@@ -368,36 +574,42 @@ class StageRecord:
         }
 
     @classmethod
-    def from_json(cls, data: dict, origin: str) -> "StageRecord":
-        try:
-            if data["format"] != "p2u-stage":
-                raise P2UFormatError(f"{origin}: not a p2u stage record (format {data['format']!r})")
-            if data["format_version"] > FORMAT_VERSION:
-                raise P2UFormatError(f"{origin}: format version {data['format_version']} is newer than this p2u-hub; upgrade p2u-hub")
-            return cls(int(data["index"]), data["bits"], data["parent"], dict(data["tensors"]), int(data["format_version"]))
-        except (KeyError, TypeError) as error:
-            raise P2UFormatError(f"{origin}: malformed stage record (missing or bad field {error})") from None
+    def from_json(cls, data: object, origin: str) -> StageRecord:
+        data = _mapping(data, origin, "the stage record")
+        if data.get("format") != "p2u-stage":
+            raise P2UFormatError(f"{origin}: not a p2u stage record (format {data.get('format')!r})")
+        version = _format_version(data.get("format_version"), origin)
+        index = _integer(data.get("index"), origin, "index", 1, 64)
+        bits = data.get("bits")
+        bits = None if bits is None else _integer(bits, origin, "bits", 3, 16)
+        payloads = {}
+        for name, payload in _mapping(data.get("tensors"), origin, "tensors").items():
+            where = f"{origin}: payload of tensor {name!r}"
+            payload = _mapping(payload, where, "payload")
+            payloads[name] = {"sha256": _sha256(payload.get("sha256"), where, "sha256"), "bytes": _integer(payload.get("bytes"), where, "bytes")}
+        return cls(index, bits, _sha256(data.get("parent"), origin, "parent"), payloads, version)
 
     def payload_bytes(self) -> int:
         return sum(int(p["bytes"]) for p in self.payloads.values())
 
 
 def read_stage_record(stage_dir: str | os.PathLike) -> StageRecord:
-    path = Path(stage_dir) / STAGE_FILE
+    path = release_file(stage_dir, STAGE_FILE)
     return StageRecord.from_json(read_json(path), str(path))
 
 
 def weight_files(folder: str | os.PathLike, prefix: str) -> list[Path]:
     """The safetensors files of ``prefix`` in ``folder``, in shard order (via the index when sharded)."""
     folder = Path(folder)
-    index = folder / index_file_name(prefix)
+    index = release_file(folder, index_file_name(prefix))
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise P2UFormatError(f"{index}: no weight_map")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        index_data = read_json(index)
+        weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise P2UFormatError(f"{index}: no weight_map of tensor names to file names")
+        files = [release_file(folder, name, str(index)) for name in sorted(set(weight_map.values()))]
     else:
-        files = [folder / f"{prefix}.safetensors"]
+        files = [release_file(folder, f"{prefix}.safetensors")]
     for file in files:
         if not file.is_file():
             raise P2UFormatError(f"{file}: weight file missing")

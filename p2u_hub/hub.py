@@ -6,28 +6,25 @@ Tokens come from the usual ``HF_TOKEN`` / ``hf auth login`` and are only ever ha
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+import httpx2
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import validate_repo_id
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
 from . import format as fmt
+from .errors import HubError, PushRefusedError, StageUnavailableError, UnsafePathError  # noqa: F401  (PushRefusedError: its old home)
 
 OTHER_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.ot", "*.gguf"]
-
-
-class HubError(RuntimeError):
-    """A Hub operation of p2u failed; the message names the repo and revision."""
-
-
-class StageUnavailableError(HubError):
-    """A stage or source cannot be fetched: unknown repo or revision, or the Hub cannot be reached."""
-
-
-class PushRefusedError(HubError):
-    """The Hub refused a write: no token, a wrong token, or no write access to the repo."""
 
 
 def cached_repo_id(folder: str | os.PathLike) -> str | None:
@@ -40,11 +37,6 @@ def cached_repo_id(folder: str | os.PathLike) -> str | None:
     if folder.parent.name != "snapshots" or not folder.parent.parent.name.startswith("models--"):
         return None
     return folder.parent.parent.name[len("models--") :].replace("--", "/")
-
-
-def stage_branch(index: int) -> str:
-    """Branch of stage ``index``: ``p2u/stage-1`` ... (also what ``hf upload --revision`` should use)."""
-    return f"p2u/{fmt.stage_dir_name(index)}"
 
 
 def parse_repo_reference(reference: str) -> tuple[str, str | None]:
@@ -66,8 +58,11 @@ def resolve_source(source: str | os.PathLike, *, token: str | bool | None = None
         validate_repo_id(repo_id)
     except HFValidationError:
         raise StageUnavailableError(f"{source}: no such local folder, and not a Hub repo id") from None
+    if revision is not None:
+        fmt.check_revision(revision, str(source))
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, token=token, ignore_patterns=OTHER_WEIGHT_PATTERNS))
+        with hub_errors(str(source)):
+            folder = Path(snapshot_download(repo_id, revision=revision, token=token, ignore_patterns=OTHER_WEIGHT_PATTERNS))
     except RepositoryNotFoundError:
         raise StageUnavailableError(f"{source}: no local folder of that name and no Hub repo {repo_id!r}") from None
     except RevisionNotFoundError:
@@ -76,15 +71,47 @@ def resolve_source(source: str | os.PathLike, *, token: str | bool | None = None
 
 
 def download_stage(entry: fmt.StageEntry, *, default_repo_id: str | None, token: str | bool | None = None) -> Path:
-    """Download one stage folder into the standard HF cache (works offline once cached)."""
-    repo_id = entry.repo_id or default_repo_id
-    revision = entry.commit or entry.revision or stage_branch(entry.index)
+    """Download one stage folder into the standard HF cache (works offline once cached).
+
+    Without a recorded revision the stage is looked for on ``p2u-stage-N``, then on the
+    ``p2u/stage-N`` branch of releases pushed by older p2u-hub versions.
+    """
+    repo_id = check_repo_id(entry.repo_id or default_repo_id, entry.name)
+    recorded = entry.commit or entry.revision
+    revisions = [recorded] if recorded else [fmt.stage_branch(entry.index), fmt.legacy_stage_branch(entry.index)]
+    stage_files = [fmt.STAGE_FILE, f"{fmt.DELTA_WEIGHTS_NAME}*.safetensors*"]
+    failure = f"revision {' or '.join(map(repr, revisions))} not found in {repo_id}"
+    for revision in revisions:
+        fmt.check_revision(revision, entry.name)
+        try:
+            with hub_errors(f"{entry.name}: {repo_id}@{revision}"):
+                return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=stage_files))
+        except RevisionNotFoundError:
+            continue
+        except RepositoryNotFoundError:
+            raise StageUnavailableError(f"{entry.name}: repo {repo_id!r} not found (or private without a token)") from None
+        except (EntryNotFoundError, OSError) as error:  # offline: the other branch name may be the cached one
+            failure = f"cannot download {repo_id}@{revision} ({error})"
+    raise StageUnavailableError(f"{entry.name}: {failure}")
+
+
+def check_repo_id(repo_id: object, origin: str) -> str:
+    """A Hub repo id as huggingface_hub validates it, before it is joined into a URL or a cache path."""
     try:
-        stage_files = [fmt.STAGE_FILE, f"{fmt.DELTA_WEIGHTS_NAME}*.safetensors*"]
-        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=stage_files))
-    except RepositoryNotFoundError:
-        raise StageUnavailableError(f"{entry.name}: repo {repo_id!r} not found (or private without a token)") from None
-    except RevisionNotFoundError:
-        raise StageUnavailableError(f"{entry.name}: revision {revision!r} not found in {repo_id}") from None
-    except (EntryNotFoundError, OSError) as error:
-        raise StageUnavailableError(f"{entry.name}: cannot download {repo_id}@{revision} ({error})") from None
+        validate_repo_id(repo_id)
+    except (HFValidationError, TypeError):
+        raise UnsafePathError(f"{origin}: {repo_id!r} is not a valid Hub repo id") from None
+    return repo_id
+
+
+@contextlib.contextmanager
+def hub_errors(what: str) -> Iterator[None]:
+    """Turn a transport failure (the Hub down, a refused connection, a timeout) into a HubError naming the endpoint.
+
+    huggingface_hub raises its own errors for HTTP answers; a connection that never gets one
+    surfaces as the HTTP library's exception, which says nothing of which repo was wanted.
+    """
+    try:
+        yield
+    except (httpx2.TransportError, ConnectionError, TimeoutError) as error:
+        raise HubError(f"{what}: cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}: {error})") from None

@@ -3,8 +3,8 @@
 Layouts:
 
 * ``branches`` (default): the base on ``main`` of ``repo_id`` (so ``from_pretrained(repo_id)``
-  gets a working model) and stage N on branch ``p2u/stage-N`` of the same repo.
-* ``repos``: the base in ``repo_id``, the stages on branches ``p2u/stage-N`` of the sibling
+  gets a working model) and stage N on branch ``p2u-stage-N`` of the same repo.
+* ``repos``: the base in ``repo_id``, the stages on branches ``p2u-stage-N`` of the sibling
   repo ``repo_id + "-p2u-delta"``.
 
 Either way the published base's config records each stage's repo id, branch and commit, so
@@ -23,7 +23,8 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from . import format as fmt
 from .card import write_cards
-from .hub import PushRefusedError, stage_branch
+from .errors import HubError, PushRefusedError
+from .hub import check_repo_id, hub_errors
 from .release import Release
 from .storage import visible_files
 
@@ -78,19 +79,22 @@ def push(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_repo_id(repo_id, "push")
     release = Release.open(release_dir)
+    fmt.refuse_symlinks(Path(release_dir))
     api = HfApi(token=token)
     stage_repo = repo_id if layout == "branches" else repo_id + DELTA_REPO_SUFFIX
     write_cards(release_dir, repo_id=repo_id, stage_repo_id=stage_repo)
     try:
-        for repo in dict.fromkeys((repo_id, stage_repo)):
-            api.create_repo(repo, private=private, exist_ok=True)
-        stage_entries = [_push_stage(api, release, entry, stage_repo, commit_message) for entry in release.qconfig.stages]
-        published_config = dataclasses.replace(release.qconfig, stages=stage_entries)
-        info = api.create_commit(
-            repo_id, operations=_base_operations(release.base_dir, published_config),
-            commit_message=commit_message or "p2u base",
-        )  # fmt: skip
+        with hub_errors(repo_id):
+            for repo in dict.fromkeys((repo_id, stage_repo)):
+                api.create_repo(repo, private=private, exist_ok=True)
+            stage_entries = [_push_stage(api, release, entry, stage_repo, commit_message) for entry in release.qconfig.stages]
+            published_config = dataclasses.replace(release.qconfig, stages=stage_entries)
+            info = api.create_commit(
+                repo_id, operations=_base_operations(release.base_dir, published_config),
+                commit_message=commit_message or "p2u base",
+            )  # fmt: skip
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None
         if status in (401, 403):
@@ -98,7 +102,7 @@ def push(
                 f"{repo_id}: the Hub refused the push (HTTP {status}); log in with `hf auth login` or set "
                 "HF_TOKEN to a token with write access"
             ) from None
-        raise
+        raise HubError(f"{repo_id}: the Hub answered HTTP {status} ({str(error).splitlines()[0]})") from None
     published = tuple(PublishedStage(e.repo_id, e.revision, e.commit) for e in stage_entries)
     return PushResult(repo_id, info.oid, published)
 
@@ -109,7 +113,7 @@ def _push_stage(api: HfApi, release: Release, entry: fmt.StageEntry, stage_repo:
     The branch starts at the repo's first commit, so it never inherits the base's files from ``main``.
     """
     folder = release.stage_dir(entry.index)
-    branch = stage_branch(entry.index)
+    branch = fmt.stage_branch(entry.index)
     first_commit = api.list_repo_commits(stage_repo)[-1].commit_id
     api.create_branch(stage_repo, branch=branch, revision=first_commit, exist_ok=True)
     api.upload_folder(

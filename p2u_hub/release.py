@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from . import format as fmt
+from .codecs import ladder as ladder_codec
 from .codecs import progressive
-from .hub import cached_repo_id, download_stage
+from .codecs.entropy import CorruptStreamError
+from .hub import cached_repo_id, check_repo_id, download_stage
 from .storage import TensorReader
 
 StageSpec = int | str
@@ -26,8 +28,9 @@ class Release:
     Args:
         base_dir: the base folder (config.json with a p2u quantization_config, manifest, weights).
         repo_id: the Hub repo the base was downloaded from, if any: stages without an explicit
-            location are then looked up on that repo's ``p2u/stage-N`` branches (what
-            ``hf upload --revision p2u/stage-N`` of a split folder produces). Read from
+            location are then looked up on that repo's ``p2u-stage-N`` branches (what
+            ``hf upload --revision p2u-stage-N`` of a split folder produces; ``p2u/stage-N``
+            of older releases is still found). Read from
             the HF cache path when not given.
         token: Hub token for private stage repos; never stored beyond this object.
     """
@@ -35,17 +38,21 @@ class Release:
     def __init__(self, base_dir: str | os.PathLike, *, repo_id: str | None = None, token: str | bool | None = None):
         self.base_dir = Path(base_dir)
         self.repo_id = repo_id or cached_repo_id(self.base_dir)
+        if self.repo_id is not None:
+            check_repo_id(self.repo_id, str(self.base_dir))
         self.token = token
         self.qconfig = fmt.read_quantization_config(self.base_dir)
-        self.manifest = fmt.read_manifest(self.base_dir)
-        if self.manifest.sha256 != self.qconfig.manifest_sha256:
+        manifest_path = fmt.release_file(self.base_dir, fmt.MANIFEST_FILE)
+        if fmt.sha256_bytes(manifest_path.read_bytes()) != self.qconfig.manifest_sha256:
             raise fmt.ChecksumError(
-                f"{self.base_dir / fmt.MANIFEST_FILE}: sha256 {self.manifest.sha256} does not match "
-                f"manifest_sha256 {self.qconfig.manifest_sha256} in {self.base_dir / fmt.CONFIG_FILE}"
+                f"{manifest_path}: sha256 does not match manifest_sha256 {self.qconfig.manifest_sha256} in "
+                f"{self.base_dir / fmt.CONFIG_FILE}"
             )
+        self.manifest = fmt.read_manifest(self.base_dir)
+        self.qconfig.check_ladder(self.manifest.ladder, str(self.base_dir / fmt.CONFIG_FILE))
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, token: str | bool | None = None) -> "Release":
+    def open(cls, path: str | os.PathLike, *, token: str | bool | None = None) -> Release:
         """Open a release folder (``OUT`` from split, holding ``base/``) or a base folder itself."""
         path = Path(path)
         if (path / fmt.BASE_DIR / fmt.CONFIG_FILE).is_file():
@@ -64,8 +71,8 @@ class Release:
             return 0
         if isinstance(stage, str) and stage.isdigit():
             stage = int(stage)
-        if not isinstance(stage, int) or not 0 <= stage <= self.stage_count:
-            raise ValueError(f"stage must be 'base', 'full' or an int in 0..{self.stage_count}, got {stage!r}")
+        if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= self.stage_count:
+            raise fmt.P2UFormatError(f"stage must be 'base', 'full' or an int in 0..{self.stage_count}, got {stage!r}")
         return stage
 
     def stage_bits(self, index: int) -> int | None:
@@ -75,7 +82,7 @@ class Release:
     def stage_dir(self, index: int) -> Path:
         """The local folder of stage ``index`` (downloading it from the Hub if needed), validated."""
         entry = self.qconfig.stages[index - 1]
-        local = self.base_dir / entry.path if entry.path else None
+        local = self._local_stage(entry)
         if local is not None and (local / fmt.STAGE_FILE).is_file():
             folder = local
         elif entry.repo_id is not None or self.repo_id is not None:
@@ -85,7 +92,7 @@ class Release:
                 f"{entry.name} not found: expected {fmt.STAGE_FILE} in {local} and the config names no Hub repo for it"
             )
         record = fmt.read_stage_record(folder)
-        if record.parent != self.manifest.sha256:
+        if record.parent != self.qconfig.manifest_sha256:
             raise fmt.StageMismatchError(
                 f"{folder}: {entry.name} belongs to another base (parent {record.parent[:12]}, "
                 f"this base's manifest is {self.manifest.sha256[:12]})"
@@ -97,7 +104,14 @@ class Release:
             )
         return folder
 
-    def rebuilder(self, stage: StageSpec) -> "TensorRebuilder":
+    def _local_stage(self, entry: fmt.StageEntry) -> Path | None:
+        """The folder of a stage given by ``path`` (``../stage-k`` or a subfolder), kept inside the release folder."""
+        if entry.path is None:
+            return None
+        root = self.base_dir.parent if entry.path.startswith("../") else self.base_dir
+        return fmt.release_file(root, entry.path.removeprefix("../"), f"{self.base_dir / fmt.CONFIG_FILE}: {entry.name} path")
+
+    def rebuilder(self, stage: StageSpec) -> TensorRebuilder:
         index = self.stage_index(stage)
         return TensorRebuilder(self, index, [self.stage_dir(k) for k in range(1, index + 1)])
 
@@ -120,23 +134,32 @@ class TensorRebuilder:
         ]
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` at this stage, in its source dtype and shape."""
+        """Tensor ``name`` at this stage, in its source dtype and shape.
+
+        Every base tensor read is checked against the manifest's ``base_sha256`` (format 2) and
+        every payload against its stage record, and declared sizes against stored ones, before
+        anything is decoded: a corrupt or crafted release fails here with the file and tensor named.
+        """
         manifest = self.release.manifest
         entry = manifest.tensors.get(name)
         if entry is None:
-            raise KeyError(f"tensor {name!r} is not in {self.release.base_dir / fmt.MANIFEST_FILE}")
+            raise fmt.P2UFormatError(f"tensor {name!r} is not in {self.release.base_dir / fmt.MANIFEST_FILE}")
         stored_name = entry.alias_of or name
         if entry.codec == fmt.CODEC_EXACT:
-            tensor = self._base.get(stored_name)
-            self._check_source_bytes(name, tensor, entry)
+            tensor = self._base_tensor(stored_name, entry.dtype, entry.shape)
+            self._check_source_bytes(name, tensor, entry, always=True)
             return tensor
+        spec = manifest.ladder
+        groups = ladder_codec.group_count(entry.numel, spec.group_size)
+        codes = self._base_tensor(stored_name, "U8", [groups * spec.group_size * spec.base_bits // 8])
+        scales = self._base_tensor(fmt.scales_key(stored_name), fmt.DTYPE_NAMES[ladder_codec.SCALE_DTYPE], [groups])
         deltas = [self._payload(folder, record, reader, stored_name) for folder, record, reader in self._stages]
-        tensor = progressive.decode(
-            self._base.get(stored_name), self._base.get(fmt.scales_key(stored_name)), deltas,
-            manifest.ladder, tuple(entry.shape), entry.torch_dtype,
-        )  # fmt: skip
-        if self.full:
-            self._check_source_bytes(name, tensor, entry)
+        try:
+            tensor = progressive.decode(codes, scales, deltas, spec, tuple(entry.shape), entry.torch_dtype)
+        except CorruptStreamError as error:
+            folder = self._stages[-1][0] if self._stages else self.release.base_dir
+            raise fmt.P2UFormatError(f"{folder}: payload of tensor {stored_name!r} does not decode ({error})") from None
+        self._check_source_bytes(name, tensor, entry)
         return tensor
 
     def verify_payloads(self) -> None:
@@ -145,20 +168,40 @@ class TensorRebuilder:
             for name in record.payloads:
                 self._payload(folder, record, reader, name)
 
+    def _base_tensor(self, name: str, dtype: str, shape: list[int]) -> torch.Tensor:
+        """A tensor of the base weights, refused unless its dtype, shape and sha256 are the ones recorded."""
+        declared = self._base.header(name)
+        if declared is not None and (declared["dtype"], declared["shape"]) != (dtype, shape):
+            raise fmt.P2UFormatError(
+                f"{self._base.locations[name]}: tensor {name!r} is stored as {declared['dtype']}{declared['shape']}, "
+                f"the manifest implies {dtype}{shape}"
+            )
+        tensor = self._base.get(name)
+        expected = self.release.manifest.base_sha256
+        if expected is not None and fmt.tensor_sha256(tensor) != expected.get(name):
+            raise fmt.ChecksumError(f"{self._base.locations[name]}: tensor {name!r} fails its base_sha256 check (corrupt file?)")
+        return tensor
+
     def _payload(self, folder: Path, record: fmt.StageRecord, reader: TensorReader, name: str) -> bytes:
         expected = record.payloads.get(name)
         if expected is None:
             raise fmt.P2UFormatError(f"{folder / fmt.STAGE_FILE}: no payload listed for tensor {name!r}")
+        declared = reader.header(name)
+        if declared is not None and (declared["dtype"], declared["shape"]) != ("U8", [expected["bytes"]]):
+            raise fmt.ChecksumError(
+                f"{reader.locations[name]}: payload of tensor {name!r} is {declared['dtype']}{declared['shape']}, "
+                f"{fmt.STAGE_FILE} says U8[{expected['bytes']}]"
+            )
         payload = fmt.tensor_bytes(reader.get(name)).tobytes()
         if fmt.sha256_bytes(payload) != expected["sha256"]:
             raise fmt.ChecksumError(f"{folder}: payload of tensor {name!r} fails its sha256 check (corrupt download?)")
         return payload
 
-    def _check_source_bytes(self, name: str, tensor: torch.Tensor, entry: fmt.TensorEntry) -> None:
+    def _check_source_bytes(self, name: str, tensor: torch.Tensor, entry: fmt.TensorEntry, always: bool = False) -> None:
         if list(tensor.shape) != entry.shape or fmt.DTYPE_NAMES.get(tensor.dtype) != entry.dtype:
             raise fmt.ChecksumError(
                 f"tensor {name!r}: rebuilt as {fmt.DTYPE_NAMES.get(tensor.dtype)}{list(tensor.shape)}, "
                 f"manifest says {entry.dtype}{entry.shape}"
             )
-        if self.full and fmt.tensor_sha256(tensor) != entry.sha256:
+        if (self.full or always) and fmt.tensor_sha256(tensor) != entry.sha256:
             raise fmt.ChecksumError(f"tensor {name!r}: rebuilt bytes do not match the source sha256 in the manifest")

@@ -73,6 +73,7 @@ def split(
         tensors: dict[str, fmt.TensorEntry] = {}
         source_files: dict[str, fmt.SourceFile] = {}
         stored_by_content: dict[tuple, str] = {}
+        base_sha256: dict[str, str] = {}
         reader = TensorReader(weight_files)
         for name in tqdm(list(reader.locations), desc="p2u split", unit="tensor"):
             tensor = reader.get(name)
@@ -87,16 +88,21 @@ def split(
             tensors[name] = entry
             if entry.codec == fmt.CODEC_EXACT:
                 base.add(name, tensor)
+                base_sha256[name] = entry.sha256
                 continue
             stored_by_content[content_key] = name
             encoded = progressive.encode(tensor, spec)
             base.add(name, encoded.packed_codes)
             base.add(fmt.scales_key(name), encoded.scales)
+            base_sha256[name] = fmt.tensor_sha256(encoded.packed_codes)
+            base_sha256[fmt.scales_key(name)] = fmt.tensor_sha256(encoded.scales)
             for writer, record, delta in zip(deltas, payloads, encoded.deltas):
                 writer.add(name, torch.frombuffer(bytearray(delta), dtype=torch.uint8) if delta else torch.empty(0, dtype=torch.uint8))
                 record[name] = {"sha256": fmt.sha256_bytes(delta), "bytes": len(delta)}
         base.close()
-        manifest = fmt.Manifest(spec, tensors, source_files, index_file, index_metadata, source_repo, source_revision)
+        manifest = fmt.Manifest(
+            spec, tensors, source_files, index_file, index_metadata, source_repo, source_revision, base_sha256
+        )  # fmt: skip
         fmt.write_json(base_dir / fmt.MANIFEST_FILE, manifest.to_json())
         _copy_non_weight_files(source_dir, base_dir)
         stage_entries = []

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -17,7 +19,16 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .format import DTYPE_NAMES, P2UFormatError, index_file_name, shard_file_name, tensor_bytes, write_json
+from .format import (
+    DTYPE_NAMES,
+    SAFETENSORS_DTYPES,
+    P2UFormatError,
+    index_file_name,
+    sha256_bytes,
+    shard_file_name,
+    tensor_bytes,
+    write_json,
+)  # fmt: skip
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -56,21 +67,73 @@ def visible_files(folder: Path) -> list[Path]:
 
 
 def safetensors_header(path: str | os.PathLike) -> dict:
-    """The JSON header of a safetensors file (dtypes, shapes, offsets, ``__metadata__``) without loading data."""
+    """The JSON header of a safetensors file (dtypes, shapes, offsets, ``__metadata__``) without loading data.
+
+    Validated as the safetensors spec requires: every tensor's dtype is known, its byte range lies
+    in the file and holds exactly ``prod(shape) * itemsize`` bytes, so sizes can be trusted before
+    anything is allocated.
+    """
     path = Path(path)
     try:
+        size = path.stat().st_size
         with path.open("rb") as file:
             length = int.from_bytes(file.read(8), "little")
-            if length <= 0 or length > path.stat().st_size - 8:
-                raise ValueError(f"header length {length} does not fit a file of {path.stat().st_size} bytes")
+            if length <= 0 or length > min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
             header = json.loads(file.read(length))
-    except (OSError, ValueError, UnicodeDecodeError) as error:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as error:
         raise P2UFormatError(f"{path}: not a readable safetensors file ({error})") from None
-    data_bytes = path.stat().st_size - 8 - length
+    if not isinstance(header, dict):
+        raise P2UFormatError(f"{path}: safetensors header is not a JSON object")
+    data_bytes = size - 8 - length
     for name, info in header.items():
-        if name != "__metadata__" and info["data_offsets"][1] > data_bytes:
-            raise P2UFormatError(f"{path}: truncated; tensor {name!r} ends past the end of the file")
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(value, str) for value in info.values()):
+                raise P2UFormatError(f"{path}: __metadata__ must map strings to strings")
+            continue
+        problem = _entry_problem(info, data_bytes)
+        if problem is not None:
+            raise P2UFormatError(f"{path}: tensor {name!r} {problem}")
     return header
+
+
+MAX_HEADER_BYTES = 100_000_000
+"""safetensors' own limit on the header length."""
+
+
+def _entry_problem(info: object, data_bytes: int) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in SAFETENSORS_DTYPES:
+        return f"has no known dtype in its header entry {info!r}"
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        return f"has a bad shape {shape!r}"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets):
+        return f"has bad data_offsets {offsets!r}"
+    start, stop = offsets
+    if stop > data_bytes:
+        return "ends past the end of the file; truncated"
+    if not 0 <= start <= stop or stop - start != math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize:
+        return f"data_offsets {offsets} do not hold {info['dtype']}{shape}"
+    return None
+
+
+def file_tensor_digests(path: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every tensor's stored bytes in a safetensors file, read once through a memory map."""
+    path = Path(path)
+    header = safetensors_header(path)
+    digests = {}
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        view = memoryview(data)
+        start = 8 + int.from_bytes(view[:8], "little")
+        try:
+            for name, info in header.items():
+                if name != "__metadata__":
+                    first, last = info["data_offsets"]
+                    digests[name] = sha256_bytes(view[start + first : start + last])
+        finally:
+            view.release()
+    return digests
 
 
 class StreamingSafetensorsWriter:
@@ -172,11 +235,11 @@ class ShardedWriter:
         return names
 
 
-def tensor_locations(files: list[Path]) -> dict[str, Path]:
-    """Map every tensor name to the file that holds it, validating each header on the way."""
+def tensor_locations(headers: dict[Path, dict]) -> dict[str, Path]:
+    """Map every tensor name to the file that holds it, given each file's validated header."""
     locations: dict[str, Path] = {}
-    for file in files:
-        for name in safetensors_header(file):
+    for file, header in headers.items():
+        for name in header:
             if name == "__metadata__":
                 continue
             if name in locations:
@@ -194,7 +257,13 @@ class TensorReader:
     """
 
     def __init__(self, files: list[Path]):
-        self.locations = tensor_locations(files)
+        self._headers = {file: safetensors_header(file) for file in files}
+        self.locations = tensor_locations(self._headers)
+
+    def header(self, name: str) -> dict | None:
+        """The validated header entry of tensor ``name`` (dtype, shape, data_offsets), None if absent."""
+        path = self.locations.get(name)
+        return None if path is None else self._headers[path][name]
 
     def __contains__(self, name: str) -> bool:
         return name in self.locations

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import p2u_hub
 from p2u_hub import format as fmt
-from p2u_hub.hub import PushRefusedError, StageUnavailableError
+from p2u_hub.errors import HubError, PushRefusedError, StageUnavailableError
 from p2u_hub.publish import push
 from p2u_hub.testing import LocalHub
 
@@ -45,12 +45,12 @@ def _assert_merges_bit_exact(repo: str, source: Path, destination: Path) -> None
 def test_push_branches_layout_is_idempotent(release, random_checkpoint, local_hub: LocalHub, tmp_path):
     result = push(release, REPO)
     api = HfApi()
-    assert sorted(ref.name for ref in api.list_repo_refs(REPO).branches) == ["main", "p2u/stage-1", "p2u/stage-2"]
+    assert sorted(ref.name for ref in api.list_repo_refs(REPO).branches) == ["main", "p2u-stage-1", "p2u-stage-2"]
     stages = _published_config(REPO)["stages"]
     for stage, published in zip(stages, result.stages):
         assert (stage["repo_id"], stage["revision"], stage["commit"]) == (REPO, published.branch, published.commit)
         assert api.repo_info(REPO, revision=published.branch).sha == published.commit
-    stage_files = {f.rfilename for f in api.model_info(REPO, revision="p2u/stage-1", files_metadata=False).siblings}
+    stage_files = {f.rfilename for f in api.model_info(REPO, revision="p2u-stage-1", files_metadata=False).siblings}
     assert stage_files == {".gitattributes", "README.md", "delta.safetensors", "p2u_stage.json"}  # no base files
     card = ModelCard.load(hf_hub_download(REPO, "README.md"))
     assert "p2u" in card.data.tags and card.data.library_name == "transformers"
@@ -68,10 +68,11 @@ def test_push_repos_layout(release, random_checkpoint, local_hub: LocalHub, tmp_
     _assert_merges_bit_exact(REPO, random_checkpoint("gpt2"), tmp_path / "merged")
 
 
-def test_hf_upload_of_split_folders_gives_the_same_release(release, random_checkpoint, local_hub: LocalHub, tmp_path):
+@pytest.mark.parametrize("branch", [fmt.stage_branch, fmt.legacy_stage_branch], ids=["p2u-stage-N", "legacy p2u/stage-N"])
+def test_hf_upload_of_split_folders_gives_the_same_release(release, random_checkpoint, local_hub: LocalHub, tmp_path, branch):
     hf = [sys.executable, "-m", "huggingface_hub.cli.hf", "upload", REPO]
     for index in (1, 2):
-        subprocess.run([*hf, str(release / f"stage-{index}"), ".", "--revision", f"p2u/stage-{index}"], check=True, capture_output=True)
+        subprocess.run([*hf, str(release / f"stage-{index}"), ".", "--revision", branch(index)], check=True, capture_output=True)
     subprocess.run([*hf, str(release / "base"), "."], check=True, capture_output=True)
     assert "repo_id" not in _published_config(REPO)["stages"][0]  # stages found by branch name
     _assert_merges_bit_exact(REPO, random_checkpoint("gpt2"), tmp_path / "merged")
@@ -80,7 +81,7 @@ def test_hf_upload_of_split_folders_gives_the_same_release(release, random_check
 def test_deleted_stage_branch(release, local_hub: LocalHub, tmp_path):
     push(release, REPO)
     api = HfApi()
-    api.delete_branch(REPO, branch="p2u/stage-2")
+    api.delete_branch(REPO, branch="p2u-stage-2")
     base = snapshot_download(REPO)
     assert p2u_hub.merge(base, tmp_path / "pinned").is_dir()  # the base pins each stage's commit, which outlives the branch
     config = json.loads(Path(base, "config.json").read_text())
@@ -88,7 +89,7 @@ def test_deleted_stage_branch(release, local_hub: LocalHub, tmp_path):
         del stage["repo_id"], stage["commit"], stage["revision"]
     api.upload_file(path_or_fileobj=fmt.canonical_json(config), path_in_repo="config.json", repo_id=REPO)
     unpinned = snapshot_download(REPO)
-    with pytest.raises(StageUnavailableError, match=rf"stage-2: revision 'p2u/stage-2' not found in {REPO}"):
+    with pytest.raises(StageUnavailableError, match=rf"stage-2: revision 'p2u-stage-2' or 'p2u/stage-2' not found in {REPO}"):
         p2u_hub.merge(unpinned, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
     assert p2u_hub.merge(unpinned, tmp_path / "merged-1", stage=1).is_dir()
@@ -112,3 +113,17 @@ def test_split_from_hub_repo_at_revision(random_checkpoint, local_hub: LocalHub,
         p2u_hub.split("local/bert@no-such-rev", tmp_path / "other")
     with pytest.raises(StageUnavailableError, match="local/missing"):
         p2u_hub.split("local/missing", tmp_path / "other")
+
+
+def test_push_with_the_hub_down_names_the_endpoint_and_repo(release, monkeypatch, capsys):
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    with pytest.raises(HubError, match=rf"{REPO}: cannot reach the Hub at http://127.0.0.1:9 \(ConnectError"):
+        push(release, REPO, token="hf_test")
+
+
+def test_push_refuses_symlinks(release, tmp_path):
+    (tmp_path / "secret.txt").write_text("not for upload")
+    (release / "base" / "notes.txt").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(p2u_hub.P2UError, match=r"notes\.txt: symlinks are not allowed in a release"):
+        push(release, REPO, token="hf_test")

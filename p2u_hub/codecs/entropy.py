@@ -35,12 +35,19 @@ def _compress(plane: np.ndarray) -> bytes:
 
 
 def _decompress(data: bytes, expected: int) -> np.ndarray:
+    """Inflate at most ``expected + 1`` bytes: a stream that would grow past its declared size stops there.
+
+    Without the bound, a few MB of crafted DEFLATE would inflate to GBs before the size check.
+    """
+    inflater = zlib.decompressobj(-15)
     try:
-        raw = zlib.decompress(data, -15)
+        raw = inflater.decompress(data, expected + 1)
     except zlib.error as error:
         raise CorruptStreamError(f"DEFLATE stream does not decode ({error})") from None
-    if len(raw) != expected:
-        raise CorruptStreamError(f"DEFLATE stream holds {len(raw)} symbols, expected {expected}")
+    if len(raw) > expected:
+        raise CorruptStreamError(f"DEFLATE stream holds more than the {expected} symbols expected")
+    if len(raw) != expected or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        raise CorruptStreamError(f"DEFLATE stream holds {len(raw)} symbols and does not end there; expected {expected}")
     return np.frombuffer(raw, dtype=np.uint8)
 
 
@@ -89,6 +96,8 @@ def decode(stream: bytes, contexts: torch.Tensor) -> torch.Tensor:
     try:
         for count in counts[counts > 0]:
             (plane_count,) = _PLANE_COUNT.unpack_from(view, offset)
+            if plane_count > 8:
+                raise CorruptStreamError(f"{plane_count} byte planes declared; symbols have at most 8")
             offset += _PLANE_COUNT.size
             lengths = [_PLANE_LENGTH.unpack_from(view, offset + i * _PLANE_LENGTH.size)[0] for i in range(plane_count)]
             offset += plane_count * _PLANE_LENGTH.size

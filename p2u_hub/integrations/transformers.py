@@ -43,7 +43,7 @@ from .. import format as fmt
 from ..codecs import ladder as ladder_codec
 from ..codecs.progressive import Ladder, dequantize_packed
 from ..release import Release
-from ..storage import safetensors_header
+from ..storage import file_tensor_digests
 
 logger = logging.get_logger(__name__)
 
@@ -241,7 +241,7 @@ class P2UHfQuantizer(HfQuantizer):
         self.base_dir, self.repo_id = locate_base(model.config.name_or_path, checkpoint_files)
         release = Release(self.base_dir, repo_id=self.repo_id)
         self.parameters = plan_parameters(model, release.manifest)
-        self._check_stored(checkpoint_files)
+        self._check_stored(checkpoint_files, release.manifest)
         for packed in self.parameters.values():
             module = model.get_submodule(packed.module_name)
             codes, scales = packed.layout.stored_sizes()
@@ -291,12 +291,22 @@ class P2UHfQuantizer(HfQuantizer):
         install_expanded(model, dense, lambda packed: expand_loaded(model, packed))
         return model
 
-    def _check_stored(self, checkpoint_files: list[str]) -> None:
-        """Refuse a base missing codes or scales before loading: transformers would initialise uint8 codes at random."""
-        stored = {name for file in checkpoint_files for name in safetensors_header(file)}
+    def _check_stored(self, checkpoint_files: list[str], manifest: fmt.Manifest) -> None:
+        """Refuse a base missing codes or scales, or whose bytes fail the manifest's ``base_sha256``, before loading.
+
+        transformers would initialise missing uint8 codes at random, and a flipped bit in the base
+        would load silently. The files are hashed through a memory map just before transformers
+        reads them, so the bytes are read from disk once and the page cache serves the load.
+        """
+        digests = {}
+        for file in checkpoint_files:
+            for name, digest in file_tensor_digests(file).items():
+                if manifest.base_sha256 is not None and manifest.base_sha256.get(name) != digest:
+                    raise fmt.ChecksumError(f"{file}: tensor {name!r} fails its base_sha256 check (corrupt file?)")
+                digests[name] = digest
         for packed in self.parameters.values():
             for tensor in packed.stored if packed.owner is None else ():
-                if tensor not in stored:
+                if tensor not in digests:
                     raise self._incomplete(tensor, "it is missing")
 
     def _check_arrived(self, model, packed: PackedParameter) -> None:

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+from ..errors import HubError
+
 try:
     import yaml
 except ImportError:  # cardData is a nicety: without PyYAML, repo info simply has none
@@ -71,31 +73,6 @@ DEFAULT_GITATTRIBUTES = "".join(
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,95}")
 _COMMIT_OID = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class HubError(Exception):
-    """An error answered the way the Hub does, so the client maps it to its own exception classes.
-
-    ``code`` goes to ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``), the message to
-    ``X-Error-Message`` and to the JSON body's ``error``; ``extra`` adds fields to the body (the 409 of an existing
-    repo must carry its ``url``).
-    """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str | None = None,
-        *,
-        headers: dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.headers = headers or {}
-        self.extra = extra or {}
 
 
 def _now() -> str:
@@ -170,7 +147,7 @@ class _Repo:
         """The commit a branch, tag or commit oid names."""
         oid = self.branches.get(revision) or self.tags.get(revision) or revision
         if oid not in self.commits:
-            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            raise HubError(f"Invalid rev id: {revision}", status=404, code="RevisionNotFound")
         return self.commits[oid]
 
     def add_commit(self, parent: str | None, tree: dict[str, Any], title: str, message: str) -> str:
@@ -221,7 +198,7 @@ class _Store:
                     size += len(chunk)
             sha256 = digest.hexdigest()
             if expected is not None and expected != (sha256, size):
-                raise HubError(400, f"Uploaded content does not match oid {expected[0]} and size {expected[1]}")
+                raise HubError(f"Uploaded content does not match oid {expected[0]} and size {expected[1]}", status=400)
             self.blob_path(sha256).parent.mkdir(exist_ok=True)
             os.replace(tmp, self.blob_path(sha256))
         finally:
@@ -237,7 +214,7 @@ class _Store:
         with self._lock:
             repo = self._repos.get((repo_type, repo_id))
         if repo is None:
-            raise HubError(404, f"Repository not found: {repo_id}", "RepoNotFound")
+            raise HubError(f"Repository not found: {repo_id}", status=404, code="RepoNotFound")
         return repo
 
     def lookup(self, repo_type: str, repo_id: str, revision: str) -> tuple[_Repo, dict[str, Any]]:
@@ -293,10 +270,10 @@ class _Store:
         with self._lock:
             repo = self.get(repo_type, repo_id)
             if branch not in repo.branches:
-                raise HubError(404, f"Invalid rev id: {branch} is not a branch", "RevisionNotFound")
+                raise HubError(f"Invalid rev id: {branch} is not a branch", status=404, code="RevisionNotFound")
             head = repo.commits[repo.branches[branch]]
             if parent_commit is not None and not head["oid"].startswith(parent_commit):
-                raise HubError(412, "A commit has happened since. Please refresh and try again.")
+                raise HubError("A commit has happened since. Please refresh and try again.", status=412)
             tree = _apply_changes(head["tree"], changes)
             if tree == head["tree"]:
                 return head["oid"]
@@ -307,12 +284,12 @@ class _Store:
     def create_ref(self, repo_type: str, repo_id: str, kind: str, name: str, revision: str) -> None:
         """Point a new branch or tag (``kind`` is ``"branches"`` or ``"tags"``) at ``revision``; 409 if it exists."""
         if not name or _COMMIT_OID.fullmatch(name):
-            raise HubError(400, f"Invalid reference name: {name!r}")
+            raise HubError(f"Invalid reference name: {name!r}", status=400)
         with self._lock:
             repo = self.get(repo_type, repo_id)
             refs: dict[str, str] = getattr(repo, kind)
             if name in refs:
-                raise HubError(409, f"Reference already exists: {name}")
+                raise HubError(f"Reference already exists: {name}", status=409)
             refs[name] = repo.resolve(revision)["oid"]
             self._save(repo)
 
@@ -321,9 +298,9 @@ class _Store:
             repo = self.get(repo_type, repo_id)
             refs: dict[str, str] = getattr(repo, kind)
             if kind == "branches" and name == "main":
-                raise HubError(403, "The main branch cannot be deleted")
+                raise HubError("The main branch cannot be deleted", status=403)
             if refs.pop(name, None) is None:
-                raise HubError(404, f"Invalid rev id: {name}", "RevisionNotFound")
+                raise HubError(f"Invalid rev id: {name}", status=404, code="RevisionNotFound")
             self._save(repo)
 
     def _repo_file(self, repo_type: str, repo_id: str) -> Path:
@@ -341,7 +318,7 @@ def _apply_changes(tree: dict[str, Any], changes: list[_Change]) -> dict[str, An
         else:
             doomed = [change.path] if change.entry is None else []
         if change.entry is None and not doomed:
-            raise HubError(404, f"A file with this name doesn't exist: {change.path}", "EntryNotFound")
+            raise HubError(f"A file with this name doesn't exist: {change.path}", status=404, code="EntryNotFound")
         for path in doomed:
             del new_tree[path]
         if change.entry is not None:
@@ -353,7 +330,7 @@ def _clean_path(path: str) -> str:
     """A path in a repo, refused when it could escape the repo or is not canonical."""
     parts = path.split("/")
     if not path or any(part in ("", ".", "..") for part in parts):
-        raise HubError(400, f"Invalid path in repo: {path!r}")
+        raise HubError(f"Invalid path in repo: {path!r}", status=400)
     return path
 
 
@@ -428,7 +405,7 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """(start, end exclusive) of a single ``bytes=`` range; None without one; 416 when it cannot be served."""
     if header is None:
         return None
-    unsatisfiable = HubError(416, f"Range not satisfiable: {header}", headers={"Content-Range": f"bytes */{size}"})
+    unsatisfiable = HubError(f"Range not satisfiable: {header}", status=416, headers={"Content-Range": f"bytes */{size}"})
     match = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
     if match is None or match.groups() == ("", ""):
         raise unsatisfiable
@@ -469,13 +446,13 @@ class _Handler(BaseHTTPRequestHandler):
                     handler(self, **{key: unquote(value) for key, value in match.groupdict().items() if value})
                     break
             else:
-                raise HubError(404, f"Not found: {self.command} {raw_path}")
+                raise HubError(f"Not found: {self.command} {raw_path}", status=404)
         except HubError as error:
             self._drain_body()
             self._send_error(error)
         except (ValueError, KeyError, TypeError) as error:
             self._drain_body()
-            self._send_error(HubError(400, f"Malformed request: {error!r}"))
+            self._send_error(HubError(f"Malformed request: {error!r}", status=400))
         except ConnectionError:
             self.close_connection = True
         finally:
@@ -559,9 +536,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         authorization = self.headers.get("Authorization", "")
         if not authorization.startswith("Bearer "):
-            raise HubError(401, "Authentication required: send a token in the Authorization header")
+            raise HubError("Authentication required: send a token in the Authorization header", status=401)
         if expected is not None and not hmac.compare_digest(authorization[7:].encode(), expected.encode()):
-            raise HubError(401, "Invalid credentials in Authorization header")
+            raise HubError("Invalid credentials in Authorization header", status=401)
 
     # ---- account
 
@@ -582,14 +559,14 @@ class _Handler(BaseHTTPRequestHandler):
         repo_type = body.get("type") or "model"
         namespace, name = body.get("organization") or USER, body["name"]
         if repo_type not in URL_PREFIXES:
-            raise HubError(400, f"Unsupported repo type: {repo_type}")
+            raise HubError(f"Unsupported repo type: {repo_type}", status=400)
         if not (_NAME.fullmatch(namespace) and _NAME.fullmatch(name)) or name.endswith(".git") or ".." in name:
-            raise HubError(400, f"Invalid repo name: {namespace}/{name}")
+            raise HubError(f"Invalid repo name: {namespace}/{name}", status=400)
         repo_id = f"{namespace}/{name}"
         url = f"{self._base_url()}/{URL_PREFIXES[repo_type]}{repo_id}"
         private = body.get("visibility") == "private" or bool(body.get("private"))
         if not self._store.create(repo_type, repo_id, private):
-            raise HubError(409, f"You already created this {repo_type} repo", extra={"url": url})
+            raise HubError(f"You already created this {repo_type} repo", status=409, extra={"url": url})
         self._send_json({"url": url, "name": repo_id, "id": repo_id})
 
     def delete_repo(self) -> None:
@@ -675,7 +652,7 @@ class _Handler(BaseHTTPRequestHandler):
         entries = _path_entries(commit["tree"])
         folder = path.strip("/")
         if folder and entries.get(folder, {}).get("type") != "directory":
-            raise HubError(404, f"Folder not found: {folder}", "EntryNotFound")
+            raise HubError(f"Folder not found: {folder}", status=404, code="EntryNotFound")
         recursive = self.query.get("recursive") == ["true"]
         self._send_json([entry for p, entry in sorted(entries.items()) if _in_listing(p, folder, recursive)])
 
@@ -710,7 +687,7 @@ class _Handler(BaseHTTPRequestHandler):
     def commit(self, kind: str, ns: str, name: str, rev: str) -> None:
         self._authenticate()
         if self.query.get("create_pr") == ["1"]:
-            raise HubError(400, "Pull requests are not supported by the local Hub")
+            raise HubError("Pull requests are not supported by the local Hub", status=400)
         repo_type, repo_id = _repo_key(kind, ns, name)
         self._store.get(repo_type, repo_id)
         lines = [json.loads(line) for line in self._read_body().splitlines() if line.strip()]
@@ -737,23 +714,23 @@ class _Handler(BaseHTTPRequestHandler):
         if key == "lfsFile":
             size = self._store.blob_size(value["oid"])
             if size is None:
-                raise HubError(400, f"LFS object {value['oid']} of {path} was never uploaded")
+                raise HubError(f"LFS object {value['oid']} of {path} was never uploaded", status=400)
             return _Change(path, _lfs_entry(value["oid"], size))
         if key in ("deletedFile", "deletedFolder"):
             return _Change(path, None, folder=key == "deletedFolder")
-        raise HubError(400, f"Unknown commit operation: {key}")
+        raise HubError(f"Unknown commit operation: {key}", status=400)
 
     def lfs_batch(self, ns: str, name: str, kind: str = "models") -> None:
         self._authenticate()
         body = self._json()
         self._store.get(*_repo_key(kind, ns, name))
         if body.get("operation") != "upload":
-            raise HubError(400, "The local Hub only supports LFS uploads (download through /resolve)")
+            raise HubError("The local Hub only supports LFS uploads (download through /resolve)", status=400)
         objects = []
         for obj in body["objects"]:
             oid, size = obj["oid"], obj["size"]
             if not _SHA256.fullmatch(oid):
-                raise HubError(400, f"Invalid LFS oid: {oid}")
+                raise HubError(f"Invalid LFS oid: {oid}", status=400)
             if self._store.blob_size(oid) == size:
                 objects.append({"oid": oid, "size": size})  # no actions: the client skips the upload
                 continue
@@ -769,14 +746,14 @@ class _Handler(BaseHTTPRequestHandler):
         size = self.query.get("size", [""])[0]
         signature = self.query.get("sig", [""])[0]
         if not (size.isdigit() and hmac.compare_digest(signature, self.server.hub._sign(oid, int(size)))):
-            raise HubError(403, "Invalid upload URL signature")
+            raise HubError("Invalid upload URL signature", status=403)
         self._store.write_blob(self._body_chunks(), expected=(oid, int(size)))
         self._send(200)
 
     def lfs_verify(self, oid: str) -> None:
         self._authenticate()
         if self._store.blob_size(oid) != self._json().get("size"):
-            raise HubError(404, f"LFS object {oid} not found")
+            raise HubError(f"LFS object {oid} not found", status=404)
         self._send_json({"success": True})
 
     # ---- downloads
@@ -786,7 +763,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": commit["oid"]}
         entry = commit["tree"].get(path)
         if entry is None:
-            raise HubError(404, f"Entry not found: {path}", "EntryNotFound", headers=headers)
+            raise HubError(f"Entry not found: {path}", status=404, code="EntryNotFound", headers=headers)
         size = entry["size"]
         if entry["lfs"]:  # the client names cached blobs by this etag: sha256 for LFS files, git oid otherwise
             etag = f'"{entry["sha256"]}"'
