@@ -64,8 +64,8 @@ def merge(
 def _copy_plain_files(base_dir: Path, destination: Path) -> None:
     """Copy the non-weight files, dropping everything p2u added and restoring the source README."""
     for relative in visible_files(base_dir):
-        path = base_dir / relative
         name = relative.as_posix()
+        path = fmt.release_file(base_dir, name)  # refuses a symlink: it would copy whatever it points at
         if name.startswith(fmt.P2U_FILE_PREFIX) or name == "README.md" or name.endswith(".safetensors"):
             continue
         if name == fmt.index_file_name(fmt.BASE_WEIGHTS_NAME):

@@ -16,9 +16,11 @@ Every stage is fetched, must name this base as its parent and come in order, and
 must match its sha256; a stage that is unreachable (``StageUnavailableError``), from another base
 (``StageMismatchError``) or corrupt (``ChecksumError``) leaves the model exactly as it was. Then each
 layer's tensors are rebuilt (at ``"full"``, each checked against the source's sha256) before that
-layer is swapped. A failure there is possible only if the base weights on disk changed after
-loading; the upgrade stops with the error, swapped layers hold checked weights of the new stage,
-the others keep the old precision, the model still answers, and ``upgrade`` can be called again.
+layer is swapped. A failure there (a payload whose sha256 matches but which does not decode, base
+weights changed on disk after loading) stops the upgrade with the error: swapped layers hold
+checked weights of the new stage, the others keep theirs, the model still answers, and the stage
+of every layer is recorded (``quantizer.layer_stages``), so calling ``upgrade`` again resumes with
+the layers still below the target and never lowers one that is above it.
 
 Memory: layers are rebuilt and swapped one by one and the packed codes of a swapped layer are
 freed at once, so the peak stays near the final model size plus one layer being rebuilt.
@@ -125,7 +127,9 @@ def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
         index = release.stage_index(stage)
         if index < quantizer.stage:
             raise ValueError(f"the model is at stage {quantizer.stage}; upgrade cannot lower it to stage {index}")
-        if index == quantizer.stage:
+        stages = quantizer.layer_stages
+        todo = {name: packed for name, packed in quantizer.parameters.items() if stages.get(name, 0) < index}
+        if not todo and index <= quantizer.stage:
             return model
         folders = [release.stage_dir(k) for k in range(1, index + 1)]
         rebuilder = TensorRebuilder(release, index, folders)
@@ -136,15 +140,18 @@ def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
                 current = model.get_submodule(packed.module_name)._parameters[packed.attribute]
                 return rebuilder.tensor(packed.tensor).to(device=current.device, dtype=packed.layout.dtype)
 
-            def layer_done(done: int, total: int) -> None:
+            def layer_done(done: int, total: int, names: list[str]) -> None:
+                stages.update(dict.fromkeys(names, index))
                 bar.total = total
                 bar.update(1)
                 if on_layer is not None:
                     on_layer(done, total)
 
-            install_expanded(model, quantizer.parameters, rebuild, on_module=layer_done)
-        quantizer.stage = index
-        if index == release.stage_count:
+            try:
+                install_expanded(model, todo, rebuild, on_module=layer_done)
+            finally:
+                quantizer.stage = min((stages.get(name, 0) for name in quantizer.parameters), default=index)
+        if quantizer.stage == release.stage_count:
             _make_plain(model, quantizer)
     return model
 

@@ -138,7 +138,9 @@ class PackedLayer:
     ``_parameters`` in one assignment, swapping the codes for a dense weight, then drops the
     scales, restores the plain class and deletes ``p2u_layout``. Reading in the opposite order
     (layout, buffers, parameters) gives either the codes with their scales and layout or the dense
-    weight, never a mix, even while another thread upgrades the layer.
+    weight, never a mix, even while another thread upgrades the layer. The ``forward`` methods call
+    ``PackedLayer.p2u_weight(self)``, not ``self.p2u_weight()``: a forward that started just before the
+    upgrade restored the plain class would not find the method on it.
     """
 
     def p2u_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,7 +158,7 @@ class PackedLayer:
 
 class PackedLinear(PackedLayer, nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(input, self.p2u_weight(), self.bias)
+        return nn.functional.linear(input, PackedLayer.p2u_weight(self), self.bias)
 
 
 class PackedEmbedding(PackedLayer, nn.Embedding):
@@ -164,9 +166,9 @@ class PackedEmbedding(PackedLayer, nn.Embedding):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.max_norm is None:
-            return self.p2u_weight(input)  # what F.embedding computes; padding_idx and the rest only shape gradients
+            return PackedLayer.p2u_weight(self, input)  # what F.embedding computes; padding_idx and the rest only shape gradients
         return nn.functional.embedding(
-            input, self.p2u_weight(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+            input, PackedLayer.p2u_weight(self), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
         )
 
 
@@ -188,7 +190,7 @@ def _expand_rows(codes: torch.Tensor, scales: torch.Tensor, layout: PackedLayout
 class PackedConv1D(PackedLayer, Conv1D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size_out = x.size()[:-1] + (self.nf,)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.p2u_weight()).view(size_out)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), PackedLayer.p2u_weight(self)).view(size_out)
 
 
 PACKED_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
@@ -205,7 +207,9 @@ class P2UHfQuantizer(HfQuantizer):
         base_dir: the base folder read (a snapshot in the HF cache for a Hub repo).
         repo_id: the Hub repo of the base, None when loaded from a local folder.
         parameters: every quantized model parameter, owners before the parameters sharing their codes.
-        stage: the stage the model's weights are at (0 = base); ``upgrade`` raises it.
+        stage: the stage every quantized parameter has reached (0 = base); ``upgrade`` raises it.
+        layer_stages: the stage of each quantized parameter (absent = 0), true after every swapped
+            module, so an interrupted upgrade resumes where it stopped and never lowers a layer.
     """
 
     quantization_config: P2UConfig
@@ -221,6 +225,7 @@ class P2UHfQuantizer(HfQuantizer):
         self.repo_id: str | None = None
         self.parameters: dict[str, PackedParameter] = {}
         self.stage = 0
+        self.layer_stages: dict[str, int] = {}
         self._follower_bias_sizes: dict[str, int] = {}
 
     def validate_environment(self, *args, **kwargs) -> None:
@@ -438,14 +443,17 @@ def install_expanded(
     model,
     parameters: dict[str, PackedParameter],
     expand: Callable[[PackedParameter], torch.Tensor],
-    on_module: Callable[[int, int], None] | None = None,
+    on_module: Callable[[int, int, list[str]], None] | None = None,
 ) -> None:
     """Give every parameter in ``parameters`` its dense value ``expand(parameter)``, module by module.
 
     Owners go first; a tied follower then shares its owner's new Parameter and an alias gets a
     copy. Each module changes atomically (``install_parameters``), so a model serving forward
     passes meanwhile only ever mixes whole layers of the old and the new precision.
-    ``on_module(done, total)`` is called after each module, for progress reports.
+    ``on_module(done, total, names)`` is called after each module with the names of the parameters
+    it swapped, for progress reports and the upgrade's per-layer bookkeeping. A tied follower whose
+    owner is not in ``parameters`` (swapped by an earlier, interrupted upgrade) shares the owner's
+    current weight.
     """
     installed: dict[str, nn.Parameter] = {}
     batches = _module_batches(parameters)
@@ -454,6 +462,8 @@ def install_expanded(
         tensors = {}
         for packed in group:
             source = installed.get(packed.owner)
+            if source is None and packed.tied and packed.owner not in parameters:
+                source = model.get_parameter(packed.owner)
             if source is None:
                 tensors[packed.attribute] = expand(packed)
             else:
@@ -461,7 +471,7 @@ def install_expanded(
         install_parameters(module, tensors)
         installed.update({packed.name: module._parameters[packed.attribute] for packed in group})
         if on_module is not None:
-            on_module(done, len(batches))
+            on_module(done, len(batches), [packed.name for packed in group])
 
 
 def _module_batches(parameters: dict[str, PackedParameter]) -> list[tuple[str, list[PackedParameter]]]:
