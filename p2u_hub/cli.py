@@ -108,7 +108,7 @@ def _demo(args: argparse.Namespace) -> None:
 def _serve_hub(args: argparse.Namespace) -> None:
     from .testing import serve
 
-    serve(args.root, port=args.port, rate_mbps=args.rate)
+    serve(args.root, port=args.port, rate_mbps=args.rate, token=args.token)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--root", required=True, help="folder holding the repos")
     serve.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765)")
     serve.add_argument("--rate", type=float, default=None, metavar="MBPS", help="throttle downloads to MB/s")
+    serve.add_argument(
+        "--token", default=None,
+        help="require this token (Authorization: Bearer) for writes and for reading private repos; clients set HF_TOKEN",
+    )  # fmt: skip
     serve.set_defaults(run=_serve_hub)
     return parser
 

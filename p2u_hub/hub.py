@@ -114,4 +114,9 @@ def hub_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (httpx2.TransportError, ConnectionError, TimeoutError) as error:
+        if "xet-" in str(error):  # hf_xet's own transport, which drops the server's message
+            raise HubError(
+                f"{what}: Xet storage failed at {constants.ENDPOINT} ({error}); a Hub without Xet (such as "
+                "p2u's local Hub) needs HF_HUB_DISABLE_XET=1 in the environment"
+            ) from None
         raise HubError(f"{what}: cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}: {error})") from None

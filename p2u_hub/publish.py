@@ -102,7 +102,7 @@ def push(
                 f"{repo_id}: the Hub refused the push (HTTP {status}); log in with `hf auth login` or set "
                 "HF_TOKEN to a token with write access"
             ) from None
-        raise HubError(f"{repo_id}: the Hub answered HTTP {status} ({str(error).splitlines()[0]})") from None
+        raise HubError(f"{repo_id}: the Hub answered HTTP {status}: {error.server_message or str(error).splitlines()[0]}") from None
     published = tuple(PublishedStage(e.repo_id, e.revision, e.commit) for e in stage_entries)
     return PushResult(repo_id, info.oid, published)
 

@@ -205,3 +205,91 @@ def test_dataset_repos(local_hub: LocalHub) -> None:
     assert Path(path).read_bytes() == b"a,b\n1,2\n"
     with pytest.raises(RepositoryNotFoundError):
         api.model_info(REPO)  # same id, other type
+
+
+def _raw(hub: LocalHub, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None):
+    """One request on a fresh connection, bypassing the client's own validation: (status, JSON body)."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    url = urlsplit(hub.url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        connection.putrequest(method, path)
+        for name, value in {"Authorization": f"Bearer {hub.token}", "Content-Length": str(len(body)), **(headers or {})}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
+
+
+def test_private_repos_need_a_token_to_read(local_hub: LocalHub, tmp_path: Path) -> None:
+    api = HfApi()
+    api.create_repo("local/secret", private=True)
+    api.upload_file(path_or_fileobj=b"hidden", path_in_repo="note.txt", repo_id="local/secret")
+    assert Path(hf_hub_download("local/secret", "note.txt")).read_bytes() == b"hidden"  # HF_TOKEN is set
+    with pytest.raises(RepositoryNotFoundError):
+        hf_hub_download("local/secret", "note.txt", token=False, cache_dir=tmp_path / "anonymous")
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(token=False).model_info("local/secret")
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(token="hf_wrong").list_repo_refs("local/secret")
+
+
+@pytest.mark.parametrize("path", ["a\\b.txt", "nul\x00.txt", ".git/config", "sub/.git/hooks/x", "../escape.txt", "/abs.txt"])
+def test_commit_paths_are_validated(published: str, local_hub: LocalHub, path: str) -> None:
+    import base64
+    import json
+
+    lines = [
+        {"key": "header", "value": {"summary": "bad path"}},
+        {"key": "file", "value": {"path": path, "content": base64.b64encode(b"x").decode(), "encoding": "base64"}},
+    ]
+    body = "\n".join(json.dumps(line) for line in lines).encode()
+    status, answer = _raw(local_hub, "POST", f"/api/models/{REPO}/commit/main", body, {"Content-Type": "application/x-ndjson"})
+    assert status == 400 and "Invalid path in repo" in answer["error"]
+
+
+@pytest.mark.parametrize("name", ["..", "a..b", "/main", "main/", "x.lock", "a//b", "a/.hidden"])
+def test_branch_names_are_validated(published: str, local_hub: LocalHub, name: str) -> None:
+    from urllib.parse import quote
+
+    status, answer = _raw(local_hub, "POST", f"/api/models/{REPO}/branch/{quote(name, safe='')}", b"{}")
+    assert status == 400 and "Invalid reference name" in answer["error"]
+
+
+def test_malformed_requests_get_a_400(published: str, local_hub: LocalHub) -> None:
+    status, answer = _raw(local_hub, "POST", "/api/repos/create", b"[1, 2]", {"Content-Type": "application/json"})
+    assert status == 400 and "must be a JSON object" in answer["error"]
+    status, answer = _raw(local_hub, "POST", "/api/repos/create", b"{}", {"Content-Length": "abc"})
+    assert status == 400 and "Content-Length 'abc'" in answer["error"]
+    status, answer = _raw(local_hub, "POST", f"/api/models/{REPO}/preupload/main", b'{"files": 3}')
+    assert status == 400 and "Malformed request" in answer["error"]
+
+
+def test_request_bodies_are_bounded(published: str, local_hub: LocalHub, monkeypatch) -> None:
+    from p2u_hub.testing import hub_server
+
+    monkeypatch.setattr(hub_server, "MAX_BODY_BYTES", 1000)
+    status, answer = _raw(local_hub, "POST", f"/api/models/{REPO}/preupload/main", b'{"files": []}' + b" " * 2000)
+    assert status == 413 and "larger than 1000" in answer["error"]
+
+
+def test_xet_endpoints_name_the_setting_to_use(published: str, local_hub: LocalHub) -> None:
+    status, answer = _raw(local_hub, "GET", f"/api/models/{REPO}/xet-write-token/main")
+    assert status == 501 and "HF_HUB_DISABLE_XET=1" in answer["error"]
+
+
+def test_serve_hub_token_option_requires_it_on_writes(monkeypatch, tmp_path: Path) -> None:
+    from p2u_hub import cli
+
+    started = {}
+    monkeypatch.setattr("p2u_hub.testing.serve", lambda root, **kwargs: started.update(root=root, **kwargs))
+    cli.main(["serve-hub", "--root", str(tmp_path), "--token", "hf_secret"])
+    assert started["token"] == "hf_secret"
+    with LocalHub(tmp_path / "hub", token="hf_secret") as hub:
+        status, answer = _raw(hub, "POST", "/api/repos/create", b'{"name": "x"}', {"Authorization": "Bearer hf_other"})
+        assert status == 401 and "Invalid credentials" in answer["error"]

@@ -127,3 +127,10 @@ def test_push_refuses_symlinks(release, tmp_path):
     (release / "base" / "notes.txt").symlink_to(tmp_path / "secret.txt")
     with pytest.raises(p2u_hub.P2UError, match=r"notes\.txt: symlinks are not allowed in a release"):
         push(release, REPO, token="hf_test")
+
+
+def test_push_with_xet_on_a_hub_without_it_names_the_setting(release, local_hub: LocalHub, monkeypatch):
+    pytest.importorskip("hf_xet")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_DISABLE_XET", False)
+    with pytest.raises(HubError, match=rf"{REPO}: Xet storage failed .*xet-write-token.*needs HF_HUB_DISABLE_XET=1"):
+        push(release, REPO)

@@ -56,6 +56,14 @@ LFS_THRESHOLD = 10 * 1024 * 1024
 
 CHUNK_SIZE = 64 * 1024
 
+MAX_BODY_BYTES = 64 * 1024 * 1024
+"""Largest request body read into memory (JSON, ndjson commits); bigger ones get a 413. LFS uploads stream to disk."""
+
+XET_DISABLED_MESSAGE = (
+    "The local Hub does not implement Xet storage; set HF_HUB_DISABLE_XET=1 in the client's environment "
+    "so that huggingface_hub uploads through LFS"
+)
+
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
@@ -73,6 +81,7 @@ DEFAULT_GITATTRIBUTES = "".join(
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,95}")
 _COMMIT_OID = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_REF_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,199}")
 
 
 def _now() -> str:
@@ -283,7 +292,10 @@ class _Store:
 
     def create_ref(self, repo_type: str, repo_id: str, kind: str, name: str, revision: str) -> None:
         """Point a new branch or tag (``kind`` is ``"branches"`` or ``"tags"``) at ``revision``; 409 if it exists."""
-        if not name or _COMMIT_OID.fullmatch(name):
+        if (
+            not isinstance(name, str) or not _REF_NAME.fullmatch(name) or _COMMIT_OID.fullmatch(name) or ".." in name
+            or "//" in name or name.endswith(("/", ".", ".lock")) or "/." in name
+        ):  # fmt: skip  (git check-ref-format's rules, plus: not a commit id)
             raise HubError(f"Invalid reference name: {name!r}", status=400)
         with self._lock:
             repo = self.get(repo_type, repo_id)
@@ -328,8 +340,8 @@ def _apply_changes(tree: dict[str, Any], changes: list[_Change]) -> dict[str, An
 
 def _clean_path(path: str) -> str:
     """A path in a repo, refused when it could escape the repo or is not canonical."""
-    parts = path.split("/")
-    if not path or any(part in ("", ".", "..") for part in parts):
+    parts = path.split("/") if isinstance(path, str) else [""]
+    if not path or "\\" in path or "\x00" in path or len(path) > 1024 or any(part in ("", ".", "..", ".git") for part in parts):
         raise HubError(f"Invalid path in repo: {path!r}", status=400)
     return path
 
@@ -448,9 +460,12 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 raise HubError(f"Not found: {self.command} {raw_path}", status=404)
         except HubError as error:
-            self._drain_body()
+            if error.status == 413:
+                self.close_connection = True  # not worth reading: answer and hang up
+            else:
+                self._drain_body()
             self._send_error(error)
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
             self._drain_body()
             self._send_error(HubError(f"Malformed request: {error!r}", status=400))
         except ConnectionError:
@@ -485,7 +500,7 @@ class _Handler(BaseHTTPRequestHandler):
             while self.rfile.readline().strip():  # trailers
                 pass
         else:
-            remaining = int(self.headers.get("Content-Length") or 0)
+            remaining = self._content_length()
             while remaining > 0:
                 chunk = self.rfile.read(min(remaining, CHUNK_SIZE))
                 if not chunk:
@@ -494,6 +509,13 @@ class _Handler(BaseHTTPRequestHandler):
                 yield chunk
         self._body_read = True
 
+    def _content_length(self) -> int:
+        value = self.headers.get("Content-Length") or "0"
+        if not value.isdigit():
+            self._body_read = True  # unknown length: nothing can be read, the connection closes after the answer
+            raise HubError(f"Malformed request: Content-Length {value!r} is not a byte count", status=400)
+        return int(value)
+
     def _drain_body(self) -> None:
         """Read an unread request body before answering an error: a client still sending it would see a reset."""
         if self._body_read:
@@ -501,15 +523,26 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             for _ in self._body_chunks():
                 pass
-        except ConnectionError:
+        except (ConnectionError, ValueError, HubError):
             self.close_connection = True
 
     def _read_body(self) -> bytes:
-        return b"".join(self._body_chunks())
+        """The whole body, refused with a 413 past ``MAX_BODY_BYTES`` (checked before and while reading)."""
+        if not self._is_chunked() and self._content_length() > MAX_BODY_BYTES:
+            raise HubError(f"Request body of {self._content_length()} bytes is larger than {MAX_BODY_BYTES}", status=413)
+        body = bytearray()
+        for chunk in self._body_chunks():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise HubError(f"Request body is larger than {MAX_BODY_BYTES} bytes", status=413)
+        return bytes(body)
 
-    def _json(self) -> Any:
+    def _json(self) -> dict[str, Any]:
         body = self._read_body()
-        return json.loads(body) if body.strip() else {}
+        value = json.loads(body) if body.strip() else {}
+        if not isinstance(value, dict):
+            raise HubError(f"Malformed request: the body must be a JSON object, not {type(value).__name__}", status=400)
+        return value
 
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -539,6 +572,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError("Authentication required: send a token in the Authorization header", status=401)
         if expected is not None and not hmac.compare_digest(authorization[7:].encode(), expected.encode()):
             raise HubError("Invalid credentials in Authorization header", status=401)
+
+    def _readable(self, repo_type: str, repo_id: str) -> None:
+        """Reading a private repo needs a token, as on the Hub (which answers as if the repo did not exist)."""
+        if self._store.get(repo_type, repo_id).private:
+            try:
+                self._authenticate(always=True)
+            except HubError:
+                raise HubError(f"Repository not found: {repo_id} (private: send a token)", status=401, code="RepoNotFound") from None
 
     # ---- account
 
@@ -576,6 +617,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json({})
 
     def repo_info(self, kind: str, ns: str, name: str, rev: str = "main") -> None:
+        self._readable(*_repo_key(kind, ns, name))
         repo, commit = self._store.lookup(*_repo_key(kind, ns, name), rev)
         tree = commit["tree"]
         card = _card_data(self._store.read_blob(tree["README.md"]["sha256"])) if "README.md" in tree else None
@@ -605,6 +647,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(payload)
 
     def refs(self, kind: str, ns: str, name: str) -> None:
+        self._readable(*_repo_key(kind, ns, name))
         branches, tags = self._store.refs(*_repo_key(kind, ns, name))
 
         def refs_json(refs: dict[str, str], prefix: str) -> list[dict[str, str]]:
@@ -635,6 +678,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json({})
 
     def commits(self, kind: str, ns: str, name: str, rev: str) -> None:
+        self._readable(*_repo_key(kind, ns, name))
         history = self._store.history(*_repo_key(kind, ns, name), rev)
         self._send_json([
             {
@@ -648,6 +692,7 @@ class _Handler(BaseHTTPRequestHandler):
         ])  # fmt: skip
 
     def tree(self, kind: str, ns: str, name: str, rev: str, path: str = "") -> None:
+        self._readable(*_repo_key(kind, ns, name))
         _, commit = self._store.lookup(*_repo_key(kind, ns, name), rev)
         entries = _path_entries(commit["tree"])
         folder = path.strip("/")
@@ -658,6 +703,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def paths_info(self, kind: str, ns: str, name: str, rev: str) -> None:
         form = parse_qs(self._read_body().decode())
+        self._readable(*_repo_key(kind, ns, name))
         _, commit = self._store.lookup(*_repo_key(kind, ns, name), rev)
         entries = _path_entries(commit["tree"])
         self._send_json([entries[p.strip("/")] for p in form.get("paths", []) if p.strip("/") in entries])
@@ -747,6 +793,8 @@ class _Handler(BaseHTTPRequestHandler):
         signature = self.query.get("sig", [""])[0]
         if not (size.isdigit() and hmac.compare_digest(signature, self.server.hub._sign(oid, int(size)))):
             raise HubError("Invalid upload URL signature", status=403)
+        if not self._is_chunked() and self._content_length() != int(size):
+            raise HubError(f"Upload of {self._content_length()} bytes, the batch request announced {size}", status=413)
         self._store.write_blob(self._body_chunks(), expected=(oid, int(size)))
         self._send(200)
 
@@ -759,6 +807,7 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- downloads
 
     def resolve(self, ns: str, name: str, rev: str, path: str, kind: str = "models") -> None:
+        self._readable(*_repo_key(kind, ns, name))
         _, commit = self._store.lookup(*_repo_key(kind, ns, name), rev)
         headers = {"X-Repo-Commit": commit["oid"]}
         entry = commit["tree"].get(path)
@@ -801,6 +850,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     _API = r"/api/(?P<kind>models|datasets|spaces)/(?P<ns>[^/]+)/(?P<name>[^/]+)"
     _WEB = r"(?:/(?P<kind>datasets|spaces))?/(?P<ns>[^/]+)/(?P<name>[^/]+?)"
+    def xet(self, **_: str) -> None:
+        self._drain_body()
+        raise HubError(XET_DISABLED_MESSAGE, status=501)
+
     _routes = [
         (method, re.compile(pattern), handler)
         for method, pattern, handler in (
@@ -823,6 +876,8 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", _WEB + r"\.git/info/lfs/objects/batch", lfs_batch),
             ("PUT", r"/_lfs/(?P<oid>[0-9a-f]{64})", lfs_upload),
             ("POST", r"/_lfs/(?P<oid>[0-9a-f]{64})/verify", lfs_verify),
+            ("GET", _API + r"/xet-(?:read|write)-token/.*", xet),
+            ("POST", _API + r"/xet-(?:read|write)-token/.*", xet),
         )
     ]
 
@@ -872,7 +927,8 @@ class LocalHub:
     """A Hub-compatible server on loopback, storing its repos under ``root``.
 
     ``token``: when set, every write (create or delete a repo, preupload, commit, branch, tag, LFS upload) needs
-    ``Authorization: Bearer <token>`` and gets a 401 otherwise; reads are always allowed. ``rate_mbps``: pace the
+    ``Authorization: Bearer <token>`` and gets a 401 otherwise; reads of public repos are always allowed, reads of
+    private repos need a token (the hub's, when it has one), as on the Hub. ``rate_mbps``: pace the
     bodies of ``/resolve`` downloads to that many MB/s (1 MB = 1e6 bytes) in total, like one network link, for
     download-time benchmarks; it can be changed while the server runs.
 
@@ -895,7 +951,7 @@ class LocalHub:
         self.host = host
         self.token = token
         self._port = port
-        self._store = _Store(self.root)
+        self._store: _Store | None = None  # created by start(), once the port is bound: a busy port leaves no folder
         self._lock = threading.Lock()
         self._rate_mbps: float | None = None
         self._next_send = 0.0
@@ -929,7 +985,13 @@ class LocalHub:
         if self._server is not None:
             raise RuntimeError("LocalHub is already running")
         server_class = _HubHTTPServerV6 if ":" in self.host else _HubHTTPServer
-        self._server = server_class((self.host, self._port), self)
+        try:
+            server = server_class((self.host, self._port), self)
+        except OSError as error:
+            raise HubError(f"port {self._port} on {self.host} is busy ({error.strerror})") from None
+        if self._store is None:
+            self._store = _Store(self.root)
+        self._server = server
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
