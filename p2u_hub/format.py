@@ -418,7 +418,8 @@ class Manifest:
         listed: set[str] = set()
         for file_name, file in _mapping(source.get("files"), origin, "source files").items():
             where = f"{origin}: source file {file_name!r}"
-            plain_name(file_name, origin, "source file name")
+            if "/" in plain_name(file_name, origin, "source file name"):
+                raise UnsafePathError(f"{origin}: source file name {file_name!r} must be a file of the checkpoint folder, not a path")
             file = _mapping(file, where, "source file")
             metadata, names = file.get("metadata"), file.get("tensors")
             if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
