@@ -84,7 +84,7 @@ def test_embedding_eval_and_card(bert_release: Path, capsys: pytest.CaptureFixtu
     assert {"p2u", "progressive-precision", "4-bit"} <= set(data.tags) and "source-only-tag" not in data.tags
     assert (data.license, data.language, data.datasets) == ("mit", "en", ["some-org/some-data"])
     assert {r.metric_type: r.metric_value for r in data.eval_results} == {k: round(v, 4) for k, v in base.items()}
-    assert f"]({fmt.QUALITY_PLOT_FILE})" in card.text and "tree/p2u%2Fstage-1" in card.text
+    assert f"]({fmt.QUALITY_PLOT_FILE})" in card.text and "tree/p2u-stage-1" in card.text
     assert 'from_pretrained("me/tiny-bert-p2u")' in card.text and "p2u_hub.upgrade(model)" in card.text
 
     summary = inspect_json(bert_release, capsys)
@@ -116,7 +116,7 @@ def test_card_without_eval_says_so(bert_release: Path, tmp_path: Path, eval_file
         card = ModelCard.load(path)
         assert NOT_EVALUATED in card.text and card.data.eval_results is None
         assert card.data.base_model is None and card.data.get("base_model_relation") is None
-    assert "`p2u/stage-1`" in ModelCard.load(written[0]).text
+    assert "`p2u-stage-1`" in ModelCard.load(written[0]).text
 
 
 def test_merge_output_keeps_the_source_card(bert_release: Path, tmp_path: Path):

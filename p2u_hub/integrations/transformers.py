@@ -43,7 +43,7 @@ from .. import format as fmt
 from ..codecs import ladder as ladder_codec
 from ..codecs.progressive import Ladder, dequantize_packed
 from ..release import Release
-from ..storage import file_tensor_digests
+from ..storage import file_tensor_digests, safetensors_header
 
 logger = logging.get_logger(__name__)
 
@@ -303,15 +303,18 @@ class P2UHfQuantizer(HfQuantizer):
         would load silently. The files are hashed through a memory map just before transformers
         reads them, so the bytes are read from disk once and the page cache serves the load.
         """
-        digests = {}
+        stored: set[str] = set()
         for file in checkpoint_files:
+            if manifest.base_sha256 is None:  # format 1: nothing to check against (read_manifest warned)
+                stored.update(safetensors_header(file))
+                continue
             for name, digest in file_tensor_digests(file).items():
-                if manifest.base_sha256 is not None and manifest.base_sha256.get(name) != digest:
+                if manifest.base_sha256.get(name) != digest:
                     raise fmt.ChecksumError(f"{file}: tensor {name!r} fails its base_sha256 check (corrupt file?)")
-                digests[name] = digest
+                stored.add(name)
         for packed in self.parameters.values():
             for tensor in packed.stored if packed.owner is None else ():
-                if tensor not in digests:
+                if tensor not in stored:
                     raise self._incomplete(tensor, "it is missing")
 
     def _check_arrived(self, model, packed: PackedParameter) -> None:
