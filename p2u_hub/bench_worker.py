@@ -52,7 +52,7 @@ def run_split(job: dict) -> dict:
     from .split import split
 
     start = time.perf_counter()
-    split(job["source"], job["output"], bits=job["bits"], stages=job["stages"])
+    split(job["source"], job["output"], bits=job["bits"])
     return {"seconds": time.perf_counter() - start}
 
 

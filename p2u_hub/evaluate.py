@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy
 import torch
 import transformers
@@ -37,7 +37,11 @@ from huggingface_hub.utils import tqdm
 
 from . import format as fmt
 from .merge import merge
+from .extras import require
 from .release import Release
+
+if TYPE_CHECKING:
+    import datasets
 
 EVAL_FORMAT = "p2u-eval"
 EVAL_FORMAT_VERSION = 1
@@ -182,6 +186,7 @@ def resolve_task(task: str, architectures: Sequence[str] | None) -> str:
 
 def _load_dataset(dataset, evaluator: "_Evaluator", split: str | None) -> tuple[datasets.Dataset, dict]:
     """The evaluation split and its description (name, type, source, split) for the report and the card."""
+    datasets = require("datasets", "eval", purpose="p2u eval")
     if dataset is None:
         if evaluator.default_data is None:
             raise EvalDataError(
@@ -215,6 +220,7 @@ def _load_dataset(dataset, evaluator: "_Evaluator", split: str | None) -> tuple[
 
 
 def _load_file(path: Path) -> datasets.DatasetDict:
+    datasets = require("datasets", "eval", purpose="p2u eval")
     if not path.exists():
         raise EvalDataError(f"{path}: dataset file not found")
     builder = FILE_BUILDERS.get(path.suffix.lower())
@@ -230,7 +236,7 @@ def _load_file(path: Path) -> datasets.DatasetDict:
 def _outputs_at(release: Release, stage: int | str, evaluator: "_Evaluator", batches: list[dict], device: str):
     """Rebuild the checkpoint at ``stage`` in a temporary folder, load it, run it on every batch, free it."""
     with tempfile.TemporaryDirectory(prefix="p2u-eval-") as folder:
-        checkpoint = merge(release.base_dir, Path(folder) / "model", stage=stage, token=release.token)
+        checkpoint = merge(release.base_dir, Path(folder) / "model", stage=stage, token=release.token, progress=False)
         model = evaluator.model_class.from_pretrained(checkpoint).to(device).eval()
         with torch.inference_mode():
             outputs = evaluator.run(model, [{k: v.to(device) for k, v in batch.items()} for batch in batches])

@@ -78,6 +78,11 @@ def stage_dir_name(index: int) -> str:
     return f"stage-{index}"
 
 
+def is_release_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a release written by ``split``: it holds ``base/p2u_manifest.json``."""
+    return (Path(folder) / BASE_DIR / MANIFEST_FILE).is_file()
+
+
 def stage_name(index: int) -> str:
     """Name of stage ``index`` in reports (``p2u inspect``, ``p2u_eval.json``, cards): ``base`` for 0, else its folder name."""
     return BASE_DIR if index == 0 else stage_dir_name(index)

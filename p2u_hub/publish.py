@@ -24,7 +24,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from . import format as fmt
 from .card import write_cards
 from .hub import PushRefusedError, stage_branch
-from .release import Release
+from .release import Release, verify
 from .storage import visible_files
 
 LAYOUTS = ("branches", "repos")
@@ -75,10 +75,14 @@ def push(
 
     Returns:
         The commits that the base and each stage were published at.
+
+    Raises:
+        ChecksumError: the release fails ``verify`` (checked before anything is uploaded).
+        PushRefusedError: the Hub refused the token.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    release = Release.open(release_dir)
+    release = verify(release_dir, token=token)
     api = HfApi(token=token)
     stage_repo = repo_id if layout == "branches" else repo_id + DELTA_REPO_SUFFIX
     write_cards(release_dir, repo_id=repo_id, stage_repo_id=stage_repo)

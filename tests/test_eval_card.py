@@ -164,6 +164,7 @@ def test_dataset_errors_name_the_fault(bert_release: Path, tmp_path: Path):
         evaluate(bert_release, dataset=str(tmp_path / "data.csv"))
 
 
+@pytest.mark.slow
 def test_minilm_stages_and_the_committed_example_card(minilm_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     release = split(minilm_dir, tmp_path / "release", bits=4, group_size=64, stages=(8,))
     report = evaluate(release, max_samples=16)
@@ -186,6 +187,7 @@ def test_minilm_stages_and_the_committed_example_card(minilm_dir: Path, tmp_path
 
 
 def test_spearman_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats
+
     x, y = [0.1, 0.4, 0.4, 0.9, 0.2, 0.7], [1, 3, 2, 5, 1, 4]
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic)

@@ -32,6 +32,7 @@ def _assert_bit_identical(source: Path, merged: Path) -> None:
         assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,base_limit,total_limit", [("fp32", 0.15, 0.90), ("bf16", 0.28, 0.78)])
 def test_minilm_sizes_and_bit_exact_merge(variant, base_limit, total_limit, minilm_dir, minilm_bf16_dir, tmp_path):
     source = minilm_dir if variant == "fp32" else minilm_bf16_dir
@@ -195,6 +196,7 @@ def test_existing_output_is_not_overwritten(release, random_checkpoint):
         p2u_hub.split(random_checkpoint("gpt2"), release)
 
 
+@pytest.mark.slow
 def test_cli_split_inspect_merge(random_checkpoint, tmp_path):
     source = random_checkpoint("gpt2")
     run = lambda *args: subprocess.run([sys.executable, "-m", "p2u_hub.cli", *args], capture_output=True, text=True)

@@ -60,6 +60,7 @@ def minilm_base(minilm_dir, tmp_path_factory) -> Path:
     return p2u_hub.split(minilm_dir, tmp_path_factory.mktemp("minilm-release") / "release") / "base"
 
 
+@pytest.mark.slow
 def test_fresh_interpreter_loads_minilm_base_without_importing_p2u(minilm_dir, minilm_base, tmp_path):
     base = minilm_base
     script = textwrap.dedent(
@@ -307,6 +308,7 @@ def test_base_and_stages_from_the_hub(local_hub, random_checkpoint, tmp_path):
     _assert_state_dict_identical(model, _load(source, causal=True))
 
 
+@pytest.mark.slow
 def test_hf_upload_layout_loads_upgrades_resumes_and_works_offline(local_hub, random_checkpoint, tmp_path):
     source = random_checkpoint("gpt2")
     release = p2u_hub.split(source, tmp_path / "release")
