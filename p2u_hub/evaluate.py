@@ -237,11 +237,23 @@ def _outputs_at(release: Release, stage: int | str, evaluator: "_Evaluator", bat
     """Rebuild the checkpoint at ``stage`` in a temporary folder, load it, run it on every batch, free it."""
     with tempfile.TemporaryDirectory(prefix="p2u-eval-") as folder:
         checkpoint = merge(release.base_dir, Path(folder) / "model", stage=stage, token=release.token, progress=False)
-        model = evaluator.model_class.from_pretrained(checkpoint).to(device).eval()
+        model = _load_quietly(evaluator.model_class, checkpoint).to(device).eval()
         with torch.inference_mode():
             outputs = evaluator.run(model, [{k: v.to(device) for k, v in batch.items()} for batch in batches])
         del model
     return outputs
+
+
+def _load_quietly(model_class, checkpoint: Path):
+    """``from_pretrained`` without transformers' own loading bar, which would nest inside eval's bar."""
+    logging = transformers.utils.logging
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return model_class.from_pretrained(checkpoint)
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 @dataclass
