@@ -196,3 +196,19 @@ def test_cli_split_inspect_merge(random_checkpoint, tmp_path):
     assert_checkpoints_bit_identical(source, tmp_path / "merged")
     failed = run("merge", str(tmp_path / "nowhere"), str(tmp_path / "m2"))
     assert failed.returncode == 1 and "nowhere" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_every_safetensors_dtype_outside_the_ladder_stays_exact(random_checkpoint, tmp_path):
+    source = random_checkpoint("bert")
+    tensors = load_file(source / "model.safetensors")
+    extra = {
+        "extra.f8_e4m3": torch.linspace(-2, 2, 16).to(torch.float8_e4m3fn), "extra.f8_e5m2": torch.linspace(-2, 2, 16).to(torch.float8_e5m2),
+        "extra.u16": torch.arange(16).to(torch.uint16), "extra.u32": torch.arange(16).to(torch.uint32),
+        "extra.u64": torch.arange(16).to(torch.uint64), "extra.c64": torch.randn(16, dtype=torch.complex64),
+        "extra.bool": torch.arange(16) % 3 == 0, "extra.f64": torch.randn(4, 4, dtype=torch.float64),
+    }  # fmt: skip
+    save_file({**tensors, **extra}, source / "model.safetensors", metadata={"format": "pt"})
+    release = p2u_hub.split(source, tmp_path / "release")
+    manifest = fmt.read_manifest(release / fmt.BASE_DIR)
+    assert {manifest.tensors[name].codec for name in extra} == {fmt.CODEC_EXACT}
+    assert_checkpoints_bit_identical(source, p2u_hub.merge(release, tmp_path / "merged"))
