@@ -43,8 +43,6 @@ from .release import Release
 if TYPE_CHECKING:
     import datasets
 
-EVAL_FORMAT = "p2u-eval"
-EVAL_FORMAT_VERSION = 1
 TASKS = ("embedding", "causal-lm", "classification")
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 """``datasets`` packaged builder for each file suffix; ``.txt`` files give one sample per paragraph."""
@@ -143,8 +141,8 @@ def evaluate(
             results.append({"name": name, "bits": release.stage_bits(index), "metrics": _rounded(evaluator.metrics(outputs, reference, inputs))})
 
     report = {
-        "format": EVAL_FORMAT,
-        "format_version": EVAL_FORMAT_VERSION,
+        "format": fmt.EVAL_FORMAT,
+        "format_version": fmt.EVAL_FORMAT_VERSION,
         "manifest_sha256": release.manifest.sha256,
         "task": evaluator.task,
         "dataset": description,
@@ -163,9 +161,9 @@ def read_eval(release: Release) -> dict | None:
     if not path.is_file():
         return None
     report = fmt.read_json(path)
-    if report.get("format") != EVAL_FORMAT:
+    if report.get("format") != fmt.EVAL_FORMAT:
         raise fmt.P2UFormatError(f"{path}: not a p2u eval report (format {report.get('format')!r})")
-    if report.get("format_version", 0) > EVAL_FORMAT_VERSION:
+    if report.get("format_version", 0) > fmt.EVAL_FORMAT_VERSION:
         raise fmt.P2UFormatError(f"{path}: eval format version {report['format_version']} is newer than this p2u-hub; upgrade p2u-hub")
     return report if report.get("manifest_sha256") == release.manifest.sha256 else None
 

@@ -32,6 +32,8 @@ STAGE_FILE = "p2u_stage.json"
 SOURCE_README_FILE = "source_README.md"
 README_FILE = "README.md"
 EVAL_FILE = "p2u_eval.json"
+EVAL_FORMAT = "p2u-eval"
+EVAL_FORMAT_VERSION = 1
 """Per-stage quality measured by ``p2u eval``; kept in the base folder, beside the card that quotes it."""
 QUALITY_PLOT_FILE = "p2u_quality.png"
 BASE_WEIGHTS_NAME = "model"
@@ -281,9 +283,6 @@ class Manifest:
         """Bytes of all source tensors, aliases included (what the original download carries)."""
         return sum(math.prod(e.shape) * SAFETENSORS_DTYPES[e.dtype].itemsize for e in self.tensors.values())
 
-    def quantized_weight_count(self) -> int:
-        return sum(math.prod(e.shape) for e in self.quantized_tensors().values())
-
 
 def read_manifest(base_dir: str | os.PathLike) -> Manifest:
     path = Path(base_dir) / MANIFEST_FILE
@@ -385,9 +384,6 @@ class StageRecord:
             return cls(int(data["index"]), data["bits"], data["parent"], dict(data["tensors"]), int(data["format_version"]))
         except (KeyError, TypeError) as error:
             raise P2UFormatError(f"{origin}: malformed stage record (missing or bad field {error})") from None
-
-    def payload_bytes(self) -> int:
-        return sum(int(p["bytes"]) for p in self.payloads.values())
 
 
 def read_stage_record(stage_dir: str | os.PathLike) -> StageRecord:

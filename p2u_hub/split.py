@@ -64,7 +64,7 @@ def split(
     if stages is None:
         stages = progressive.default_stage_bits(bits)
     spec = progressive.Ladder(bits, tuple(stages), group_size)
-    weight_files, index_file, index_metadata = _source_weight_files(source_dir)
+    weight_files, index_file, index_metadata = source_weight_files(source_dir)
     with atomic_output_dir(output, overwrite=overwrite, is_replaceable=fmt.is_release_folder) as work:
         base_dir = work / fmt.BASE_DIR
         base = ShardedWriter(base_dir, fmt.BASE_WEIGHTS_NAME, max_shard_bytes)
@@ -137,7 +137,7 @@ def _file_metadata(path: Path) -> dict[str, str] | None:
     return safetensors_header(path).get("__metadata__")
 
 
-def _source_weight_files(source_dir: Path) -> tuple[list[Path], str | None, dict | None]:
+def source_weight_files(source_dir: Path) -> tuple[list[Path], str | None, dict | None]:
     """The safetensors files of a checkpoint folder, refusing pickle-only checkpoints with a fix."""
     if not (source_dir / fmt.CONFIG_FILE).is_file():
         raise fmt.P2UFormatError(f"{source_dir}: no config.json; p2u splits transformers checkpoint folders")
