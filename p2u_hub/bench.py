@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from . import format as fmt
+from .extras import install_hint, is_installed, require
 from .storage import ShardedWriter, TensorReader, atomic_output_dir
 from .summary import text_table
 
@@ -47,6 +48,10 @@ ZSTD_LEVEL = 3
 ORIGINAL_REPO = "bench/original"
 RELEASE_REPO = "bench/model-p2u"
 MODES = ("plain", "usable", "full")
+LOAD_STEPS = {
+    "plain": "download + load the original", "usable": "download + load the p2u base",
+    "full": "download + load the p2u base + upgrade to full",
+}  # fmt: skip
 SYNTHETIC_LLAMA = {
     "hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
     "vocab_size": 32000, "tie_word_embeddings": False, "max_position_embeddings": 4096,
@@ -90,36 +95,46 @@ def bench(
     from .summary import summarize
     from .testing import LocalHub
 
+    if json_path is not None:
+        require("matplotlib", "bench", purpose="the plot of p2u bench --json")
     source_dir = resolve_source(source)[0].resolve()
+    steps = StepLog("p2u bench", total=4 + len(bandwidths) * len(MODES))
     with contextlib.ExitStack() as stack:
         work = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="p2u-bench-")))
         work.mkdir(parents=True, exist_ok=True)
         release_dir = work / "release"
-        stages = [8] if bits < 8 else []
         shutil.rmtree(release_dir, ignore_errors=True)
-        split_run = _run_worker({"task": "split", "source": str(source_dir), "output": str(release_dir), "bits": bits, "stages": stages})
+        with steps.step(f"split {source_dir.name} into a {bits}-bit base and delta stages (fresh process)"):
+            split_run = _run_worker({"task": "split", "source": str(source_dir), "output": str(release_dir), "bits": bits})
         summary = summarize(release_dir)
         merged_dir = work / "merged"
         shutil.rmtree(merged_dir, ignore_errors=True)
-        merge_run = _run_worker({"task": "merge", "release": str(release_dir), "output": str(merged_dir)})
+        with steps.step("merge the release back to the original, bit-exact (fresh process)"):
+            merge_run = _run_worker({"task": "merge", "release": str(release_dir), "output": str(merged_dir)})
         shutil.rmtree(merged_dir)
         manifest = fmt.read_manifest(release_dir / fmt.BASE_DIR)
         source_files = [source_dir / name for name in manifest.source_files]
-        lossless = {"zstd": zstd_reference(source_files, work), "zipnn": zipnn_reference(source_files)}
+        with steps.step("lossless references: zstd and ZipNN on the original"):
+            lossless = {"zstd": zstd_reference(source_files, work), "zipnn": zipnn_reference(source_files)}
+        for reference in lossless.values():
+            if reference["bytes"] is None:
+                steps.note(f"{reference['codec']}: n/a, {reference['reason']}")
 
         shutil.rmtree(work / "hub", ignore_errors=True)
         with LocalHub(work / "hub") as hub:
-            _run_worker({
-                "task": "publish", "source": str(source_dir), "original_repo": ORIGINAL_REPO,
-                "release": str(release_dir), "release_repo": RELEASE_REPO,
-            }, hub_env(hub.url, work / "cache", fresh=True))  # fmt: skip
+            with steps.step("publish the original and the release to a local Hub"):
+                _run_worker({
+                    "task": "publish", "source": str(source_dir), "original_repo": ORIGINAL_REPO,
+                    "release": str(release_dir), "release_repo": RELEASE_REPO,
+                }, hub_env(hub.url, work / "cache", fresh=True))  # fmt: skip
             rows = []
             for mbps in bandwidths:
                 hub.rate_mbps = mbps
                 runs = {}
                 for mode in MODES:
                     job = {"task": "load", "mode": mode, "repo_id": ORIGINAL_REPO if mode == "plain" else RELEASE_REPO, "source": str(source_dir)}
-                    runs[mode] = _median_run([_run_worker(job, hub_env(hub.url, work / "cache", fresh=True)) for _ in range(repeats)])
+                    with steps.step(f"{LOAD_STEPS[mode]} at {mbps:g} MB/s, {repeats}x in fresh processes"):
+                        runs[mode] = _median_run([_run_worker(job, hub_env(hub.url, work / "cache", fresh=True)) for _ in range(repeats)])
                 if not runs["full"]["bit_exact"]:
                     raise RuntimeError(f"{source}: the upgraded model does not match the source bit for bit")
                 rows.append(_bandwidth_row(mbps, runs, lossless))
@@ -149,6 +164,39 @@ def bench(
         json_path.write_text(json.dumps(result, indent=2) + "\n")
         plot(result, json_path.with_suffix(".png"))
     return result
+
+
+class StepLog:
+    """One line on stderr as each long step of a tool starts and ends: ``p2u bench [3/11] ... done in 1.2 s``.
+
+    The benchmark's jobs run in child processes whose output is captured, so their own bars cannot
+    show; these lines are the progress instead. Silenced, like huggingface_hub's bars, by
+    ``HF_HUB_DISABLE_PROGRESS_BARS``.
+    """
+
+    def __init__(self, prefix: str, *, total: int) -> None:
+        from huggingface_hub.utils import are_progress_bars_disabled
+
+        self.prefix = prefix
+        self.total = total
+        self.done = 0
+        self.enabled = not are_progress_bars_disabled()
+
+    @contextlib.contextmanager
+    def step(self, label: str):
+        self.done += 1
+        counter = f"[{self.done}/{self.total}]"
+        self._print(f"{counter} {label} ...")
+        start = time.perf_counter()
+        yield
+        self._print(f"{counter} done in {time.perf_counter() - start:.1f} s")
+
+    def note(self, text: str) -> None:
+        self._print(f"      {text}")
+
+    def _print(self, line: str) -> None:
+        if self.enabled:
+            print(f"{self.prefix} {line}", file=sys.stderr, flush=True)
 
 
 def format_table(result: dict) -> str:
@@ -199,9 +247,7 @@ def _seconds(value: float | None) -> str:
 
 def plot(result: dict, path: str | os.PathLike) -> Path:
     """Two panels: MB to download per option, and seconds to a usable / full model at each bandwidth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "bench", purpose="the plot of p2u bench --json").use("Agg")
     from matplotlib import pyplot
 
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(10, 3.6), dpi=90)
@@ -338,7 +384,12 @@ def _run_worker(job: dict, env: dict[str, str] | None = None) -> dict:
 
 
 def zstd_reference(files: Sequence[Path], work: Path) -> dict:
-    """zstd at ``ZSTD_LEVEL`` over the source files, streamed through a file in ``work`` (all cores)."""
+    """zstd at ``ZSTD_LEVEL`` over the source files, streamed through a file in ``work`` (all cores).
+
+    ``bytes`` is None with a reason when zstandard (the ``bench`` extra) is not installed.
+    """
+    if not is_installed("zstandard"):
+        return _missing_reference("zstd", "zstandard")
     import zstandard
 
     compressed_path = work / "zstd.tmp"
@@ -367,10 +418,10 @@ def zipnn_reference(files: Sequence[Path]) -> dict:
 
     Tensors ZipNN has no dtype for (integer buffers) count at their raw size.
     """
-    try:
-        import zipnn
-    except ImportError:
-        return {"codec": "zipnn", "bytes": None, "reason": "zipnn is not installed (pip install 'p2u-hub[bench]')"}
+    if not is_installed("zipnn"):
+        return _missing_reference("zipnn", "zipnn")
+    import zipnn
+
     version = getattr(zipnn, "__version__", None) or _distribution_version("zipnn")
     codecs: dict[torch.dtype, object] = {}
     names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -402,6 +453,10 @@ def zipnn_reference(files: Sequence[Path]) -> dict:
         "codec": f"zipnn {version}", "bytes": compressed, "ratio": round(compressed / size, 4),
         "compress_s": round(compress_s, 2), "decompress_s": round(decompress_s, 2),
     }  # fmt: skip
+
+
+def _missing_reference(codec: str, package: str) -> dict:
+    return {"codec": codec, "bytes": None, "reason": f"{package} is not installed ({install_hint('bench')})"}
 
 
 def _distribution_version(name: str) -> str:

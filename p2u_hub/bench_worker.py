@@ -52,7 +52,7 @@ def run_split(job: dict) -> dict:
     from .split import split
 
     start = time.perf_counter()
-    split(job["source"], job["output"], bits=job["bits"], stages=job["stages"])
+    split(job["source"], job["output"], bits=job["bits"])
     return {"seconds": time.perf_counter() - start}
 
 
@@ -126,10 +126,11 @@ def matches_source(model: torch.nn.Module, source: str | Path) -> bool:
     ``from_pretrained`` of the original ignores them.
     """
     from . import format as fmt
+    from .split import source_weight_files
     from .storage import TensorReader
 
     prefix = model.base_model_prefix + "."
-    reader = TensorReader(sorted(Path(source).glob("*.safetensors")))
+    reader = TensorReader(source_weight_files(Path(source))[0])
     for key, actual in model.state_dict().items():
         name = next((n for n in (key, key.removeprefix(prefix), prefix + key) if n in reader), None)
         if name is None:
@@ -142,13 +143,13 @@ def matches_source(model: torch.nn.Module, source: str | Path) -> bool:
     return True
 
 
-TASKS = {"split": run_split, "merge": run_merge, "publish": run_publish, "load": run_load}
+JOBS = {"split": run_split, "merge": run_merge, "publish": run_publish, "load": run_load}
 
 
 def main() -> None:
     job = json.loads(sys.argv[1])
     baseline = rss_mb()  # after importing torch and transformers, before the job
-    result = TASKS[job["task"]](job)
+    result = JOBS[job["task"]](job)
     result.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline)
     print(json.dumps(result), flush=True)
 

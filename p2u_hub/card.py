@@ -18,9 +18,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
-from matplotlib.figure import Figure
 
 from . import format as fmt
+from .extras import require
 from .evaluate import read_eval, resolve_task
 from .release import Release
 from .summary import summarize
@@ -155,7 +155,7 @@ class _CardContext:
         names = [fmt.stage_name(index) for index in indices]
         megabytes = [self.rows[name]["cumulative_bytes"] / 1e6 for name in names]
         values = [self._figures(index)[metric["key"]] for index in indices]
-        figure = Figure(figsize=(6.4, 4.0), dpi=120)
+        figure = require("matplotlib.figure", "eval", purpose="the quality plot of a card").Figure(figsize=(6.4, 4.0), dpi=120)
         axes = figure.subplots()
         axes.plot(megabytes, values, marker="o", label="p2u stages (cumulative download)")
         for name, x, y in zip(names, megabytes, values):

@@ -1,7 +1,8 @@
 """The ``p2u`` command line: one sub-command per public function, arguments named as in the Python API.
 
-Each command imports its module lazily, so ``p2u --help`` and ``p2u inspect`` stay quick.
-Errors in user input end with one line on stderr and exit status 1, never a traceback.
+Each command imports its module lazily (this module imports the standard library only), so
+``p2u --help`` answers without loading torch. Errors in user input end with one line on stderr and
+exit status 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
-from .errors import P2UError
 
 
 def _split(args: argparse.Namespace) -> None:
@@ -26,8 +25,7 @@ def _split(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from .merge import merge
 
-    stage = args.stage if args.stage in ("full", "base") else int(args.stage)
-    print(merge(args.source, args.destination, stage=stage, overwrite=args.overwrite))
+    print(merge(args.source, args.destination, stage=args.stage, overwrite=args.overwrite))
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -42,12 +40,9 @@ def _print_summary(path, *, as_json: bool) -> None:
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from .release import Release
+    from .release import verify
 
-    release = Release.open(args.path)
-    rebuilder = release.rebuilder("full")
-    for name in release.manifest.tensors:
-        rebuilder.tensor(name)
+    release = verify(args.path)
     print(f"{release.base_dir}: all {len(release.manifest.tensors)} tensors rebuild bit-exact at full precision")
 
 
@@ -111,6 +106,15 @@ def _serve_hub(args: argparse.Namespace) -> None:
     serve(args.root, port=args.port, rate_mbps=args.rate, token=args.token)
 
 
+def _stage(value: str) -> str | int:
+    """``--stage``: 'full', 'base' or a stage number, checked before any work starts."""
+    if value in ("full", "base"):
+        return value
+    if value.isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected 'full', 'base' or a stage number, got {value!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2u", description="Progressive precision releases for Hugging Face models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -121,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--bits", type=int, default=4, help="base width, 2-8 (default 4)")
     split.add_argument("--group-size", type=int, default=64, help="weights per scale (default 64)")
     split.add_argument(
-        "--stages", type=int, nargs="*", default=[8],
-        help="widths of the intermediate integer stages (default 8; none: base then lossless)",
+        "--stages", type=int, nargs="*", default=None,
+        help="widths of the intermediate integer stages (default 8 when --bits is below 8, else none; "
+        "an empty list: base then lossless)",
     )  # fmt: skip
     split.add_argument("--keep", action="append", default=[], metavar="PATTERN", help="glob of tensor names kept exact")
     split.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (default 2 GiB)")
@@ -132,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="merge base + stages back into a plain checkpoint")
     merge.add_argument("source", help="release folder, or base folder whose config locates the stages")
     merge.add_argument("destination", help="checkpoint folder to create")
-    merge.add_argument("--stage", default="full", help="'full' (bit-exact, default), 'base' or a stage number")
+    merge.add_argument("--stage", type=_stage, default="full", help="'full' (bit-exact, default), 'base' or a stage number")
     merge.add_argument("--overwrite", action="store_true", help="replace the destination folder")
     merge.set_defaults(run=_merge)
 
@@ -206,10 +211,28 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (P2UError, FileExistsError, FileNotFoundError, ValueError) as error:
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
         message = " ".join(str(error).split())  # one line, whatever the message holds
         print(f"p2u {args.command}: error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print(f"p2u {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a command reports in one line: bad input, a missing extra, an unreachable or refusing Hub.
+
+    Imported only once a command has failed: by then the modules that raise them are loaded.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .errors import P2UError
+    from .extras import MissingExtraError
+
+    return (P2UError, MissingExtraError, FileExistsError, FileNotFoundError, ValueError, HfHubHTTPError)
 
 
 if __name__ == "__main__":

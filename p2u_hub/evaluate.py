@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy
 import torch
 import transformers
@@ -37,10 +37,12 @@ from huggingface_hub.utils import tqdm
 
 from . import format as fmt
 from .merge import merge
+from .extras import require
 from .release import Release
 
-EVAL_FORMAT = "p2u-eval"
-EVAL_FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    import datasets
+
 TASKS = ("embedding", "causal-lm", "classification")
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 """``datasets`` packaged builder for each file suffix; ``.txt`` files give one sample per paragraph."""
@@ -139,8 +141,8 @@ def evaluate(
             results.append({"name": name, "bits": release.stage_bits(index), "metrics": _rounded(evaluator.metrics(outputs, reference, inputs))})
 
     report = {
-        "format": EVAL_FORMAT,
-        "format_version": EVAL_FORMAT_VERSION,
+        "format": fmt.EVAL_FORMAT,
+        "format_version": fmt.EVAL_FORMAT_VERSION,
         "manifest_sha256": release.manifest.sha256,
         "task": evaluator.task,
         "dataset": description,
@@ -159,9 +161,9 @@ def read_eval(release: Release) -> dict | None:
     if not path.is_file():
         return None
     report = fmt.read_json(path)
-    if report.get("format") != EVAL_FORMAT:
+    if report.get("format") != fmt.EVAL_FORMAT:
         raise fmt.P2UFormatError(f"{path}: not a p2u eval report (format {report.get('format')!r})")
-    if report.get("format_version", 0) > EVAL_FORMAT_VERSION:
+    if report.get("format_version", 0) > fmt.EVAL_FORMAT_VERSION:
         raise fmt.P2UFormatError(f"{path}: eval format version {report['format_version']} is newer than this p2u-hub; upgrade p2u-hub")
     return report if report.get("manifest_sha256") == release.manifest.sha256 else None
 
@@ -182,6 +184,7 @@ def resolve_task(task: str, architectures: Sequence[str] | None) -> str:
 
 def _load_dataset(dataset, evaluator: "_Evaluator", split: str | None) -> tuple[datasets.Dataset, dict]:
     """The evaluation split and its description (name, type, source, split) for the report and the card."""
+    datasets = require("datasets", "eval", purpose="p2u eval")
     if dataset is None:
         if evaluator.default_data is None:
             raise EvalDataError(
@@ -215,6 +218,7 @@ def _load_dataset(dataset, evaluator: "_Evaluator", split: str | None) -> tuple[
 
 
 def _load_file(path: Path) -> datasets.DatasetDict:
+    datasets = require("datasets", "eval", purpose="p2u eval")
     if not path.exists():
         raise EvalDataError(f"{path}: dataset file not found")
     builder = FILE_BUILDERS.get(path.suffix.lower())
@@ -230,12 +234,24 @@ def _load_file(path: Path) -> datasets.DatasetDict:
 def _outputs_at(release: Release, stage: int | str, evaluator: "_Evaluator", batches: list[dict], device: str):
     """Rebuild the checkpoint at ``stage`` in a temporary folder, load it, run it on every batch, free it."""
     with tempfile.TemporaryDirectory(prefix="p2u-eval-") as folder:
-        checkpoint = merge(release.base_dir, Path(folder) / "model", stage=stage, token=release.token)
-        model = evaluator.model_class.from_pretrained(checkpoint).to(device).eval()
+        checkpoint = merge(release.base_dir, Path(folder) / "model", stage=stage, token=release.token, progress=False)
+        model = _load_quietly(evaluator.model_class, checkpoint).to(device).eval()
         with torch.inference_mode():
             outputs = evaluator.run(model, [{k: v.to(device) for k, v in batch.items()} for batch in batches])
         del model
     return outputs
+
+
+def _load_quietly(model_class, checkpoint: Path):
+    """``from_pretrained`` without transformers' own loading bar, which would nest inside eval's bar."""
+    logging = transformers.utils.logging
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return model_class.from_pretrained(checkpoint)
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 @dataclass

@@ -39,6 +39,8 @@ STAGE_FILE = "p2u_stage.json"
 SOURCE_README_FILE = "source_README.md"
 README_FILE = "README.md"
 EVAL_FILE = "p2u_eval.json"
+EVAL_FORMAT = "p2u-eval"
+EVAL_FORMAT_VERSION = 1
 """Per-stage quality measured by ``p2u eval``; kept in the base folder, beside the card that quotes it."""
 QUALITY_PLOT_FILE = "p2u_quality.png"
 BASE_WEIGHTS_NAME = "model"
@@ -62,9 +64,12 @@ STAGE_KIND_LOSSLESS = "lossless"
 SUPPORTED_FLOAT_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2": torch.float8_e5m2,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "C64": torch.complex64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
+"""Every safetensors dtype torch can hold, by its safetensors name (as ``safetensors.torch`` maps them)."""
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 MAX_ELEMENTS = 1 << 48
@@ -191,6 +196,11 @@ def stage_branch(index: int) -> str:
 def legacy_stage_branch(index: int) -> str:
     """Stage branch of releases pushed before format version 2 (``p2u/stage-1``); readers still look there."""
     return f"p2u/{stage_dir_name(index)}"
+
+
+def is_release_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a release written by ``split``: it holds ``base/p2u_manifest.json``."""
+    return (Path(folder) / BASE_DIR / MANIFEST_FILE).is_file()
 
 
 def stage_name(index: int) -> str:
@@ -459,9 +469,6 @@ class Manifest:
         """Bytes of all source tensors, aliases included (what the original download carries)."""
         return sum(math.prod(e.shape) * SAFETENSORS_DTYPES[e.dtype].itemsize for e in self.tensors.values())
 
-    def quantized_weight_count(self) -> int:
-        return sum(math.prod(e.shape) for e in self.quantized_tensors().values())
-
 
 def read_manifest(base_dir: str | os.PathLike) -> Manifest:
     path = release_file(base_dir, MANIFEST_FILE)
@@ -589,9 +596,6 @@ class StageRecord:
             payload = _mapping(payload, where, "payload")
             payloads[name] = {"sha256": _sha256(payload.get("sha256"), where, "sha256"), "bytes": _integer(payload.get("bytes"), where, "bytes")}
         return cls(index, bits, _sha256(data.get("parent"), origin, "parent"), payloads, version)
-
-    def payload_bytes(self) -> int:
-        return sum(int(p["bytes"]) for p in self.payloads.values())
 
 
 def read_stage_record(stage_dir: str | os.PathLike) -> StageRecord:

@@ -25,6 +25,7 @@ def merge(
     stage: StageSpec = "full",
     overwrite: bool = False,
     token: str | bool | None = None,
+    progress: bool = True,
 ) -> Path:
     """Write the checkpoint rebuilt at ``stage`` to ``destination``.
 
@@ -35,6 +36,7 @@ def merge(
         stage: ``"full"`` (bit-exact source), ``"base"``/0, or a stage index.
         overwrite: replace ``destination`` if it exists.
         token: Hub token for private stage repos.
+        progress: show a progress bar (callers with a bar of their own, like ``evaluate``, pass False).
 
     Returns:
         The destination folder.
@@ -47,8 +49,14 @@ def merge(
     release = Release.open(source, token=token)
     manifest = release.manifest
     rebuilder = release.rebuilder(stage)
-    with atomic_output_dir(destination, overwrite=overwrite) as work:
-        for file_name, source_file in tqdm(manifest.source_files.items(), desc="p2u merge", unit="file"):
+    plain_files = _plain_files(release.base_dir)
+    own_names = {*manifest.source_files, manifest.source_index_file, *plain_files.values()}
+
+    def is_earlier_merge(folder: Path) -> bool:
+        return all(relative.as_posix() in own_names for relative in visible_files(folder))
+
+    with atomic_output_dir(destination, overwrite=overwrite, is_replaceable=is_earlier_merge) as work:
+        for file_name, source_file in tqdm(manifest.source_files.items(), desc="p2u merge", unit="file", disable=not progress):
             writer = StreamingSafetensorsWriter(work / file_name, source_file.metadata)
             for name in source_file.tensors:
                 writer.add(name, rebuilder.tensor(name))
@@ -57,24 +65,27 @@ def merge(
             weight_map = {name: file for file, f in manifest.source_files.items() for name in f.tensors}
             index = {"metadata": manifest.source_index_metadata or {}, "weight_map": weight_map}
             fmt.write_json(work / manifest.source_index_file, index)
-        _copy_plain_files(release.base_dir, work)
+        for path, name in plain_files.items():
+            target = work / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if name == fmt.CONFIG_FILE:
+                config = fmt.read_json(path)
+                config.pop("quantization_config", None)
+                fmt.write_json(target, config)
+            else:
+                shutil.copyfile(path, target)
     return Path(destination)
 
 
-def _copy_plain_files(base_dir: Path, destination: Path) -> None:
-    """Copy the non-weight files, dropping everything p2u added and restoring the source README."""
+def _plain_files(base_dir: Path) -> dict[Path, str]:
+    """The base's non-weight files and their names in the checkpoint: p2u's own files dropped, the source README restored."""
+    files = {}
     for relative in visible_files(base_dir):
         name = relative.as_posix()
-        path = fmt.release_file(base_dir, name)  # refuses a symlink: it would copy whatever it points at
-        if name.startswith(fmt.P2U_FILE_PREFIX) or name == "README.md" or name.endswith(".safetensors"):
+        if name.startswith(fmt.P2U_FILE_PREFIX) or name == fmt.README_FILE or name.endswith(".safetensors"):
             continue
         if name == fmt.index_file_name(fmt.BASE_WEIGHTS_NAME):
             continue
-        target = destination / ("README.md" if name == fmt.SOURCE_README_FILE else relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if name == fmt.CONFIG_FILE:
-            config = fmt.read_json(path)
-            config.pop("quantization_config", None)
-            fmt.write_json(target, config)
-        else:
-            shutil.copyfile(path, target)
+        path = fmt.release_file(base_dir, name)  # refuses a symlink: merge would copy whatever it points at
+        files[path] = fmt.README_FILE if name == fmt.SOURCE_README_FILE else name
+    return files

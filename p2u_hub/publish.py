@@ -25,7 +25,7 @@ from . import format as fmt
 from .card import write_cards
 from .errors import HubError, PushRefusedError
 from .hub import check_repo_id, hub_errors
-from .release import Release
+from .release import Release, verify
 from .storage import visible_files
 
 LAYOUTS = ("branches", "repos")
@@ -76,12 +76,16 @@ def push(
 
     Returns:
         The commits that the base and each stage were published at.
+
+    Raises:
+        ChecksumError: the release fails ``verify`` (checked before anything is uploaded).
+        PushRefusedError: the Hub refused the token.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     check_repo_id(repo_id, "push")
-    release = Release.open(release_dir)
     fmt.refuse_symlinks(Path(release_dir))
+    release = verify(release_dir, token=token)
     api = HfApi(token=token)
     stage_repo = repo_id if layout == "branches" else repo_id + DELTA_REPO_SUFFIX
     write_cards(release_dir, repo_id=repo_id, stage_repo_id=stage_repo)

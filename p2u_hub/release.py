@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import tqdm
 
 from . import format as fmt
 from .codecs import ladder as ladder_codec
@@ -42,21 +43,29 @@ class Release:
             check_repo_id(self.repo_id, str(self.base_dir))
         self.token = token
         self.qconfig = fmt.read_quantization_config(self.base_dir)
+        self.manifest = fmt.read_manifest(self.base_dir)  # validated as it is parsed; a newer version is named first
         manifest_path = fmt.release_file(self.base_dir, fmt.MANIFEST_FILE)
         if fmt.sha256_bytes(manifest_path.read_bytes()) != self.qconfig.manifest_sha256:
             raise fmt.ChecksumError(
                 f"{manifest_path}: sha256 does not match manifest_sha256 {self.qconfig.manifest_sha256} in "
                 f"{self.base_dir / fmt.CONFIG_FILE}"
             )
-        self.manifest = fmt.read_manifest(self.base_dir)
         self.qconfig.check_ladder(self.manifest.ladder, str(self.base_dir / fmt.CONFIG_FILE))
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, token: str | bool | None = None) -> Release:
         """Open a release folder (``OUT`` from split, holding ``base/``) or a base folder itself."""
         path = Path(path)
-        if (path / fmt.BASE_DIR / fmt.CONFIG_FILE).is_file():
+        if fmt.is_release_folder(path):
             path = path / fmt.BASE_DIR
+        elif (path / fmt.STAGE_FILE).is_file():
+            raise fmt.P2UFormatError(
+                f"{path}: a delta stage folder, not a release; give the release folder ({path.parent}) or its base folder"
+            )
+        elif not (path / fmt.CONFIG_FILE).is_file():
+            raise fmt.P2UFormatError(
+                f"{path}: not a p2u release (no {fmt.BASE_DIR}/{fmt.MANIFEST_FILE}) nor a base folder (no {fmt.CONFIG_FILE})"
+            )
         return cls(path, token=token)
 
     @property
@@ -78,6 +87,11 @@ class Release:
     def stage_bits(self, index: int) -> int | None:
         """Integer width reached at stage ``index`` (None once lossless)."""
         return self.qconfig.bits if index == 0 else self.qconfig.stages[index - 1].bits
+
+    def stage_label(self, index: int) -> str:
+        """``stage-2 (lossless)``, ``stage-1 (8-bit)``: what a progress bar or a message calls stage ``index``."""
+        bits = self.stage_bits(index)
+        return f"{fmt.stage_name(index)} ({f'{bits}-bit' if bits else 'lossless'})"
 
     def stage_dir(self, index: int) -> Path:
         """The local folder of stage ``index`` (downloading it from the Hub if needed), validated."""
@@ -114,6 +128,30 @@ class Release:
     def rebuilder(self, stage: StageSpec) -> TensorRebuilder:
         index = self.stage_index(stage)
         return TensorRebuilder(self, index, [self.stage_dir(k) for k in range(1, index + 1)])
+
+
+def verify(path: str | os.PathLike, *, token: str | bool | None = None) -> Release:
+    """Rebuild every tensor of a release at full precision and check it against the manifest's sha256.
+
+    What ``p2u verify`` runs, and what ``push`` runs before uploading anything, so a corrupt
+    release is refused before it reaches the Hub.
+
+    Args:
+        path: a release folder (holding ``base/``) or a base folder whose config locates its stages.
+        token: Hub token for stages on private repos.
+
+    Returns:
+        The verified release.
+
+    Raises:
+        ChecksumError: a payload or a rebuilt tensor fails its sha256 check (the message names it).
+        P2UFormatError: a file is missing or corrupt.
+    """
+    release = Release.open(path, token=token)
+    rebuilder = release.rebuilder("full")
+    for name in tqdm(release.manifest.tensors, desc="p2u verify", unit="tensor"):
+        rebuilder.tensor(name)
+    return release
 
 
 class TensorRebuilder:

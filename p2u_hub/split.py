@@ -30,7 +30,7 @@ def split(
     *,
     bits: int = 4,
     group_size: int = 64,
-    stages: Sequence[int] = (8,),
+    stages: Sequence[int] | None = None,
     keep: Sequence[str] = (),
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
@@ -45,6 +45,7 @@ def split(
         bits: width of the base codes (2-8).
         group_size: weights per float16 scale (a multiple of 8).
         stages: widths of the intermediate integer stages; a final lossless stage is always added.
+            Default: ``DEFAULT_STAGE_BITS`` (8) when ``bits`` is below it, else none.
         keep: glob patterns of tensor names kept exact in the base (e.g. ``"*embed*"``).
         max_shard_bytes: largest safetensors shard written.
         overwrite: replace ``output`` if it exists.
@@ -60,9 +61,11 @@ def split(
     from .hub import resolve_source
 
     source_dir, source_repo, source_revision = resolve_source(source, token=token)
+    if stages is None:
+        stages = progressive.default_stage_bits(bits)
     spec = progressive.Ladder(bits, tuple(stages), group_size)
-    weight_files, index_file, index_metadata = _source_weight_files(source_dir)
-    with atomic_output_dir(output, overwrite=overwrite) as work:
+    weight_files, index_file, index_metadata = source_weight_files(source_dir)
+    with atomic_output_dir(output, overwrite=overwrite, is_replaceable=fmt.is_release_folder) as work:
         base_dir = work / fmt.BASE_DIR
         base = ShardedWriter(base_dir, fmt.BASE_WEIGHTS_NAME, max_shard_bytes)
         deltas = [
@@ -140,7 +143,7 @@ def _file_metadata(path: Path) -> dict[str, str] | None:
     return safetensors_header(path).get("__metadata__")
 
 
-def _source_weight_files(source_dir: Path) -> tuple[list[Path], str | None, dict | None]:
+def source_weight_files(source_dir: Path) -> tuple[list[Path], str | None, dict | None]:
     """The safetensors files of a checkpoint folder, refusing pickle-only checkpoints with a fix."""
     if not (source_dir / fmt.CONFIG_FILE).is_file():
         raise fmt.P2UFormatError(f"{source_dir}: no config.json; p2u splits transformers checkpoint folders")

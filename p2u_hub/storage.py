@@ -7,13 +7,14 @@ whole output is complete, so an interrupted or failed run leaves nothing half-wr
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import mmap
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,17 +34,44 @@ from .format import (
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
+TEMPORARY_MARK = ".tmp-"
+REPLACED_MARK = ".old-"
+"""Hidden siblings ``.NAME.tmp-PID-XXXX`` (output being written) and ``.NAME.old-PID-XXXX`` (output being replaced)."""
+
+
 @contextlib.contextmanager
-def atomic_output_dir(destination: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    destination: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    is_replaceable: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
     """Yield a temporary folder beside ``destination``; rename it to ``destination`` on success.
 
-    On any exception the temporary folder is removed and ``destination`` is untouched.
+    On any exception the temporary folder is removed and ``destination`` is untouched. With
+    ``overwrite``, an existing ``destination`` is replaced only if it is empty or
+    ``is_replaceable(destination)`` says it is an output of the same kind (so a typo cannot wipe
+    an unrelated folder), and the swap is two renames (old aside, new in) before the old copy is
+    deleted: a kill at any moment leaves either the old or the new folder in place. Leftovers of
+    runs that were killed (their process no longer exists) are removed first.
     """
     destination = Path(destination)
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination}: already exists; choose another output folder or pass overwrite=True")
+    _remove_leftovers_of_dead_runs(destination)
+    if destination.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{destination}: already exists; choose another folder or replace it "
+                "(--overwrite on the command line, overwrite=True in Python)"
+            )
+        if not destination.is_dir() or destination.is_symlink():
+            raise FileExistsError(f"{destination}: exists and is not a folder; refusing to replace it")
+        if any(destination.iterdir()) and not (is_replaceable is not None and is_replaceable(destination)):
+            raise FileExistsError(
+                f"{destination}: not empty and not an output of this command; refusing to replace it "
+                "(move it away or choose another folder)"
+            )
     destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    temporary = Path(tempfile.mkdtemp(prefix=_sibling_prefix(destination, TEMPORARY_MARK), dir=destination.parent))
     umask = os.umask(0)
     os.umask(umask)
     temporary.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
@@ -52,9 +80,39 @@ def atomic_output_dir(destination: str | os.PathLike, *, overwrite: bool = False
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    if destination.exists():
-        shutil.rmtree(destination)
+    if not destination.exists():
+        os.replace(temporary, destination)
+        return
+    replaced = Path(tempfile.mkdtemp(prefix=_sibling_prefix(destination, REPLACED_MARK), dir=destination.parent))
+    os.replace(destination, replaced)  # renaming a folder onto an empty folder replaces it atomically
     os.replace(temporary, destination)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _sibling_prefix(destination: Path, mark: str) -> str:
+    return f".{destination.name}{mark}{os.getpid()}-"
+
+
+def _remove_leftovers_of_dead_runs(destination: Path) -> None:
+    """Delete ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings whose process PID is gone (killed runs)."""
+    if not destination.parent.is_dir():
+        return
+    for mark in (TEMPORARY_MARK, REPLACED_MARK):
+        prefix = f".{destination.name}{mark}"
+        for leftover in destination.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = leftover.name[len(prefix) :].split("-", 1)[0]
+            if pid.isdigit() and not _process_exists(int(pid)) and leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists but belongs to another user
+        return True
+    return True
 
 
 def visible_files(folder: Path) -> list[Path]:

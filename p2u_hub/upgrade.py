@@ -134,23 +134,26 @@ def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
         folders = [release.stage_dir(k) for k in range(1, index + 1)]
         rebuilder = TensorRebuilder(release, index, folders)
         rebuilder.verify_payloads()
-        with tqdm(desc="p2u upgrade", unit="layer") as bar:
+        bars: list[tqdm] = []  # opened at the first layer, when the total is known (no empty bar before it)
 
-            def rebuild(packed) -> torch.Tensor:
-                current = model.get_submodule(packed.module_name)._parameters[packed.attribute]
-                return rebuilder.tensor(packed.tensor).to(device=current.device, dtype=packed.layout.dtype)
+        def rebuild(packed) -> torch.Tensor:
+            current = model.get_submodule(packed.module_name)._parameters[packed.attribute]
+            return rebuilder.tensor(packed.tensor).to(device=current.device, dtype=packed.layout.dtype)
 
-            def layer_done(done: int, total: int, names: list[str]) -> None:
-                stages.update(dict.fromkeys(names, index))
-                bar.total = total
-                bar.update(1)
-                if on_layer is not None:
-                    on_layer(done, total)
+        def layer_done(done: int, total: int, names: list[str]) -> None:
+            stages.update(dict.fromkeys(names, index))
+            if not bars:
+                bars.append(tqdm(total=total, desc=f"p2u upgrade to {release.stage_label(index)}", unit="layer"))
+            bars[0].update(1)
+            if on_layer is not None:
+                on_layer(done, total)
 
-            try:
-                install_expanded(model, todo, rebuild, on_module=layer_done)
-            finally:
-                quantizer.stage = min((stages.get(name, 0) for name in quantizer.parameters), default=index)
+        try:
+            install_expanded(model, todo, rebuild, on_module=layer_done)
+        finally:
+            for bar in bars:
+                bar.close()
+            quantizer.stage = min((stages.get(name, 0) for name in quantizer.parameters), default=index)
         if quantizer.stage == release.stage_count:
             _make_plain(model, quantizer)
     return model

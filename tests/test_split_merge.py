@@ -15,23 +15,10 @@ from safetensors.torch import load_file, save_file
 import p2u_hub
 from p2u_hub import format as fmt
 from p2u_hub.summary import summarize
+from p2u_hub.testing.assertions import assert_checkpoints_bit_identical, checkpoint_tensors
 
 
-def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
-
-
-def _assert_bit_identical(source: Path, merged: Path) -> None:
-    expected, actual = _all_tensors(source), _all_tensors(merged)
-    assert sorted(expected) == sorted(actual)
-    for name, tensor in expected.items():
-        assert actual[name].dtype == tensor.dtype and actual[name].shape == tensor.shape, name
-        assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,base_limit,total_limit", [("fp32", 0.15, 0.90), ("bf16", 0.28, 0.78)])
 def test_minilm_sizes_and_bit_exact_merge(variant, base_limit, total_limit, minilm_dir, minilm_bf16_dir, tmp_path):
     source = minilm_dir if variant == "fp32" else minilm_bf16_dir
@@ -42,7 +29,7 @@ def test_minilm_sizes_and_bit_exact_merge(variant, base_limit, total_limit, mini
     assert summary["total_bytes"] / summary["source_bytes"] <= total_limit
     assert [s["name"] for s in stages] == ["stage-1", "stage-2"] and stages[0]["bits"] == 8
     merged = p2u_hub.merge(release, tmp_path / "merged")
-    _assert_bit_identical(source, merged)
+    assert_checkpoints_bit_identical(source, merged)
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
     assert (merged / "README.md").read_bytes() == (minilm_dir / "README.md").read_bytes()
     assert (merged / "1_Pooling" / "config.json").is_file() and (merged / "tokenizer.json").is_file()
@@ -54,7 +41,7 @@ def test_gpt2_tied_embeddings_round_trip(random_checkpoint, tmp_path):
     base = load_file(release / "base" / "model.safetensors")
     assert "lm_head.weight" not in base and "transformer.wte.weight_p2u_scales" in base
     assert base["transformer.wte.weight"].dtype == torch.uint8
-    _assert_bit_identical(source, p2u_hub.merge(release, tmp_path / "merged"))
+    assert_checkpoints_bit_identical(source, p2u_hub.merge(release, tmp_path / "merged"))
 
 
 def test_shared_tensor_is_stored_once(random_checkpoint, tmp_path):
@@ -69,7 +56,7 @@ def test_shared_tensor_is_stored_once(random_checkpoint, tmp_path):
     assert len(aliases) == 1 and manifest.tensors[aliases.pop()].alias_of in pair
     for folder, prefix in (("base", "model"), ("stage-1", "delta"), ("stage-2", "delta")):
         assert len(pair & set(load_file(release / folder / f"{prefix}.safetensors"))) == 1
-    _assert_bit_identical(source, p2u_hub.merge(release, tmp_path / "merged"))
+    assert_checkpoints_bit_identical(source, p2u_hub.merge(release, tmp_path / "merged"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -80,7 +67,7 @@ def test_llama_sharded_round_trip(dtype, random_checkpoint, tmp_path):
     assert (release / "base" / "model.safetensors.index.json").is_file()
     assert len(list((release / "stage-3").glob("delta-*.safetensors"))) > 1
     merged = p2u_hub.merge(release, tmp_path / "merged")
-    _assert_bit_identical(source, merged)
+    assert_checkpoints_bit_identical(source, merged)
     assert sorted(p.name for p in merged.glob("*.safetensors")) == sorted(p.name for p in source.glob("*.safetensors"))
     index = json.loads((merged / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
@@ -91,7 +78,7 @@ def test_intermediate_stages_load_and_approach_the_source(random_checkpoint, tmp
 
     source = random_checkpoint("bert")
     release = p2u_hub.split(source, tmp_path / "release", bits=2, stages=(4, 8))
-    original = _all_tensors(source)["encoder.layer.0.attention.self.query.weight"]
+    original = checkpoint_tensors(source)["encoder.layer.0.attention.self.query.weight"]
     errors = []
     for stage in ("base", 1, 2):
         merged = p2u_hub.merge(release, tmp_path / f"merged-{stage}", stage=stage)
@@ -110,7 +97,7 @@ def test_keep_patterns_stay_exact(random_checkpoint, tmp_path):
     assert manifest.tensors["model.layers.0.mlp.up_proj.weight"].codec == fmt.CODEC_LADDER
     assert manifest.tensors["model.norm.weight"].codec == fmt.CODEC_EXACT
     base = load_file(release / "base" / "model.safetensors")
-    assert torch.equal(base["lm_head.weight"], _all_tensors(source)["lm_head.weight"])
+    assert torch.equal(base["lm_head.weight"], checkpoint_tensors(source)["lm_head.weight"])
 
 
 # Bad input: one clear error naming the file or tensor, and nothing left behind.
@@ -195,6 +182,7 @@ def test_existing_output_is_not_overwritten(release, random_checkpoint):
         p2u_hub.split(random_checkpoint("gpt2"), release)
 
 
+@pytest.mark.slow
 def test_cli_split_inspect_merge(random_checkpoint, tmp_path):
     source = random_checkpoint("gpt2")
     run = lambda *args: subprocess.run([sys.executable, "-m", "p2u_hub.cli", *args], capture_output=True, text=True)
@@ -205,6 +193,22 @@ def test_cli_split_inspect_merge(random_checkpoint, tmp_path):
     assert summary["total_bytes"] == sum(s["bytes"] for s in summary["stages"])
     assert summary["source_bytes"] == sum(t.numel() * t.element_size() for t in load_file(source / "model.safetensors").values())
     assert run("merge", str(tmp_path / "out"), str(tmp_path / "merged")).returncode == 0
-    _assert_bit_identical(source, tmp_path / "merged")
+    assert_checkpoints_bit_identical(source, tmp_path / "merged")
     failed = run("merge", str(tmp_path / "nowhere"), str(tmp_path / "m2"))
     assert failed.returncode == 1 and "nowhere" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_every_safetensors_dtype_outside_the_ladder_stays_exact(random_checkpoint, tmp_path):
+    source = random_checkpoint("bert")
+    tensors = load_file(source / "model.safetensors")
+    extra = {
+        "extra.f8_e4m3": torch.linspace(-2, 2, 16).to(torch.float8_e4m3fn), "extra.f8_e5m2": torch.linspace(-2, 2, 16).to(torch.float8_e5m2),
+        "extra.u16": torch.arange(16).to(torch.uint16), "extra.u32": torch.arange(16).to(torch.uint32),
+        "extra.u64": torch.arange(16).to(torch.uint64), "extra.c64": torch.randn(16, dtype=torch.complex64),
+        "extra.bool": torch.arange(16) % 3 == 0, "extra.f64": torch.randn(4, 4, dtype=torch.float64),
+    }  # fmt: skip
+    save_file({**tensors, **extra}, source / "model.safetensors", metadata={"format": "pt"})
+    release = p2u_hub.split(source, tmp_path / "release")
+    manifest = fmt.read_manifest(release / fmt.BASE_DIR)
+    assert {manifest.tensors[name].codec for name in extra} == {fmt.CODEC_EXACT}
+    assert_checkpoints_bit_identical(source, p2u_hub.merge(release, tmp_path / "merged"))

@@ -23,6 +23,7 @@ from p2u_hub.integrations.transformers import (
     P2UConfig, P2UHfQuantizer, PackedEmbedding, PackedLayer, PackedLinear, register,
 )  # fmt: skip
 from p2u_hub.publish import push
+from p2u_hub.testing.assertions import assert_tensors_bit_identical
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 1]])
 
@@ -41,13 +42,6 @@ def _packed_modules(model) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, PackedLayer)]
 
 
-def _assert_state_dict_identical(model, source_model) -> None:
-    actual, expected = model.state_dict(), source_model.state_dict()
-    assert actual.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert actual[name].dtype == tensor.dtype and torch.equal(actual[name], tensor), name
-
-
 @pytest.fixture
 def bert(random_checkpoint, tmp_path) -> tuple[Path, Path]:
     """(source folder, base folder) of a tiny random BertModel."""
@@ -60,6 +54,7 @@ def minilm_base(minilm_dir, tmp_path_factory) -> Path:
     return p2u_hub.split(minilm_dir, tmp_path_factory.mktemp("minilm-release") / "release") / "base"
 
 
+@pytest.mark.slow
 def test_fresh_interpreter_loads_minilm_base_without_importing_p2u(minilm_dir, minilm_base, tmp_path):
     base = minilm_base
     script = textwrap.dedent(
@@ -144,11 +139,11 @@ def test_upgrade_stage_by_stage_to_the_source_bits(architecture, dtype, random_c
     p2u_hub.upgrade(model, "full")
     assert errors[0] > errors[1] > 0
     assert torch.equal(_output(model), _output(original))
-    _assert_state_dict_identical(model, original)
+    assert_tensors_bit_identical(original.state_dict(), model.state_dict())
     assert not hasattr(model, "hf_quantizer") and not hasattr(model.config, "quantization_config")
     model.save_pretrained(tmp_path / "saved")
     assert "quantization_config" not in json.loads((tmp_path / "saved" / fmt.CONFIG_FILE).read_text())
-    _assert_state_dict_identical(_load(tmp_path / "saved", causal=architecture == "llama", dtype="auto"), original)
+    assert_tensors_bit_identical(original.state_dict(), _load(tmp_path / "saved", causal=architecture == "llama", dtype="auto").state_dict())
     with pytest.raises(ValueError, match="no p2u quantizer"):
         p2u_hub.upgrade(model)
 
@@ -163,7 +158,7 @@ def test_gpt2_with_tied_embeddings_generates_as_the_source(load_mode, random_che
     p2u_hub.upgrade(model)
     assert model.lm_head.weight is model.transformer.wte.weight
     original = _load(source, causal=True)
-    _assert_state_dict_identical(model, original)
+    assert_tensors_bit_identical(original.state_dict(), model.state_dict())
     generate = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(TOKENS, **generate), original.generate(TOKENS, **generate))
     model.save_pretrained(tmp_path / "saved")
@@ -183,7 +178,7 @@ def test_duplicate_tensor_the_model_does_not_tie(random_checkpoint, tmp_path):
     assert "lm_head.weight" not in model.all_tied_weights_keys
     p2u_hub.upgrade(model)
     assert model.lm_head.weight is not model.model.embed_tokens.weight
-    _assert_state_dict_identical(model, _load(source, causal=True))
+    assert_tensors_bit_identical(_load(source, causal=True).state_dict(), model.state_dict())
 
 
 def test_masked_lm_decoder_tied_to_embeddings_keeps_its_bias(tmp_path):
@@ -196,7 +191,7 @@ def test_masked_lm_decoder_tied_to_embeddings_keeps_its_bias(tmp_path):
     model = transformers.AutoModelForMaskedLM.from_pretrained(base)
     assert torch.equal(model.cls.predictions.decoder.bias, original.cls.predictions.decoder.bias)
     p2u_hub.upgrade(model)
-    _assert_state_dict_identical(model, original)
+    assert_tensors_bit_identical(original.state_dict(), model.state_dict())
 
 
 def test_other_layer_types_and_renamed_keys_load_dense(tmp_path):
@@ -216,7 +211,7 @@ def test_other_layer_types_and_renamed_keys_load_dense(tmp_path):
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(model(images)[0].flatten(), original(images)[0].flatten(), dim=0) > 0.95
     p2u_hub.upgrade(model)
-    _assert_state_dict_identical(model, original)
+    assert_tensors_bit_identical(original.state_dict(), model.state_dict())
 
 
 def test_background_upgrade_while_serving(minilm_dir, minilm_base):
@@ -304,9 +299,10 @@ def test_base_and_stages_from_the_hub(local_hub, random_checkpoint, tmp_path):
     model = _load("local/gpt2-p2u", causal=True)
     assert len(_packed_modules(model)) > 0
     p2u_hub.upgrade(model)
-    _assert_state_dict_identical(model, _load(source, causal=True))
+    assert_tensors_bit_identical(_load(source, causal=True).state_dict(), model.state_dict())
 
 
+@pytest.mark.slow
 def test_hf_upload_layout_loads_upgrades_resumes_and_works_offline(local_hub, random_checkpoint, tmp_path):
     source = random_checkpoint("gpt2")
     release = p2u_hub.split(source, tmp_path / "release")
@@ -317,7 +313,7 @@ def test_hf_upload_layout_loads_upgrades_resumes_and_works_offline(local_hub, ra
     model = _load("local/plain-upload", causal=True)
     local_hub.drop_next_downloads(1)  # the first stage download is cut half way: the client resumes it
     p2u_hub.upgrade(model)
-    _assert_state_dict_identical(model, _load(source, causal=True))
+    assert_tensors_bit_identical(_load(source, causal=True).state_dict(), model.state_dict())
     offline = textwrap.dedent(f"""
         import torch, transformers, p2u_hub
         model = transformers.AutoModelForCausalLM.from_pretrained("local/plain-upload")

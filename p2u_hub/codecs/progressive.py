@@ -44,6 +44,15 @@ def block_groups(group_size: int) -> int:
     return max(1, BLOCK_ELEMENTS // group_size)
 
 
+DEFAULT_STAGE_BITS = 8
+"""The intermediate integer stage added by default: a base below 8 bits, then 8 bits, then lossless."""
+
+
+def default_stage_bits(base_bits: int) -> tuple[int, ...]:
+    """The default intermediate widths for a base of ``base_bits``: 8 when the base is narrower, else none."""
+    return (DEFAULT_STAGE_BITS,) if base_bits < DEFAULT_STAGE_BITS else ()
+
+
 @dataclass(frozen=True)
 class Ladder:
     """The precision ladder of a release: base width, intermediate widths, group size.
