@@ -15,6 +15,7 @@ import httpx2
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    HfHubHTTPError,
     HFValidationError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -67,6 +68,8 @@ def resolve_source(source: str | os.PathLike, *, token: str | bool | None = None
         raise StageUnavailableError(f"{source}: no local folder of that name and no Hub repo {repo_id!r}") from None
     except RevisionNotFoundError:
         raise StageUnavailableError(f"{source}: revision {revision!r} not found in {repo_id}") from None
+    except (HfHubHTTPError, EntryNotFoundError, OSError) as error:
+        raise StageUnavailableError(f"{source}: cannot download {repo_id} ({' '.join(str(error).split())})") from None
     return folder, repo_id, folder.name
 
 

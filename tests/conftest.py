@@ -63,7 +63,3 @@ def random_checkpoint(tmp_path: Path):
         return save_random_model(tmp_path / f"{architecture}-{str(dtype).split('.')[-1]}", architecture, dtype, max_shard_size)
 
     return make
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: a long test (the release fuzzer); deselect with -m 'not slow'")
