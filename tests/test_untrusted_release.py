@@ -59,8 +59,9 @@ def _cli_error(capsys, *argv: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))
     assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in lines[0]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]  # progress bars may precede it
+    assert len(lines) == 1 and "Traceback" not in err
     return lines[0]
 
 
