@@ -14,13 +14,23 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define CONTEXTS 256
 
+/* Four interleaved tables: runs of one context would otherwise serialise on one counter. */
 static void count_contexts(const uint8_t *contexts, Py_ssize_t n, int64_t *counts) {
-    memset(counts, 0, CONTEXTS * sizeof(int64_t));
-    for (Py_ssize_t i = 0; i < n; i++) counts[contexts[i]]++;
+    int64_t partial[4][CONTEXTS] = {{0}};
+    Py_ssize_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        partial[0][contexts[i]]++;
+        partial[1][contexts[i + 1]]++;
+        partial[2][contexts[i + 2]]++;
+        partial[3][contexts[i + 3]]++;
+    }
+    for (; i < n; i++) partial[0][contexts[i]]++;
+    for (int c = 0; c < CONTEXTS; c++) counts[c] = partial[0][c] + partial[1][c] + partial[2][c] + partial[3][c];
 }
 
 static uint64_t load_symbol(const char *symbols, int itemsize, Py_ssize_t i) {
@@ -58,30 +68,41 @@ static PyObject *histogram(PyObject *self, PyObject *args) {
  * uint8. counts: 256 native int64; plane_counts: 256 uint8, the bytes needed by the largest
  * symbol of each context; planes: for each context in increasing order, its planes (least
  * significant first), each the context's symbols' byte p in element order.
+ *
+ * Two passes after the counting one: a stable counting-sort gather into uint64 (one store per
+ * symbol), then each context's planes cut from its contiguous run (sequential, no branches).
  */
 static PyObject *split_planes(PyObject *self, PyObject *args) {
     Py_buffer symbols, contexts;
     int itemsize;
     if (!PyArg_ParseTuple(args, "y*iy*", &symbols, &itemsize, &contexts)) return NULL;
     PyObject *result = NULL;
+    uint64_t *ordered = NULL;
     if (itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8) {
         PyErr_Format(PyExc_ValueError, "symbol width must be 1, 2, 4 or 8 bytes, got %d", itemsize);
         goto done;
     }
     Py_ssize_t n = contexts.len;
     if (!check_same_length(symbols.len / itemsize, n)) goto done;
-    int64_t counts[CONTEXTS];
-    uint64_t seen[CONTEXTS];
+    ordered = malloc((n ? n : 1) * sizeof(uint64_t));
+    if (!ordered) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t counts[CONTEXTS], first[CONTEXTS], plane_start[CONTEXTS];
+    uint64_t seen[CONTEXTS] = {0};
     uint8_t plane_counts[CONTEXTS];
-    int64_t start[CONTEXTS];
     const uint8_t *ctx = contexts.buf;
     const char *sym = symbols.buf;
     Py_BEGIN_ALLOW_THREADS
-    memset(counts, 0, sizeof(counts));
-    memset(seen, 0, sizeof(seen));
+    count_contexts(ctx, n, counts);
+    for (int c = 0; c < CONTEXTS; c++) first[c] = c ? first[c - 1] + counts[c - 1] : 0;
+    int64_t cursor[CONTEXTS];
+    memcpy(cursor, first, sizeof(cursor));
     for (Py_ssize_t i = 0; i < n; i++) {
-        counts[ctx[i]]++;
-        seen[ctx[i]] |= load_symbol(sym, itemsize, i);
+        uint64_t value = load_symbol(sym, itemsize, i);
+        seen[ctx[i]] |= value;
+        ordered[cursor[ctx[i]]++] = value;
     }
     Py_END_ALLOW_THREADS
     int64_t total = 0;
@@ -89,52 +110,60 @@ static PyObject *split_planes(PyObject *self, PyObject *args) {
         int planes = 0;
         while (planes < 8 && (seen[c] >> (8 * planes))) planes++;
         plane_counts[c] = (uint8_t)planes;
-        start[c] = total;
+        plane_start[c] = total;
         total += counts[c] * planes;
     }
     PyObject *planes = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)total);
     if (!planes) goto done;
     uint8_t *out = (uint8_t *)PyByteArray_AS_STRING(planes);
     Py_BEGIN_ALLOW_THREADS
-    int64_t cursor[CONTEXTS] = {0};
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint8_t c = ctx[i];
-        uint64_t value = load_symbol(sym, itemsize, i);
-        uint8_t *place = out + start[c] + cursor[c]++;
-        for (int p = 0; p < plane_counts[c]; p++) place[p * counts[c]] = (uint8_t)(value >> (8 * p));
+    for (int c = 0; c < CONTEXTS; c++) {
+        const uint64_t *run = ordered + first[c];
+        for (int p = 0; p < plane_counts[c]; p++) {
+            uint8_t *plane = out + plane_start[c] + p * counts[c];
+            for (int64_t k = 0; k < counts[c]; k++) plane[k] = (uint8_t)(run[k] >> (8 * p));
+        }
     }
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("(y#y#N)", (const char *)counts, (Py_ssize_t)sizeof(counts),
                            (const char *)plane_counts, (Py_ssize_t)sizeof(plane_counts), planes);
 done:
+    free(ordered);
     PyBuffer_Release(&symbols);
     PyBuffer_Release(&contexts);
     return result;
 }
 
-/* join_planes(planes, plane_counts, contexts, out) -> None: inverse of split_planes.
+/* join_planes(planes, counts, plane_counts, contexts, out) -> None: inverse of split_planes.
  *
- * planes: a list of bytes, the planes in stream order (each context's `plane_counts[c]`
- * planes, each of `count[c]` bytes, already checked by the caller); out: n uint64.
+ * planes: a list of bytes, the planes in stream order (each present context's
+ * `plane_counts[c]` planes of `counts[c]` bytes); counts: 256 native int64, the histogram of
+ * contexts; out: n uint64. Each context's run is assembled from its planes (sequential),
+ * then a counting-sort scatter puts the symbols back in element order.
  */
 static PyObject *join_planes(PyObject *self, PyObject *args) {
     PyObject *plane_list;
-    Py_buffer plane_counts, contexts, out;
-    if (!PyArg_ParseTuple(args, "O!y*y*w*", &PyList_Type, &plane_list, &plane_counts, &contexts, &out)) return NULL;
+    Py_buffer count_buffer, plane_counts, contexts, out;
+    if (!PyArg_ParseTuple(args, "O!y*y*y*w*", &PyList_Type, &plane_list, &count_buffer, &plane_counts, &contexts, &out))
+        return NULL;
     PyObject *result = NULL;
+    uint64_t *ordered = NULL;
     Py_ssize_t n = contexts.len;
     const uint8_t *ctx = contexts.buf;
     const uint8_t *width = plane_counts.buf;
+    const int64_t *counts = count_buffer.buf;
     const uint8_t *plane_at[CONTEXTS][8];
-    int64_t counts[CONTEXTS];
-    if (plane_counts.len != CONTEXTS) {
-        PyErr_SetString(PyExc_ValueError, "plane_counts must hold 256 entries");
+    int64_t first[CONTEXTS];
+    if (plane_counts.len != CONTEXTS || count_buffer.len != CONTEXTS * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "counts and plane_counts must hold 256 entries");
         goto done;
     }
     if (!check_same_length(out.len / 8, n)) goto done;
-    count_contexts(ctx, n, counts);
     Py_ssize_t next = 0;
+    int64_t total = 0;
     for (int c = 0; c < CONTEXTS; c++) {
+        first[c] = total;
+        total += counts[c];
         if (!counts[c]) continue;
         if (width[c] > 8) {
             PyErr_Format(PyExc_ValueError, "context %d has %d planes", c, width[c]);
@@ -149,24 +178,36 @@ static PyObject *join_planes(PyObject *self, PyObject *args) {
             plane_at[c][p] = (const uint8_t *)PyBytes_AS_STRING(plane);
         }
     }
-    if (next != PyList_GET_SIZE(plane_list)) {
-        PyErr_Format(PyExc_ValueError, "%zd planes given, %zd expected", PyList_GET_SIZE(plane_list), next);
+    if (total != n || next != PyList_GET_SIZE(plane_list)) {
+        PyErr_Format(PyExc_ValueError, "%zd planes for %lld symbols given, %zd planes for %zd expected",
+                     PyList_GET_SIZE(plane_list), (long long)total, next, n);
+        goto done;
+    }
+    ordered = malloc((n ? n : 1) * sizeof(uint64_t));
+    if (!ordered) {
+        PyErr_NoMemory();
         goto done;
     }
     uint64_t *symbols = out.buf;
     Py_BEGIN_ALLOW_THREADS
-    int64_t cursor[CONTEXTS] = {0};
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint8_t c = ctx[i];
-        int64_t k = cursor[c]++;
-        uint64_t value = 0;
-        for (int p = 0; p < width[c]; p++) value |= (uint64_t)plane_at[c][p][k] << (8 * p);
-        symbols[i] = value;
+    for (int c = 0; c < CONTEXTS; c++) {
+        uint64_t *run = ordered + first[c];
+        if (!counts[c]) continue;
+        memset(run, 0, counts[c] * sizeof(uint64_t));
+        for (int p = 0; p < width[c]; p++) {
+            const uint8_t *plane = plane_at[c][p];
+            for (int64_t k = 0; k < counts[c]; k++) run[k] |= (uint64_t)plane[k] << (8 * p);
+        }
     }
+    int64_t cursor[CONTEXTS];
+    memcpy(cursor, first, sizeof(cursor));
+    for (Py_ssize_t i = 0; i < n; i++) symbols[i] = ordered[cursor[ctx[i]]++];
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
 done:
+    free(ordered);
+    PyBuffer_Release(&count_buffer);
     PyBuffer_Release(&plane_counts);
     PyBuffer_Release(&contexts);
     PyBuffer_Release(&out);

@@ -13,8 +13,9 @@ Stream layout, for each context id in increasing order that has at least one sym
 raw-DEFLATE bytes in plane order (least significant first).
 
 The grouping and the plane split / assembly run in ``_native`` (a C extension built with the
-package) when it is importable and ``P2U_NO_NATIVE`` is unset or empty; otherwise in numpy.
-Both paths write and read the same bytes.
+package) when it is importable and ``P2U_NO_NATIVE`` is unset or empty, and planes inflate
+with ISA-L when ``isal`` is installed; otherwise numpy and zlib do the same work. Both paths
+write and read the same bytes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ try:
     from . import _native
 except ImportError:  # built without a C compiler: the numpy path below does the same work
     _native = None
+try:  # ISA-L inflates the same raw DEFLATE ~1.8x faster than zlib (extra "fast"); encoding stays zlib
+    from isal import isal_zlib as _isal_zlib
+except ImportError:
+    _isal_zlib = None
 
 _PLANE_COUNT = struct.Struct("<B")
 _PLANE_LENGTH = struct.Struct("<I")
@@ -49,10 +54,10 @@ def _compress(plane) -> bytes:
     return coder.compress(plane) + coder.flush()
 
 
-def _decompress(data, expected: int) -> bytes:
+def _decompress(data, expected: int, inflater=zlib) -> bytes:
     try:
-        raw = zlib.decompress(data, -15, max(expected, 1))
-    except zlib.error as error:
+        raw = inflater.decompress(data, -15, max(expected, 1))
+    except inflater.error as error:
         raise CorruptStreamError(f"DEFLATE stream does not decode ({error})") from None
     if len(raw) != expected:
         raise CorruptStreamError(f"DEFLATE stream holds {len(raw)} symbols, expected {expected}")
@@ -120,9 +125,9 @@ def decode(stream: bytes, contexts: torch.Tensor) -> torch.Tensor:
     keys = _context_keys(contexts)
     symbols = np.empty(keys.size, dtype="<u8")
     if native_enabled():
-        counts = np.frombuffer(_native.histogram(keys), dtype=np.int64)
-        widths, planes = _read_stream(stream, counts)
-        _native.join_planes(planes, widths, keys, symbols)
+        counts = _native.histogram(keys)
+        widths, planes = _read_stream(stream, np.frombuffer(counts, dtype=np.int64), _isal_zlib or zlib)
+        _native.join_planes(planes, counts, widths, keys, symbols)
     else:
         order, counts = _group_order(keys)
         widths, planes = _read_stream(stream, counts)
@@ -138,7 +143,7 @@ def decode(stream: bytes, contexts: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(symbols.view(np.int64)).reshape(contexts.shape)
 
 
-def _read_stream(stream: bytes, counts: np.ndarray) -> tuple[bytes, list[bytes]]:
+def _read_stream(stream: bytes, counts: np.ndarray, inflater=zlib) -> tuple[bytes, list[bytes]]:
     """Each context's plane count (256 bytes) and the inflated planes in stream order, checked against ``counts``."""
     widths = bytearray(256)
     planes = []
@@ -156,7 +161,7 @@ def _read_stream(stream: bytes, counts: np.ndarray) -> tuple[bytes, list[bytes]]
             for length in lengths:
                 if offset + length > len(stream):
                     raise CorruptStreamError("stream is truncated")
-                planes.append(_decompress(view[offset : offset + length], int(counts[context])))
+                planes.append(_decompress(view[offset : offset + length], int(counts[context]), inflater))
                 offset += length
     except struct.error:
         raise CorruptStreamError("stream is truncated") from None

@@ -45,11 +45,14 @@ def codec_threads() -> int:
 
 @contextmanager
 def _one_torch_thread():
-    """Run torch ops on the calling thread only, while block threads share the cores.
+    """Run torch ops single-threaded in this thread and in the block threads it starts.
 
-    torch's own intra-op threads (one per core by default) on top of one thread per block
-    oversubscribe the cores: measured 1.24-1.38x slower than blocks in parallel at 1 torch
-    thread. ``torch.set_num_threads`` is process-wide, so it is restored right after.
+    The codec's torch ops are element-wise passes over one block; torch's intra-op threads
+    (one per core by default) gain little there, and on top of one thread per block they
+    oversubscribe the cores. On a shared 2-core machine they tripled the codec's CPU time
+    (MiniLM fp32 encode 1.8 -> 5.7 CPU s: idle OpenMP workers spin). torch reads the setting
+    per thread (threads started meanwhile take it; a thread already serving a model keeps its
+    own), and it is restored on the way out.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -60,16 +63,17 @@ def _one_torch_thread():
 
 
 def _map_blocks(function, count: int) -> list:
-    """``[function(i) for i in range(count)]``, on ``codec_threads()`` threads when there are several blocks.
+    """``[function(i) for i in range(count)]`` at one torch thread, on ``codec_threads()`` threads.
 
     The heavy steps (the C loops, zlib, numpy, torch) release the GIL; a single block or a
     single thread runs inline, where a thread pool only costs.
     """
     workers = min(count, codec_threads())
-    if workers == 1:
-        return [function(index) for index in range(count)]
-    with _one_torch_thread(), ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(function, range(count)))
+    with _one_torch_thread():
+        if workers == 1:
+            return [function(index) for index in range(count)]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(function, range(count)))
 
 
 def block_groups(group_size: int) -> int:
