@@ -63,17 +63,16 @@ def _one_torch_thread():
 
 
 def _map_blocks(function, count: int) -> list:
-    """``[function(i) for i in range(count)]`` at one torch thread, on ``codec_threads()`` threads.
+    """``[function(i) for i in range(count)]``, on ``codec_threads()`` threads.
 
     The heavy steps (the C loops, zlib, numpy, torch) release the GIL; a single block or a
     single thread runs inline, where a thread pool only costs.
     """
     workers = min(count, codec_threads())
-    with _one_torch_thread():
-        if workers == 1:
-            return [function(index) for index in range(count)]
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(function, range(count)))
+    if workers == 1:
+        return [function(index) for index in range(count)]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(function, range(count)))
 
 
 def block_groups(group_size: int) -> int:
@@ -136,12 +135,13 @@ def encode(weight: torch.Tensor, spec: Ladder) -> EncodedTensor:
     """Quantize ``weight`` onto the ladder and code every stage's delta, block by block."""
     flat = weight.detach().reshape(-1)
     ranges = _block_ranges(flat.numel(), spec.group_size)
-    blocks = _map_blocks(lambda index: _encode_block(flat[ranges[index][0] : ranges[index][1]], spec), len(ranges))
-    stage_streams = [[deltas[stage] for _, _, deltas in blocks] for stage in range(spec.stage_count)]
-    return EncodedTensor(
-        torch.cat([packed for packed, _, _ in blocks]), torch.cat([scales for _, scales, _ in blocks]),
-        tuple(_frame(streams) for streams in stage_streams),
-    )  # fmt: skip
+    with _one_torch_thread():
+        blocks = _map_blocks(lambda index: _encode_block(flat[ranges[index][0] : ranges[index][1]], spec), len(ranges))
+        stage_streams = [[deltas[stage] for _, _, deltas in blocks] for stage in range(spec.stage_count)]
+        return EncodedTensor(
+            torch.cat([packed for packed, _, _ in blocks]), torch.cat([scales for _, scales, _ in blocks]),
+            tuple(_frame(streams) for streams in stage_streams),
+        )  # fmt: skip
 
 
 def decode(
@@ -175,7 +175,8 @@ def decode(
             [blocks[index] for blocks in block_deltas], spec, stop - start, dtype,
         )  # fmt: skip
 
-    _map_blocks(decode_block, len(ranges))  # memory: one block's temporaries per thread beyond the output
+    with _one_torch_thread():
+        _map_blocks(decode_block, len(ranges))  # memory: one block's temporaries per thread beyond the output
     return output.reshape(shape)
 
 
