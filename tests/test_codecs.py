@@ -59,7 +59,11 @@ def test_entropy_roundtrip_and_corruption():
     contexts = torch.randint(0, 5, (5000,), generator=generator).to(torch.uint8)
     symbols = (torch.randn(5000, generator=generator).abs() * 300 * (contexts.to(torch.float32) + 1)).to(torch.int64)
     stream = entropy.encode(symbols, contexts)
-    assert torch.equal(entropy.decode(stream, contexts), symbols)
+    decoded = entropy.decode(stream, contexts)
+    assert decoded.dtype == torch.int32 and torch.equal(decoded.to(torch.int64), symbols)  # 2 planes: int32
+    for top, dtype in [(0, torch.uint8), (255, torch.uint8), (1 << 24, torch.int64), ((1 << 24) - 1, torch.int32)]:
+        narrow = torch.tensor([top, 0, 1], dtype=torch.int64)
+        assert entropy.decode(entropy.encode(narrow, contexts[:3]), contexts[:3]).dtype == dtype, top
     with pytest.raises(entropy.CorruptStreamError):
         entropy.decode(stream[:-3], contexts)
     with pytest.raises(entropy.CorruptStreamError):

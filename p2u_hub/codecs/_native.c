@@ -134,39 +134,61 @@ done:
     return result;
 }
 
-/* join_planes(planes, counts, plane_counts, contexts, out) -> None: inverse of split_planes.
+/* Assemble each context's run from its planes (sequential), then scatter the runs back to
+ * element order (a stable counting sort), in symbols of type T. */
+#define JOIN(T)                                                                                  \
+    {                                                                                            \
+        T *run_ = (T *)ordered, *symbols_ = (T *)out.buf;                                        \
+        for (int c = 0; c < CONTEXTS; c++) {                                                     \
+            T *run = run_ + first[c];                                                            \
+            if (!counts[c]) continue;                                                            \
+            memset(run, 0, counts[c] * sizeof(T));                                               \
+            for (int p = 0; p < width[c]; p++) {                                                 \
+                const uint8_t *plane = plane_at[c][p];                                           \
+                for (int64_t k = 0; k < counts[c]; k++) run[k] |= (T)((T)plane[k] << (8 * p));   \
+            }                                                                                    \
+        }                                                                                        \
+        for (Py_ssize_t i = 0; i < n; i++) symbols_[i] = run_[cursor[ctx[i]]++];                 \
+    }
+
+/* join_planes(planes, counts, plane_counts, contexts, out, itemsize) -> None: inverse of split_planes.
  *
  * planes: a list of bytes, the planes in stream order (each present context's
  * `plane_counts[c]` planes of `counts[c]` bytes); counts: 256 native int64, the histogram of
- * contexts; out: n uint64. Each context's run is assembled from its planes (sequential),
- * then a counting-sort scatter puts the symbols back in element order.
+ * contexts; out: n unsigned integers of `itemsize` bytes (1, 2, 4 or 8), wide enough for
+ * every context's planes: narrow symbols move less memory.
  */
 static PyObject *join_planes(PyObject *self, PyObject *args) {
     PyObject *plane_list;
     Py_buffer count_buffer, plane_counts, contexts, out;
-    if (!PyArg_ParseTuple(args, "O!y*y*y*w*", &PyList_Type, &plane_list, &count_buffer, &plane_counts, &contexts, &out))
+    int itemsize;
+    if (!PyArg_ParseTuple(args, "O!y*y*y*w*i", &PyList_Type, &plane_list, &count_buffer, &plane_counts, &contexts, &out, &itemsize))
         return NULL;
     PyObject *result = NULL;
-    uint64_t *ordered = NULL;
+    void *ordered = NULL;
     Py_ssize_t n = contexts.len;
     const uint8_t *ctx = contexts.buf;
     const uint8_t *width = plane_counts.buf;
     const int64_t *counts = count_buffer.buf;
     const uint8_t *plane_at[CONTEXTS][8];
-    int64_t first[CONTEXTS];
+    int64_t first[CONTEXTS], cursor[CONTEXTS];
     if (plane_counts.len != CONTEXTS || count_buffer.len != CONTEXTS * (Py_ssize_t)sizeof(int64_t)) {
         PyErr_SetString(PyExc_ValueError, "counts and plane_counts must hold 256 entries");
         goto done;
     }
-    if (!check_same_length(out.len / 8, n)) goto done;
+    if (itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8) {
+        PyErr_Format(PyExc_ValueError, "symbol width must be 1, 2, 4 or 8 bytes, got %d", itemsize);
+        goto done;
+    }
+    if (!check_same_length(out.len / itemsize, n)) goto done;
     Py_ssize_t next = 0;
     int64_t total = 0;
     for (int c = 0; c < CONTEXTS; c++) {
         first[c] = total;
         total += counts[c];
         if (!counts[c]) continue;
-        if (width[c] > 8) {
-            PyErr_Format(PyExc_ValueError, "context %d has %d planes", c, width[c]);
+        if (width[c] > itemsize) {
+            PyErr_Format(PyExc_ValueError, "context %d has %d planes, symbols hold %d bytes", c, width[c], itemsize);
             goto done;
         }
         for (int p = 0; p < width[c]; p++, next++) {
@@ -183,25 +205,19 @@ static PyObject *join_planes(PyObject *self, PyObject *args) {
                      PyList_GET_SIZE(plane_list), (long long)total, next, n);
         goto done;
     }
-    ordered = malloc((n ? n : 1) * sizeof(uint64_t));
+    ordered = malloc((n ? n : 1) * itemsize);
     if (!ordered) {
         PyErr_NoMemory();
         goto done;
     }
-    uint64_t *symbols = out.buf;
-    Py_BEGIN_ALLOW_THREADS
-    for (int c = 0; c < CONTEXTS; c++) {
-        uint64_t *run = ordered + first[c];
-        if (!counts[c]) continue;
-        memset(run, 0, counts[c] * sizeof(uint64_t));
-        for (int p = 0; p < width[c]; p++) {
-            const uint8_t *plane = plane_at[c][p];
-            for (int64_t k = 0; k < counts[c]; k++) run[k] |= (uint64_t)plane[k] << (8 * p);
-        }
-    }
-    int64_t cursor[CONTEXTS];
     memcpy(cursor, first, sizeof(cursor));
-    for (Py_ssize_t i = 0; i < n; i++) symbols[i] = ordered[cursor[ctx[i]]++];
+    Py_BEGIN_ALLOW_THREADS
+    switch (itemsize) {
+    case 1: JOIN(uint8_t) break;
+    case 2: JOIN(uint16_t) break;
+    case 4: JOIN(uint32_t) break;
+    default: JOIN(uint64_t) break;
+    }
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -256,29 +272,35 @@ done:
     return result;
 }
 
-/* restore(reconstruction, coded, width, out) -> None: inverse of residual, float bit patterns into out.
+/* restore(reconstruction, coded, coded_itemsize, width, out) -> None: inverse of residual, float bit
+ * patterns into out; coded: unsigned integers of `coded_itemsize` bytes (1, 2, 4 or 8).
  *
  * Like the numpy path (int64 sum, then a cast to the float width), the sum wraps to the width.
  */
 static PyObject *restore(PyObject *self, PyObject *args) {
     Py_buffer reconstruction, coded, out;
-    int width;
-    if (!PyArg_ParseTuple(args, "y*y*iw*", &reconstruction, &coded, &width, &out)) return NULL;
+    int coded_itemsize, width;
+    if (!PyArg_ParseTuple(args, "y*y*iiw*", &reconstruction, &coded, &coded_itemsize, &width, &out)) return NULL;
     PyObject *result = NULL;
     if (width != 2 && width != 4) {
         PyErr_Format(PyExc_ValueError, "float width must be 2 or 4 bytes, got %d", width);
         goto done;
     }
+    if (coded_itemsize != 1 && coded_itemsize != 2 && coded_itemsize != 4 && coded_itemsize != 8) {
+        PyErr_Format(PyExc_ValueError, "symbol width must be 1, 2, 4 or 8 bytes, got %d", coded_itemsize);
+        goto done;
+    }
     Py_ssize_t n = reconstruction.len / width;
-    if (!check_same_length(n, coded.len / 8)) goto done;
+    if (!check_same_length(n, coded.len / coded_itemsize)) goto done;
     if (!check_same_length(n, out.len / width)) goto done;
-    const uint64_t *z = coded.buf;
+    const char *z = coded.buf;
     Py_BEGIN_ALLOW_THREADS
     if (width == 2) {
         const int16_t *y = reconstruction.buf;
         int16_t *x = out.buf;
         for (Py_ssize_t i = 0; i < n; i++) {
-            int64_t d = (int64_t)(z[i] >> 1) ^ -(int64_t)(z[i] & 1);
+            uint64_t zi = load_symbol(z, coded_itemsize, i);
+            int64_t d = (int64_t)(zi >> 1) ^ -(int64_t)(zi & 1);
             int16_t bits = (int16_t)(uint16_t)(uint64_t)(ordered16(y[i]) + d);
             x[i] = bits < 0 ? (int16_t)(bits ^ 0x7FFF) : bits;
         }
@@ -286,7 +308,8 @@ static PyObject *restore(PyObject *self, PyObject *args) {
         const int32_t *y = reconstruction.buf;
         int32_t *x = out.buf;
         for (Py_ssize_t i = 0; i < n; i++) {
-            int64_t d = (int64_t)(z[i] >> 1) ^ -(int64_t)(z[i] & 1);
+            uint64_t zi = load_symbol(z, coded_itemsize, i);
+            int64_t d = (int64_t)(zi >> 1) ^ -(int64_t)(zi & 1);
             int32_t bits = (int32_t)(uint32_t)(uint64_t)(ordered32(y[i]) + d);
             x[i] = bits < 0 ? (int32_t)(bits ^ 0x7FFFFFFF) : bits;
         }

@@ -116,18 +116,21 @@ def _write_stream(widths: list[int], coded: list[bytes]) -> bytes:
 
 
 def decode(stream: bytes, contexts: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``encode``: int64 symbols shaped like ``contexts``.
+    """Inverse of ``encode``: the symbols, shaped like ``contexts``.
+
+    Their dtype is the narrowest of uint8, int32 and int64 that holds the widest context's
+    byte planes (1, 3 and 8 planes): most symbols fit one byte, and narrow ones move less memory.
 
     Raises:
         CorruptStreamError: the stream is truncated, has trailing bytes or does not
             decode to one symbol per context entry.
     """
     keys = _context_keys(contexts)
-    symbols = np.empty(keys.size, dtype="<u8")
     if native_enabled():
         counts = _native.histogram(keys)
         widths, planes = _read_stream(stream, np.frombuffer(counts, dtype=np.int64), _isal_zlib or zlib)
-        _native.join_planes(planes, counts, widths, keys, symbols)
+        symbols = np.empty(keys.size, dtype=_symbol_dtype(max(widths)))
+        _native.join_planes(planes, counts, widths, keys, symbols, symbols.itemsize)
     else:
         order, counts = _group_order(keys)
         widths, planes = _read_stream(stream, counts)
@@ -139,8 +142,14 @@ def decode(stream: bytes, contexts: torch.Tensor) -> torch.Tensor:
             for plane_index in range(widths[context]):
                 ordered[start:stop] |= np.frombuffer(next(arrays), dtype=np.uint8).astype("<u8") << np.uint64(8 * plane_index)
             start = stop
-        symbols[order] = ordered
-    return torch.from_numpy(symbols.view(np.int64)).reshape(contexts.shape)
+        symbols = np.empty(keys.size, dtype=_symbol_dtype(max(widths)))
+        symbols[order] = ordered.view(np.int64).astype(symbols.dtype, copy=False)
+    return torch.from_numpy(symbols).reshape(contexts.shape)
+
+
+def _symbol_dtype(plane_count: int) -> np.dtype:
+    """uint8 up to one byte plane, int32 up to three, else int64 (the type torch handles for each)."""
+    return np.dtype(np.uint8 if plane_count <= 1 else np.int32 if plane_count <= 3 else np.int64)
 
 
 def _read_stream(stream: bytes, counts: np.ndarray, inflater=zlib) -> tuple[bytes, list[bytes]]:

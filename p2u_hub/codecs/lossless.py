@@ -79,13 +79,14 @@ def residual(original: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tens
 
 
 def restore(reconstruction: torch.Tensor, coded_residual: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``residual``: the original float tensor, bit for bit."""
+    """Inverse of ``residual`` (``coded_residual``: any integer dtype): the original float tensor, bit for bit."""
     if native_enabled():
         bits = _bit_patterns(reconstruction)
         restored = np.empty_like(bits)
-        _native.restore(bits, coded_residual.contiguous().numpy(), reconstruction.element_size(), restored)
+        coded = coded_residual.contiguous().numpy()
+        _native.restore(bits, coded, coded.itemsize, reconstruction.element_size(), restored)
         return torch.from_numpy(restored).view(reconstruction.dtype).reshape(reconstruction.shape)
-    coded = coded_residual.numpy()
+    coded = coded_residual.numpy().astype(np.int64, copy=False)
     difference = (coded >> 1) ^ -(coded & 1)
     ordered = ordered_int(reconstruction).numpy() + difference
     return from_ordered_int(torch.from_numpy(ordered), reconstruction.dtype)
