@@ -8,6 +8,16 @@ import torch
 from p2u_hub.codecs import entropy, ladder, lossless, progressive
 
 
+@pytest.fixture(autouse=True, params=["native", "numpy"])
+def codec_path(request, monkeypatch) -> str:
+    """Every test here runs on the C loops and on the numpy fallback (``P2U_NO_NATIVE=1``)."""
+    if request.param == "native" and entropy._native is None:
+        pytest.skip("the C extension p2u_hub.codecs._native is not built")
+    monkeypatch.setenv("P2U_NO_NATIVE", "1" if request.param == "numpy" else "")
+    assert entropy.native_enabled() == (request.param == "native")
+    return request.param
+
+
 def _weights(dtype: torch.dtype, shape=(48, 40), seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=generator) * 0.05).to(dtype)
@@ -49,7 +59,11 @@ def test_entropy_roundtrip_and_corruption():
     contexts = torch.randint(0, 5, (5000,), generator=generator).to(torch.uint8)
     symbols = (torch.randn(5000, generator=generator).abs() * 300 * (contexts.to(torch.float32) + 1)).to(torch.int64)
     stream = entropy.encode(symbols, contexts)
-    assert torch.equal(entropy.decode(stream, contexts), symbols)
+    decoded = entropy.decode(stream, contexts)
+    assert decoded.dtype == torch.int32 and torch.equal(decoded.to(torch.int64), symbols)  # 2 planes: int32
+    for top, dtype in [(0, torch.uint8), (255, torch.uint8), (1 << 24, torch.int64), ((1 << 24) - 1, torch.int32)]:
+        narrow = torch.tensor([top, 0, 1], dtype=torch.int64)
+        assert entropy.decode(entropy.encode(narrow, contexts[:3]), contexts[:3]).dtype == dtype, top
     with pytest.raises(entropy.CorruptStreamError):
         entropy.decode(stream[:-3], contexts)
     with pytest.raises(entropy.CorruptStreamError):
@@ -112,3 +126,17 @@ def test_multi_block_tensor_round_trips_and_frames_are_checked():
     assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
     with pytest.raises(entropy.CorruptStreamError, match="header says"):
         progressive.decode(encoded.packed_codes, encoded.scales, [encoded.deltas[0][:-1]], spec, tuple(weight.shape), weight.dtype)
+
+
+def test_block_threads_give_the_same_bytes_and_are_configurable(monkeypatch):
+    spec = progressive.Ladder(4, (8,), 64)
+    weight = _weights(torch.float32, (2100, 1024))  # three blocks
+    monkeypatch.setenv(progressive.THREADS_VARIABLE, "1")
+    serial = progressive.encode(weight, spec)
+    monkeypatch.setenv(progressive.THREADS_VARIABLE, "3")
+    assert progressive.encode(weight, spec).deltas == serial.deltas
+    rebuilt = progressive.decode(serial.packed_codes, serial.scales, serial.deltas, spec, tuple(weight.shape), weight.dtype)
+    assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
+    monkeypatch.setenv(progressive.THREADS_VARIABLE, "zero")
+    with pytest.raises(ValueError, match="P2U_CODEC_THREADS must be a positive integer, got 'zero'"):
+        progressive.encode(weight, spec)

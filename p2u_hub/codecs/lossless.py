@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .entropy import _native, native_enabled
+
 #: float dtype -> (same-width signed int dtype, mantissa bits, exponent bias)
 FLOAT_LAYOUTS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
     torch.float32: (torch.int32, 23, 127),
@@ -39,8 +41,7 @@ def ordered_int(values: torch.Tensor) -> torch.Tensor:
     For a negative pattern the magnitude bits are flipped (``x ^ 0x7f..f``), which gives
     ``-magnitude - 1``; the map is its own inverse on bit patterns.
     """
-    int_dtype, _, _ = _layout(values.dtype)
-    bits = values.contiguous().view(int_dtype).numpy()
+    bits = _bit_patterns(values)
     sign_fill = bits >> (bits.dtype.itemsize * 8 - 1)
     return torch.from_numpy((bits ^ (sign_fill & np.iinfo(bits.dtype).max)).astype(np.int64))
 
@@ -53,6 +54,12 @@ def from_ordered_int(ordered: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(bits ^ (sign_fill & np.iinfo(bits.dtype).max)).view(dtype)
 
 
+def _bit_patterns(values: torch.Tensor) -> np.ndarray:
+    """The float bit patterns as a numpy array of the same-width signed integer (C order)."""
+    int_dtype, _, _ = _layout(values.dtype)
+    return values.contiguous().view(int_dtype).numpy()
+
+
 def exponent(values: torch.Tensor) -> torch.Tensor:
     """Unbiased binary exponent of each float from its bit pattern (zero/subnormal: ``-bias``)."""
     int_dtype, mantissa_bits, bias = _layout(values.dtype)
@@ -63,13 +70,23 @@ def exponent(values: torch.Tensor) -> torch.Tensor:
 
 def residual(original: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
     """``ord(original) - ord(reconstruction)`` (both in the source dtype), zigzag-coded to int64 >= 0."""
+    if native_enabled():
+        coded = np.empty(original.numel(), dtype=np.int64)
+        _native.residual(_bit_patterns(original), _bit_patterns(reconstruction), original.element_size(), coded)
+        return torch.from_numpy(coded).reshape(original.shape)
     difference = ordered_int(original).numpy() - ordered_int(reconstruction).numpy()
     return torch.from_numpy((difference << 1) ^ (difference >> 63))
 
 
 def restore(reconstruction: torch.Tensor, coded_residual: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``residual``: the original float tensor, bit for bit."""
-    coded = coded_residual.numpy()
+    """Inverse of ``residual`` (``coded_residual``: any integer dtype): the original float tensor, bit for bit."""
+    if native_enabled():
+        bits = _bit_patterns(reconstruction)
+        restored = np.empty_like(bits)
+        coded = coded_residual.contiguous().numpy()
+        _native.restore(bits, coded, coded.itemsize, reconstruction.element_size(), restored)
+        return torch.from_numpy(restored).view(reconstruction.dtype).reshape(reconstruction.shape)
+    coded = coded_residual.numpy().astype(np.int64, copy=False)
     difference = (coded >> 1) ^ -(coded & 1)
     ordered = ordered_int(reconstruction).numpy() + difference
     return from_ordered_int(torch.from_numpy(ordered), reconstruction.dtype)
@@ -81,5 +98,11 @@ def contexts(reconstruction: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     ``step`` is the float32 scale of the top ladder level, broadcast to the elements.
     The result is shifted to start at 0 so it can index an array of groups.
     """
+    if native_enabled():
+        _, mantissa_bits, bias = _layout(reconstruction.dtype)
+        out = np.empty(reconstruction.numel(), dtype=np.uint8)
+        step_bits = step.to(torch.float32).contiguous().view(torch.int32).numpy()
+        _native.contexts(_bit_patterns(reconstruction), reconstruction.element_size(), mantissa_bits, bias, step_bits, CONTEXT_MIN, CONTEXT_MAX, out)
+        return torch.from_numpy(out).reshape(reconstruction.shape)
     relative = exponent(reconstruction) - exponent(step.to(torch.float32))
     return (relative.clamp(CONTEXT_MIN, CONTEXT_MAX) - CONTEXT_MIN).to(torch.uint8)

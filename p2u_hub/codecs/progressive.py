@@ -7,7 +7,8 @@ the deltas up to that stage. Both are pure: tensors and bytes in, tensors and by
 Deltas are coded in *blocks* of ``block_groups(group_size)`` consecutive groups (about 2**20
 elements), each an independent entropy stream, so coding memory is bounded by the block,
 not the tensor: decoding a large embedding needs the output tensor plus one block's
-temporaries. A delta is ``u32le block_count``, ``block_count`` x ``u32le length``, then the
+temporaries per thread. Blocks are coded on ``codec_threads()`` threads (``$P2U_CODEC_THREADS``,
+default one per CPU) with torch at one intra-op thread meanwhile. A delta is ``u32le block_count``, ``block_count`` x ``u32le length``, then the
 blocks' streams in order.
 """
 
@@ -17,6 +18,7 @@ import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,15 +29,49 @@ BLOCK_ELEMENTS = 1 << 20
 _U32 = struct.Struct("<I")
 
 
-def _map_blocks(function, count: int) -> list:
-    """``[function(i) for i in range(count)]``, on threads when there are several blocks.
+THREADS_VARIABLE = "P2U_CODEC_THREADS"
+"""Environment variable: threads that code one tensor's blocks (default: ``os.cpu_count()``)."""
 
-    The heavy steps (numpy sorts, zlib, torch ops) release the GIL; a single block runs inline,
-    where a thread pool only costs.
+
+def codec_threads() -> int:
+    """Threads for a tensor's blocks: ``$P2U_CODEC_THREADS`` when set, else one per CPU."""
+    value = os.environ.get(THREADS_VARIABLE, "")
+    if not value:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_VARIABLE} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@contextmanager
+def _one_torch_thread():
+    """Run torch ops single-threaded in this thread and in the block threads it starts.
+
+    The codec's torch ops are element-wise passes over one block; torch's intra-op threads
+    (one per core by default) gain little there, and on top of one thread per block they
+    oversubscribe the cores. On a shared 2-core machine they tripled the codec's CPU time
+    (MiniLM fp32 encode 1.8 -> 5.7 CPU s: idle OpenMP workers spin). torch reads the setting
+    per thread (threads started meanwhile take it; a thread already serving a model keeps its
+    own), and it is restored on the way out.
     """
-    if count == 1:
-        return [function(0)]
-    with ThreadPoolExecutor(max(1, min(count, os.cpu_count() or 1, 8))) as pool:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _map_blocks(function, count: int) -> list:
+    """``[function(i) for i in range(count)]``, on ``codec_threads()`` threads.
+
+    The heavy steps (the C loops, zlib, numpy, torch) release the GIL; a single block or a
+    single thread runs inline, where a thread pool only costs.
+    """
+    workers = min(count, codec_threads())
+    if workers == 1:
+        return [function(index) for index in range(count)]
+    with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(function, range(count)))
 
 
@@ -99,12 +135,13 @@ def encode(weight: torch.Tensor, spec: Ladder) -> EncodedTensor:
     """Quantize ``weight`` onto the ladder and code every stage's delta, block by block."""
     flat = weight.detach().reshape(-1)
     ranges = _block_ranges(flat.numel(), spec.group_size)
-    blocks = _map_blocks(lambda index: _encode_block(flat[ranges[index][0] : ranges[index][1]], spec), len(ranges))
-    stage_streams = [[deltas[stage] for _, _, deltas in blocks] for stage in range(spec.stage_count)]
-    return EncodedTensor(
-        torch.cat([packed for packed, _, _ in blocks]), torch.cat([scales for _, scales, _ in blocks]),
-        tuple(_frame(streams) for streams in stage_streams),
-    )  # fmt: skip
+    with _one_torch_thread():
+        blocks = _map_blocks(lambda index: _encode_block(flat[ranges[index][0] : ranges[index][1]], spec), len(ranges))
+        stage_streams = [[deltas[stage] for _, _, deltas in blocks] for stage in range(spec.stage_count)]
+        return EncodedTensor(
+            torch.cat([packed for packed, _, _ in blocks]), torch.cat([scales for _, scales, _ in blocks]),
+            tuple(_frame(streams) for streams in stage_streams),
+        )  # fmt: skip
 
 
 def decode(
@@ -138,8 +175,8 @@ def decode(
             [blocks[index] for blocks in block_deltas], spec, stop - start, dtype,
         )  # fmt: skip
 
-    for index in range(len(ranges)):  # serial: threads gained ~10% here but raised an upgrade's peak memory by ~0.3 GB
-        decode_block(index)
+    with _one_torch_thread():
+        _map_blocks(decode_block, len(ranges))  # memory: one block's temporaries per thread beyond the output
     return output.reshape(shape)
 
 
