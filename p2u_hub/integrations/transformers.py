@@ -229,8 +229,8 @@ def _expand_rows(
     row_size = math.prod(layout.shape[1:])
     elements = rows.reshape(-1, 1) * row_size + torch.arange(row_size, device=rows.device)
     groups, position = torch.unique(elements // ladder.group_size, return_inverse=True)
-    group_codes = ladder_codec.unpack(codes.view(-1, ladder.group_size * ladder.base_bits // 8)[groups], ladder.base_bits)
-    values = ladder_codec.dequantize(group_codes.view(-1, ladder.group_size), scales[groups], ladder.base_bits, ladder.base_bits)
+    group_bytes = codes.view(-1, ladder.group_size * ladder.base_bits // 8)[groups]
+    values = ladder_codec.dequantize_packed(group_bytes, scales[groups], ladder.base_bits, ladder.group_size)
     return values[position, elements % ladder.group_size].reshape(*rows.shape, *layout.shape[1:]).to(dtype)
 
 
