@@ -55,6 +55,7 @@ def push(
     private: bool = False,
     commit_message: str | None = None,
     token: str | bool | None = None,
+    base_model: str | None = None,
 ) -> PushResult:
     """Publish a split release: stages first, then the base whose config points at their commits.
 
@@ -72,6 +73,8 @@ def push(
         private: create new repos as private.
         commit_message: message of every commit (default: one naming the part pushed).
         token: Hub token (default: ``HF_TOKEN`` / the stored login).
+        base_model: Hub id of the source model for the cards' ``base_model`` (default: what
+            ``write_cards`` finds: an earlier card's, else the repo the release was split from).
 
     Returns:
         The commits that the base and each stage were published at.
@@ -81,7 +84,7 @@ def push(
     release = Release.open(release_dir)
     api = HfApi(token=token)
     stage_repo = repo_id if layout == "branches" else repo_id + DELTA_REPO_SUFFIX
-    write_cards(release_dir, repo_id=repo_id, stage_repo_id=stage_repo)
+    write_cards(release_dir, base_model=base_model, repo_id=repo_id, stage_repo_id=stage_repo)
     try:
         for repo in dict.fromkeys((repo_id, stage_repo)):
             api.create_repo(repo, private=private, exist_ok=True)
