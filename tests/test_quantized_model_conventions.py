@@ -11,7 +11,8 @@ import transformers
 from datasets import Dataset
 
 import p2u_hub
-from p2u_hub.integrations.transformers import PackedLayer
+from p2u_hub import format as fmt
+from p2u_hub.integrations.transformers import P2UConfig, PackedLayer
 from p2u_hub.publish import push
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 1]])
@@ -185,3 +186,34 @@ def test_kbit_preparation_and_trainer_steps_on_a_bf16_base(release, tmp_path):
     assert all(not torch.equal(trained[name].detach(), before) for name, before in lora.items())
     layer = model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
     assert isinstance(layer, PackedLayer) and torch.equal(layer.weight, codes)
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+def test_prefetch_at_load_then_upgrade_needs_no_network(release, local_hub):
+    source, base = release("gpt2")
+    push(base.parent, "local/gpt2-p2u")
+    model = transformers.AutoModelForCausalLM.from_pretrained("local/gpt2-p2u", quantization_config=P2UConfig(upgrade="prefetch"))
+    assert len(_packed_modules(model)) > 0  # the base serves at once
+    folders = model.hf_quantizer.prefetch.result(timeout=120)
+    assert [fmt.read_stage_record(folder).index for folder in folders] == [1, 2]
+    local_hub.stop()  # every stage must now come from what the prefetch put in the cache
+    p2u_hub.upgrade(model)
+    expected = transformers.AutoModelForCausalLM.from_pretrained(source).state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+def test_background_upgrade_at_load(release, local_hub):
+    source, base = release("llama")
+    push(base.parent, "local/llama-p2u")
+    model = transformers.AutoModelForCausalLM.from_pretrained("local/llama-p2u", quantization_config=P2UConfig(upgrade="background"))
+    _output(model)  # serves while the stages arrive
+    assert model.p2u_upgrade.result(timeout=120) is model
+    assert _packed_modules(model) == [] and not hasattr(model, "hf_quantizer")
+    expected = transformers.AutoModelForCausalLM.from_pretrained(source).state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+
+
+def test_unknown_upgrade_switch_is_refused():
+    with pytest.raises(ValueError, match="upgrade must be one of"):
+        P2UConfig(upgrade="eager")

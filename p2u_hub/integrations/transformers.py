@@ -21,12 +21,20 @@ float tensors, as tools expect of bitsandbytes and HQQ models. Weights of other 
 expanded after loading in both modes. Choose the mode in the
 base's ``config.json`` (``quantization_config.load_mode``) or when loading:
 ``AutoModel.from_pretrained(path, quantization_config=P2UConfig(load_mode="dense"))``.
+
+Progressive loading without extra calls: ``P2UConfig(upgrade="prefetch")`` starts downloading
+every stage in a background thread as soon as the base has loaded, so a later
+``p2u_hub.upgrade(model)`` only merges (it waits for a download still under way);
+``P2UConfig(upgrade="background")`` also merges them, as ``p2u_hub.upgrade(model, background=True)``
+does, while the base serves: ``model.p2u_upgrade`` is that run's ``UpgradeHandle``.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,13 +57,20 @@ from ..storage import safetensors_header
 
 logger = logging.get_logger(__name__)
 
+UPGRADE_PREFETCH = "prefetch"
+UPGRADE_BACKGROUND = "background"
+UPGRADE_AT_LOAD = (UPGRADE_PREFETCH, UPGRADE_BACKGROUND)
+"""Values of ``P2UConfig(upgrade=...)``: what starts right after the base has loaded."""
+
 
 class P2UConfig(QuantizationConfigMixin):
     """The ``quantization_config`` block of a p2u base's config.json, as transformers holds it.
 
     The fields are those of :class:`p2u_hub.format.QuantizationConfig`. Passed to
-    ``from_pretrained``, only ``load_mode`` is used (transformers takes every other field from the
-    base): ``P2UConfig(load_mode="dense")`` loads a base dense whatever its config.json says.
+    ``from_pretrained``, only the loading switches given are used (transformers takes every other
+    field from the base): ``P2UConfig(load_mode="dense")`` loads a base dense whatever its
+    config.json says; ``upgrade`` ("prefetch" or "background", see the module docstring) is a
+    switch of this load only, never written to a base.
     """
 
     def __init__(
@@ -64,30 +79,40 @@ class P2UConfig(QuantizationConfigMixin):
         group_size: int | None = None,
         manifest_sha256: str | None = None,
         stages: list[dict] | None = None,
-        load_mode: str = fmt.DEFAULT_LOAD_MODE,
+        load_mode: str | None = None,
         format_version: int = fmt.FORMAT_VERSION,
         quant_method: str = fmt.QUANT_METHOD,
+        upgrade: str | None = None,
         **newer_fields,
     ):
-        if load_mode not in fmt.LOAD_MODES:
+        if load_mode is not None and load_mode not in fmt.LOAD_MODES:
             raise ValueError(f"load_mode must be one of {fmt.LOAD_MODES}, got {load_mode!r}")
+        if upgrade is not None and upgrade not in UPGRADE_AT_LOAD:
+            raise ValueError(f"upgrade must be one of {UPGRADE_AT_LOAD} or None, got {upgrade!r}")
         self.quant_method = quant_method
         self.bits = bits
         self.group_size = group_size
         self.format_version = format_version
         self.manifest_sha256 = manifest_sha256
-        self.load_mode = load_mode
+        self.load_mode = load_mode  # None: the default (a base's config.json always names one)
+        self.upgrade = upgrade
         self.stages = stages
         # Kept so that a base from a newer p2u-hub fails with to_format's "upgrade p2u-hub", not a TypeError.
         self.__dict__.update(newer_fields)
 
     def get_loading_attributes(self) -> dict:
-        """What a config passed to ``from_pretrained`` may override in the base's (see ``register``)."""
-        return {"load_mode": self.load_mode}
+        """The switches a config passed to ``from_pretrained`` sets over the base's (see ``register``)."""
+        return {name: value for name in ("load_mode", "upgrade") if (value := getattr(self, name)) is not None}
+
+    @property
+    def mode(self) -> str:
+        """The load mode in effect."""
+        return self.load_mode or fmt.DEFAULT_LOAD_MODE
 
     def to_format(self) -> fmt.QuantizationConfig:
         """The validated format object (raises P2UFormatError naming the bad field)."""
-        return fmt.QuantizationConfig.from_json(self.to_dict(), "quantization_config")
+        fields = {name: value for name, value in self.to_dict().items() if value is not None}
+        return fmt.QuantizationConfig.from_json(fields, "quantization_config")
 
 
 @dataclass(frozen=True)
@@ -271,6 +296,7 @@ class P2UHfQuantizer(HfQuantizer):
         self.repo_id: str | None = None
         self.parameters: dict[str, PackedParameter] = {}
         self.stage = 0
+        self.prefetch: Future | None = None  # P2UConfig(upgrade="prefetch"): done once every stage is in the cache
         self._follower_bias_sizes: dict[str, int] = {}
 
     def validate_environment(self, *args, **kwargs) -> None:
@@ -316,7 +342,7 @@ class P2UHfQuantizer(HfQuantizer):
             module.register_parameter(scales_attribute, _meta_parameter(scales, ladder_codec.SCALE_DTYPE))
             if packed.owner is not None:
                 self._tie_for_loading(model, module, packed)
-            if self.quantization_config.load_mode == fmt.LOAD_MODE_PACKED and _can_run_packed(module, packed):
+            if self.quantization_config.mode == fmt.LOAD_MODE_PACKED and _can_run_packed(module, packed):
                 module.__class__ = PACKED_LAYERS[type(module)]
         return model
 
@@ -358,7 +384,24 @@ class P2UHfQuantizer(HfQuantizer):
             if not isinstance(model.get_submodule(packed.module_name), PackedLayer)
         }
         install_expanded(model, dense, lambda packed: expand_loaded(model, packed))
+        self._start_upgrade(model)
         return model
+
+    def _start_upgrade(self, model) -> None:
+        """``P2UConfig(upgrade=...)``: fetch (and merge) the stages in the background, from the end of loading on.
+
+        This runs as the last step of ``from_pretrained`` (transformers has set ``model.hf_quantizer``),
+        and an upgrade swaps nothing before its stages are downloaded and checked.
+        """
+        mode = self.quantization_config.upgrade
+        if mode == UPGRADE_PREFETCH:
+            self.prefetch = Future()
+            release = Release(self.base_dir, repo_id=self.repo_id)
+            threading.Thread(target=_prefetch, args=(release, self.prefetch), name="p2u-prefetch", daemon=True).start()
+        elif mode == UPGRADE_BACKGROUND:
+            from ..upgrade import upgrade
+
+            model.p2u_upgrade = upgrade(model, background=True)
 
     def _check_stored(self, checkpoint_files: list[str]) -> None:
         """Refuse a base missing codes or scales before loading: transformers would initialise uint8 codes at random."""
@@ -389,6 +432,14 @@ class P2UHfQuantizer(HfQuantizer):
     def _incomplete(self, tensor: str, what: str) -> fmt.P2UFormatError:
         files = ", ".join(str(path) for path in fmt.weight_files(self.base_dir, fmt.BASE_WEIGHTS_NAME))
         return fmt.P2UFormatError(f"{files}: tensor {tensor!r}: {what}; this p2u base is incomplete")
+
+
+def _prefetch(release: Release, done: Future) -> None:
+    """Download every stage into the HF cache; an error is kept in ``done`` (``upgrade`` meets it again itself)."""
+    try:
+        done.set_result([release.stage_dir(index) for index in range(1, release.stage_count + 1)])
+    except BaseException as error:  # a background thread's error goes to whoever waits on ``done``
+        done.set_exception(error)
 
 
 def _meta_parameter(size: int, dtype: torch.dtype) -> nn.Parameter:
