@@ -25,8 +25,11 @@ from .evaluate import read_eval, resolve_task
 from .release import Release
 from .summary import summarize
 
-CARRIED_METADATA = ("license", "license_name", "license_link", "language", "datasets")
-"""Metadata of the source card that still holds for a quantized copy (unlike its tags or widget)."""
+CARRIED_METADATA = ("license", "license_name", "license_link", "language", "datasets", "library_name", "pipeline_tag")
+"""Metadata of the source card that still holds for a quantized copy (unlike its tags or widget): a
+sentence-transformers model stays one, its base loading with ``SentenceTransformer``."""
+DEFAULT_LIBRARY = "transformers"
+SENTENCE_TRANSFORMERS = "sentence-transformers"
 NOT_EVALUATED = "not evaluated (run `p2u eval`)"
 HUB_TASKS = {"embedding": "sentence-similarity", "causal-lm": "text-generation", "classification": "text-classification"}
 AUTO_CLASSES = {"embedding": "AutoModel", "causal-lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification"}
@@ -45,7 +48,9 @@ def write_cards(
     Args:
         release_dir: a release folder from ``split`` whose stages are local folders.
         base_model: Hub id of the source model (card metadata ``base_model``); default: the
-            repo the release was split from, when it came from the Hub.
+            ``base_model`` of the card already in the base folder (an earlier ``p2u card
+            --base-model``, kept when ``push`` rewrites the cards), else the repo the release was
+            split from, when it came from the Hub.
         repo_id: Hub repo the base is (or will be) pushed to; enables links and a ready
             ``from_pretrained`` snippet.
         stage_repo_id: repo holding the stage branches; default ``repo_id`` (``branches`` layout).
@@ -60,7 +65,8 @@ def write_cards(
     for entry in release.qconfig.stages:
         if entry.path is None or not (release.base_dir / entry.path / fmt.STAGE_FILE).is_file():
             raise fmt.P2UFormatError(f"{entry.name}: not a local folder; write cards on the output folder of p2u split")
-    context = _CardContext(release, base_model or release.manifest.source_repo, repo_id, stage_repo_id or repo_id)
+    base_model = base_model or _card_base_model(release.base_dir / fmt.README_FILE) or release.manifest.source_repo
+    context = _CardContext(release, base_model, repo_id, stage_repo_id or repo_id)
     written = []
     plot = release.base_dir / fmt.QUALITY_PLOT_FILE
     if context.report is not None:
@@ -90,6 +96,9 @@ class _CardContext:
         self.report = read_eval(release)
         self.config = fmt.read_json(release.base_dir / fmt.CONFIG_FILE)
         self.carried = _source_metadata(release.base_dir / fmt.SOURCE_README_FILE)
+        self.carried.setdefault("library_name", DEFAULT_LIBRARY)
+        self.task = self.report["task"] if self.report else resolve_task("auto", self.config.get("architectures"))
+        self.carried.setdefault("pipeline_tag", HUB_TASKS[self.task])
         self.bits = release.qconfig.bits
         self.title = (base_model or release.base_dir.resolve().parent.name).split("/")[-1]
         self.rows = {stage["name"]: stage for stage in self.summary["stages"]}
@@ -99,7 +108,7 @@ class _CardContext:
     def base_card(self) -> ModelCard:
         data = ModelCardData(
             base_model=self.base_model, base_model_relation="quantized" if self.base_model else None,
-            library_name="transformers", tags=[*TAGS, f"{self.bits}-bit"],
+            tags=[*TAGS, f"{self.bits}-bit"],
             **self.carried, **self._model_index(0, self.repo_id or f"{self.title}-p2u-{self.bits}bit"),
         )  # fmt: skip
         summary = self.summary
@@ -113,7 +122,7 @@ class _CardContext:
             f"{summary['source_bytes']:,} bytes of weights. The delta stages {stage_list} raise its precision step by "
             "step; after the last one the weights are the original's, bit for bit (every tensor is checked against the "
             "source sha256). Serve the base right away and upgrade when the full quality is needed.",
-            "## Usage\n\n```python\n" + self._snippet() + "\n```",
+            "## Usage\n\n```bash\npip install p2u-hub\n```\n\n```python\n" + self._snippet() + "\n```",
             "## Stages\n\n" + self._stage_table(range(self.release.stage_count + 1), with_original=True) + "\n\n" + self._table_notes(),
         ]
         if self.report is not None:
@@ -128,8 +137,7 @@ class _CardContext:
     def stage_card(self, index: int) -> ModelCard:
         name = fmt.stage_dir_name(index)
         data = ModelCardData(
-            base_model=self.repo_id, library_name="transformers",
-            tags=[*TAGS, "p2u-delta", self._bits_label(index)],
+            base_model=self.repo_id, tags=[*TAGS, "p2u-delta", self._bits_label(index)],
             **self.carried, **self._model_index(index, f"{self.repo_id or self.title}-p2u-{name}"),
         )  # fmt: skip
         previous = self._revision(index - 1)
@@ -186,8 +194,16 @@ class _CardContext:
         return f"[`{revision}`]({constants.ENDPOINT}/{repo}/tree/{quote(revision, safe='')})" if repo else f"`{revision}`"
 
     def _snippet(self) -> str:
-        auto_class = AUTO_CLASSES[self.report["task"] if self.report else resolve_task("auto", self.config.get("architectures"))]
+        """Python that runs as written once p2u-hub is installed (the card shows the pip line above it)."""
         repo = self.repo_id or "REPO_ID"  # where p2u push put the base
+        if self.carried["library_name"] == SENTENCE_TRANSFORMERS:
+            return (
+                "import p2u_hub\nfrom sentence_transformers import SentenceTransformer\n"
+                f'model = SentenceTransformer("{repo}")  # the {self.bits}-bit base, ready to use\n'
+                'embeddings = model.encode(["A progressive release sends the low bits first."])\n'
+                "p2u_hub.upgrade(model[0].auto_model)  # optional: fetch the stages and merge them in place, ending bit-exact"
+            )
+        auto_class = AUTO_CLASSES[self.task]
         return (
             "import p2u_hub, transformers\n"
             f'model = transformers.{auto_class}.from_pretrained("{repo}")  # the {self.bits}-bit base, ready to use\n'
@@ -247,13 +263,25 @@ class _CardContext:
         dataset = self.report["dataset"]
         results = [
             EvalResult(
-                task_type=HUB_TASKS[self.report["task"]], dataset_type=dataset["type"], dataset_name=dataset["name"],
+                task_type=HUB_TASKS[self.report["task"]], dataset_type=dataset["type"], dataset_name=_dataset_label(dataset),
                 dataset_split=dataset["split"], metric_type=metric["key"], metric_name=metric["name"],
                 metric_value=round(figures[metric["key"]], 4),
             )  # fmt: skip
             for metric in self.report["metrics"]
         ]
         return {"eval_results": results, "model_name": model_name}
+
+
+def _dataset_label(dataset: dict) -> str:
+    """The model-index dataset name: what was measured, so that no one reads a public benchmark's score into it."""
+    return f"{dataset['name']} ({dataset['samples']} samples of {dataset['source']}, split {dataset['split']})"
+
+
+def _card_base_model(readme: Path) -> str | None:
+    """``base_model`` of a card p2u wrote earlier (None without one)."""
+    if not readme.is_file():
+        return None
+    return ModelCard.load(readme, ignore_metadata_errors=True).data.base_model
 
 
 def _source_metadata(readme: Path) -> dict:

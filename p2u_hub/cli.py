@@ -49,7 +49,10 @@ def _verify(args: argparse.Namespace) -> None:
 def _push(args: argparse.Namespace) -> None:
     from .publish import push
 
-    result = push(args.release, args.repo_id, layout=args.layout, private=args.private, commit_message=args.commit_message)
+    result = push(
+        args.release, args.repo_id, layout=args.layout, private=args.private, commit_message=args.commit_message,
+        base_model=args.base_model,
+    )  # fmt: skip
     print(f"base    {result.repo_id}@main  {result.commit}")
     for stage in result.stages:
         print(f"stage   {stage.repo_id}@{stage.branch}  {stage.commit}")
@@ -156,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--layout", choices=("branches", "repos"), default="branches", help="where stages go")
     push.add_argument("--private", action="store_true", help="create new repos as private")
     push.add_argument("--commit-message", default=None, help="message of the commits")
+    push.add_argument("--base-model", default=None, help="source repo id for the cards' base_model (default: kept from an earlier card, else from the split)")
     push.set_defaults(run=_push)
 
     evaluate = commands.add_parser("eval", help="quality of the original, the base and every stage on a dataset")

@@ -56,6 +56,7 @@ def push(
     private: bool = False,
     commit_message: str | None = None,
     token: str | bool | None = None,
+    base_model: str | None = None,
 ) -> PushResult:
     """Publish a split release: stages first, then the base whose config points at their commits.
 
@@ -73,6 +74,8 @@ def push(
         private: create new repos as private.
         commit_message: message of every commit (default: one naming the part pushed).
         token: Hub token (default: ``HF_TOKEN`` / the stored login).
+        base_model: Hub id of the source model for the cards' ``base_model`` (default: what
+            ``write_cards`` finds: an earlier card's, else the repo the release was split from).
 
     Returns:
         The commits that the base and each stage were published at.
@@ -88,7 +91,7 @@ def push(
     release = verify(release_dir, token=token)
     api = HfApi(token=token)
     stage_repo = repo_id if layout == "branches" else repo_id + DELTA_REPO_SUFFIX
-    write_cards(release_dir, repo_id=repo_id, stage_repo_id=stage_repo)
+    write_cards(release_dir, base_model=base_model, repo_id=repo_id, stage_repo_id=stage_repo)
     try:
         with hub_errors(repo_id):
             for repo in dict.fromkeys((repo_id, stage_repo)):

@@ -79,7 +79,8 @@ def upgrade(model, stage: StageSpec = "full", *, background: bool = False, token
     """Raise ``model``, loaded from a p2u base with ``from_pretrained``, to ``stage`` in place.
 
     Args:
-        model: a transformers model loaded from a p2u base (packed or dense).
+        model: a transformers model loaded from a p2u base (packed or dense), or a peft model
+            wrapping one: its adapters stay and apply on top of the upgraded weights.
         stage: ``"full"`` (the source weights, bit for bit) or a stage index (1 = first delta).
         background: run in a thread and return an ``UpgradeHandle`` at once; the model keeps
             answering at its current precision meanwhile, layer by layer at the new one.
@@ -102,13 +103,16 @@ def upgrade(model, stage: StageSpec = "full", *, background: bool = False, token
             f"{type(model).__name__} has no p2u quantizer: it was not loaded from a p2u base, or it is already "
             "at full precision (then it is a plain transformers model)"
         )
+    wrapper, model = model, _transformers_model(model)
     if not background:
-        return _upgrade(model, quantizer, stage, token, on_layer=None)
+        _upgrade(model, quantizer, stage, token, on_layer=None)
+        return wrapper
     handle = UpgradeHandle()
 
     def run() -> None:
         try:
-            handle._future.set_result(_upgrade(model, quantizer, stage, token, on_layer=handle._report))
+            _upgrade(model, quantizer, stage, token, on_layer=handle._report)
+            handle._future.set_result(wrapper)
         except BaseException as error:  # handed to the caller through result()
             handle._future.set_exception(error)
 
@@ -117,8 +121,14 @@ def upgrade(model, stage: StageSpec = "full", *, background: bool = False, token
     return handle
 
 
+def _transformers_model(model):
+    """The transformers model inside a peft ``PeftModel`` (whose module names are prefixed), else ``model``."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return model if get_base_model is None else get_base_model()
+
+
 def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
-    from .integrations.transformers import install_expanded
+    from .integrations.transformers import install_expanded, placement
 
     with _ONE_AT_A_TIME, torch.no_grad():
         if getattr(model, "hf_quantizer", None) is not quantizer:
@@ -137,8 +147,8 @@ def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
         bars: list[tqdm] = []  # opened at the first layer, when the total is known (no empty bar before it)
 
         def rebuild(packed) -> torch.Tensor:
-            current = model.get_submodule(packed.module_name)._parameters[packed.attribute]
-            return rebuilder.tensor(packed.tensor).to(device=current.device, dtype=packed.layout.dtype)
+            device, dtype = placement(model, packed)
+            return rebuilder.tensor(packed.tensor).to(device=device, dtype=dtype)
 
         def layer_done(done: int, total: int, names: list[str]) -> None:
             stages.update(dict.fromkeys(names, index))

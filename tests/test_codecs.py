@@ -50,6 +50,17 @@ def test_pack_unpack_roundtrip(bits: int):
     assert torch.equal(ladder.unpack(packed, bits), codes)
 
 
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_dequantize_packed_gives_the_bits_of_dequantize(bits: int):
+    torch.manual_seed(bits)
+    groups = torch.randn(64, 32) * torch.logspace(-30, 4, 64).unsqueeze(1)  # tiny (subnormal products) to large scales
+    scales = ladder.base_scales(groups, bits)
+    codes = ladder.quantize(groups, scales, bits, bits)
+    expected = ladder.dequantize(codes, scales, bits, bits)
+    actual = ladder.dequantize_packed(ladder.pack(codes, bits), scales, bits, 32)
+    assert actual.dtype == torch.float32 and torch.equal(actual.view(torch.int32), expected.view(torch.int32))
+
+
 def test_pack_layout_low_nibble_first():
     assert ladder.pack(torch.tensor([-8, 7, 0, 0, 0, 0, 0, 0], dtype=torch.int32), 4)[0].item() == 0xF0
 

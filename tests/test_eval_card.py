@@ -84,6 +84,8 @@ def test_embedding_eval_and_card(bert_release: Path, capsys: pytest.CaptureFixtu
     assert {"p2u", "progressive-precision", "4-bit"} <= set(data.tags) and "source-only-tag" not in data.tags
     assert (data.license, data.language, data.datasets) == ("mit", "en", ["some-org/some-data"])
     assert {r.metric_type: r.metric_value for r in data.eval_results} == {k: round(v, 4) for k, v in base.items()}
+    assert {r.dataset_name for r in data.eval_results} == {"p2u-hub STS pairs (80 samples of p2u_hub/data/sts_pairs.csv, split train)"}
+    assert data.pipeline_tag == "sentence-similarity" and "pip install p2u-hub" in card.text
     assert f"]({fmt.QUALITY_PLOT_FILE})" in card.text and "tree/p2u-stage-1" in card.text
     assert 'from_pretrained("me/tiny-bert-p2u")' in card.text and "p2u_hub.upgrade(model)" in card.text
 
@@ -104,6 +106,7 @@ def test_embedding_eval_and_card(bert_release: Path, capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize("eval_file", ["missing", "of another split"])
 def test_card_without_eval_says_so(bert_release: Path, tmp_path: Path, eval_file: str):
     release = shutil.copytree(bert_release, tmp_path / "release")
+    (release / fmt.BASE_DIR / fmt.README_FILE).unlink(missing_ok=True)  # an earlier card would give its base_model
     (release / fmt.BASE_DIR / fmt.EVAL_FILE).unlink(missing_ok=True)
     (release / fmt.BASE_DIR / fmt.QUALITY_PLOT_FILE).write_bytes(b"stale")
     if eval_file == "of another split":

@@ -131,3 +131,17 @@ def test_push_with_xet_on_a_hub_without_it_names_the_setting(release, local_hub:
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_DISABLE_XET", False)
     with pytest.raises(HubError, match=rf"{REPO}: Xet storage failed .*xet-write-token.*needs HF_HUB_DISABLE_XET=1"):
         push(release, REPO)
+
+
+def test_push_keeps_the_base_model_and_follows_the_source_library(minilm_dir, local_hub: LocalHub, tmp_path):
+    from p2u_hub.card import write_cards
+
+    release = p2u_hub.split(minilm_dir, tmp_path / "release", stages=())
+    write_cards(release, base_model="sentence-transformers/all-MiniLM-L6-v2")
+    push(release, "local/minilm-p2u")  # rewrites the cards with the repo's links
+    card = ModelCard.load(hf_hub_download("local/minilm-p2u", "README.md"))
+    assert (card.data.base_model, card.data.base_model_relation) == ("sentence-transformers/all-MiniLM-L6-v2", "quantized")
+    assert (card.data.library_name, card.data.pipeline_tag) == ("sentence-transformers", "sentence-similarity")
+    assert "pip install p2u-hub" in card.text and 'SentenceTransformer("local/minilm-p2u")' in card.text
+    push(release, "local/minilm-p2u", base_model="org/another-source")
+    assert ModelCard.load(hf_hub_download("local/minilm-p2u", "README.md")).data.base_model == "org/another-source"

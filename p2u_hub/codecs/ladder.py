@@ -105,12 +105,26 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
     Pure torch so that packed weights can be expanded on any device inside ``forward``.
     """
+    return unpack_unsigned(packed, bits).reshape(-1).to(torch.int32) - (1 << (bits - 1))
+
+
+def unpack_unsigned(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The stored unsigned codes ``v + 2**(bits-1)``, flat: uint8 when ``bits`` divides 8 (byte-wide ops only), else int64."""
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        unsigned = (packed.reshape(-1, 1) >> shifts) & ((1 << bits) - 1)
-    else:
-        byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
-        words = (packed.reshape(-1, bits).to(torch.int64) << byte_shifts).sum(dim=1, keepdim=True)
-        shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
-        unsigned = (words >> shifts) & ((1 << bits) - 1)
-    return (unsigned.reshape(-1).to(torch.int32) - (1 << (bits - 1)))
+        return ((packed.reshape(-1, 1) >> shifts) & ((1 << bits) - 1)).reshape(-1)
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
+    words = (packed.reshape(-1, bits).to(torch.int64) << byte_shifts).sum(dim=1, keepdim=True)
+    shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
+    return ((words >> shifts) & ((1 << bits) - 1)).reshape(-1)
+
+
+def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``dequantize`` at the base width straight from packed codes: float32, shape ``(groups, group_size)``.
+
+    The same bits as ``dequantize(unpack(...))``: ``u - (2**(bits-1) - 0.5)`` equals ``v + 0.5``
+    exactly in float32, and the one multiply is the same. It skips the signed int32 codes, about
+    5x faster, which is what a packed layer pays in every forward.
+    """
+    values = unpack_unsigned(packed, bits).view(-1, group_size).to(torch.float32)
+    return values.sub_((1 << (bits - 1)) - 0.5).mul_(scales.to(torch.float32).unsqueeze(1))

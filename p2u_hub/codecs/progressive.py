@@ -247,8 +247,7 @@ def _decode_block(
 
 def dequantize_packed(packed_codes: torch.Tensor, scales: torch.Tensor, spec: Ladder, shape, dtype) -> torch.Tensor:
     """The base tensor from its packed codes: what a packed layer computes in ``forward``."""
-    codes = ladder.unpack(packed_codes, spec.base_bits).view(-1, spec.group_size)
-    values = ladder.dequantize(codes, scales.to(codes.device), spec.base_bits, spec.base_bits)
+    values = ladder.dequantize_packed(packed_codes, scales.to(packed_codes.device), spec.base_bits, spec.group_size)
     return values.reshape(-1)[: math.prod(shape)].reshape(shape).to(dtype)
 
 

@@ -16,16 +16,26 @@ transformers' ordinary loader fills, places and ties them like any other weight.
 * ``"dense"`` (the fast-forward choice): every weight is expanded once, after loading, into the
   model's dtype, and the layers are the plain transformers layers again.
 
-Weights of other layer types are expanded after loading in both modes. Choose the mode in the
+After loading, codes and scales are buffers (see ``PackedLayer``): the model's parameters are its
+float tensors, as tools expect of bitsandbytes and HQQ models. Weights of other layer types are
+expanded after loading in both modes. Choose the mode in the
 base's ``config.json`` (``quantization_config.load_mode``) or when loading:
 ``AutoModel.from_pretrained(path, quantization_config=P2UConfig(load_mode="dense"))``.
+
+Progressive loading without extra calls: ``P2UConfig(upgrade="prefetch")`` starts downloading
+every stage in a background thread as soon as the base has loaded, so a later
+``p2u_hub.upgrade(model)`` only merges (it waits for a download still under way);
+``P2UConfig(upgrade="background")`` also merges them, as ``p2u_hub.upgrade(model, background=True)``
+does, while the base serves: ``model.p2u_upgrade`` is that run's ``UpgradeHandle``.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,13 +57,20 @@ from ..storage import file_tensor_digests, safetensors_header
 
 logger = logging.get_logger(__name__)
 
+UPGRADE_PREFETCH = "prefetch"
+UPGRADE_BACKGROUND = "background"
+UPGRADE_AT_LOAD = (UPGRADE_PREFETCH, UPGRADE_BACKGROUND)
+"""Values of ``P2UConfig(upgrade=...)``: what starts right after the base has loaded."""
+
 
 class P2UConfig(QuantizationConfigMixin):
     """The ``quantization_config`` block of a p2u base's config.json, as transformers holds it.
 
     The fields are those of :class:`p2u_hub.format.QuantizationConfig`. Passed to
-    ``from_pretrained``, only ``load_mode`` is used (transformers takes every other field from the
-    base): ``P2UConfig(load_mode="dense")`` loads a base dense whatever its config.json says.
+    ``from_pretrained``, only the loading switches given are used (transformers takes every other
+    field from the base): ``P2UConfig(load_mode="dense")`` loads a base dense whatever its
+    config.json says; ``upgrade`` ("prefetch" or "background", see the module docstring) is a
+    switch of this load only, never written to a base.
     """
 
     def __init__(
@@ -62,30 +79,40 @@ class P2UConfig(QuantizationConfigMixin):
         group_size: int | None = None,
         manifest_sha256: str | None = None,
         stages: list[dict] | None = None,
-        load_mode: str = fmt.DEFAULT_LOAD_MODE,
+        load_mode: str | None = None,
         format_version: int = fmt.FORMAT_VERSION,
         quant_method: str = fmt.QUANT_METHOD,
+        upgrade: str | None = None,
         **newer_fields,
     ):
-        if load_mode not in fmt.LOAD_MODES:
+        if load_mode is not None and load_mode not in fmt.LOAD_MODES:
             raise ValueError(f"load_mode must be one of {fmt.LOAD_MODES}, got {load_mode!r}")
+        if upgrade is not None and upgrade not in UPGRADE_AT_LOAD:
+            raise ValueError(f"upgrade must be one of {UPGRADE_AT_LOAD} or None, got {upgrade!r}")
         self.quant_method = quant_method
         self.bits = bits
         self.group_size = group_size
         self.format_version = format_version
         self.manifest_sha256 = manifest_sha256
-        self.load_mode = load_mode
+        self.load_mode = load_mode  # None: the default (a base's config.json always names one)
+        self.upgrade = upgrade
         self.stages = stages
         # Kept so that a base from a newer p2u-hub fails with to_format's "upgrade p2u-hub", not a TypeError.
         self.__dict__.update(newer_fields)
 
     def get_loading_attributes(self) -> dict:
-        """What a config passed to ``from_pretrained`` may override in the base's (see ``register``)."""
-        return {"load_mode": self.load_mode}
+        """The switches a config passed to ``from_pretrained`` sets over the base's (see ``register``)."""
+        return {name: value for name in ("load_mode", "upgrade") if (value := getattr(self, name)) is not None}
+
+    @property
+    def mode(self) -> str:
+        """The load mode in effect."""
+        return self.load_mode or fmt.DEFAULT_LOAD_MODE
 
     def to_format(self) -> fmt.QuantizationConfig:
         """The validated format object (raises P2UFormatError naming the bad field)."""
-        return fmt.QuantizationConfig.from_json(self.to_dict(), "quantization_config")
+        fields = {name: value for name, value in self.to_dict().items() if value is not None}
+        return fmt.QuantizationConfig.from_json(fields, "quantization_config")
 
 
 @dataclass(frozen=True)
@@ -134,31 +161,63 @@ class PackedParameter:
 class PackedLayer:
     """A layer whose ``weight`` is still packed codes: it expands the weight at the start of each forward.
 
-    ``p2u_layout`` (a PackedLayout) says how. An upgrade (``install_parameters``) replaces
-    ``_parameters`` in one assignment, swapping the codes for a dense weight, then drops the
-    scales, restores the plain class and deletes ``p2u_layout``. Reading in the opposite order
+    ``p2u_layout`` (a PackedLayout) says how. The codes and scales are buffers, not parameters, as
+    in bitsandbytes' and HQQ's layers: ``model.parameters()`` holds float tensors only, so code
+    that reads a model's dtype from its first parameter (sentence-transformers, peft) sees the
+    compute dtype, and optimizers never see the codes. An upgrade (``install_parameters``) first
+    gives ``_parameters`` the dense weight in one assignment, then drops codes and scales from
+    ``_buffers``, restores the plain class and deletes ``p2u_layout``. Reading in the opposite order
     (layout, buffers, parameters) gives either the codes with their scales and layout or the dense
     weight, never a mix, even while another thread upgrades the layer. The ``forward`` methods call
     ``PackedLayer.p2u_weight(self)``, not ``self.p2u_weight()``: a forward that started just before the
     upgrade restored the plain class would not find the method on it.
     """
 
-    def p2u_weight(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight, or only its ``rows`` (then only the groups holding them are expanded)."""
+    def p2u_weight(self, dtype: torch.dtype | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight in ``dtype`` (default: the layer's), or only its ``rows`` (then only their groups are expanded)."""
         layout: PackedLayout | None = self.__dict__.get("p2u_layout")
         buffers = self._buffers
-        weight = self._parameters["weight"]
-        if weight.is_floating_point():
-            return weight if rows is None else weight[rows]
+        codes = buffers.get("weight")
+        if codes is None:
+            weight = self._parameters["weight"]
+            weight = weight if rows is None else weight[rows]
+            return weight if dtype is None else weight.to(dtype)
+        dtype = dtype or layout.dtype
         scales = buffers[fmt.scales_key("weight")]
         if rows is None:
-            return dequantize_packed(weight, scales, layout.ladder, layout.shape, layout.dtype)
-        return _expand_rows(weight, scales, layout, rows)
+            return dequantize_packed(codes, scales, layout.ladder, layout.shape, dtype)
+        return _expand_rows(codes, scales, layout, rows, dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layer outputs (``model.to(dtype)`` changes it); peft gives adapters this dtype, as for bitsandbytes."""
+        layout: PackedLayout | None = self.__dict__.get("p2u_layout")
+        return layout.dtype if layout is not None else self._parameters["weight"].dtype
+
+    def _apply(self, fn, recurse: bool = True):
+        """``model.to(dtype)``, ``.to(device)``: move codes and scales, never cast them; compute in the new dtype.
+
+        nn.Module casts every floating buffer, and the float16 scales must stay exact; the layer
+        learns the new dtype by applying ``fn`` to an empty tensor of its current one.
+        """
+        layout: PackedLayout | None = self.__dict__.get("p2u_layout")
+        scales_key = fmt.scales_key("weight")
+        scales = self._buffers.get(scales_key)
+        if layout is None or scales is None:
+            return super()._apply(fn, recurse)
+        target = fn(torch.empty(0, dtype=layout.dtype, device=scales.device))
+        super()._apply(fn, recurse)
+        self._buffers[scales_key] = scales.to(self._buffers[scales_key].device)
+        _mark_logical_shape(self._buffers["weight"], layout.shape)
+        self.p2u_layout = replace(layout, dtype=target.dtype)
+        return self
 
 
 class PackedLinear(PackedLayer, nn.Linear):
+    """Computes in the input's dtype, as bitsandbytes' and HQQ's layers do (mixed-precision training feeds float32)."""
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(input, PackedLayer.p2u_weight(self), self.bias)
+        return nn.functional.linear(input, PackedLayer.p2u_weight(self, input.dtype), _cast(self.bias, input.dtype))
 
 
 class PackedEmbedding(PackedLayer, nn.Embedding):
@@ -166,13 +225,28 @@ class PackedEmbedding(PackedLayer, nn.Embedding):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.max_norm is None:
-            return PackedLayer.p2u_weight(self, input)  # what F.embedding computes; padding_idx and the rest only shape gradients
+            return PackedLayer.p2u_weight(self, rows=input)  # what F.embedding computes; padding_idx and the rest only shape gradients
         return nn.functional.embedding(
             input, PackedLayer.p2u_weight(self), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
         )
 
 
-def _expand_rows(codes: torch.Tensor, scales: torch.Tensor, layout: PackedLayout, rows: torch.Tensor) -> torch.Tensor:
+def _cast(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+
+
+def _mark_logical_shape(codes: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Tell peft the weight's shape: it reads a ``Conv1D``'s from ``weight.ds_shape`` when present.
+
+    DeepSpeed ZeRO-3 sets that attribute on parameters whose data is a placeholder, as the codes
+    are for the weight; peft takes ``in_features``/``out_features`` from it, never the data.
+    """
+    codes.ds_shape = torch.Size(shape)
+
+
+def _expand_rows(
+    codes: torch.Tensor, scales: torch.Tensor, layout: PackedLayout, rows: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Rows of a packed weight, the same values as indexing the fully expanded one.
 
     Groups run over the flattened weight and each fills ``group_size * bits / 8`` whole bytes, so
@@ -182,15 +256,16 @@ def _expand_rows(codes: torch.Tensor, scales: torch.Tensor, layout: PackedLayout
     row_size = math.prod(layout.shape[1:])
     elements = rows.reshape(-1, 1) * row_size + torch.arange(row_size, device=rows.device)
     groups, position = torch.unique(elements // ladder.group_size, return_inverse=True)
-    group_codes = ladder_codec.unpack(codes.view(-1, ladder.group_size * ladder.base_bits // 8)[groups], ladder.base_bits)
-    values = ladder_codec.dequantize(group_codes.view(-1, ladder.group_size), scales[groups], ladder.base_bits, ladder.base_bits)
-    return values[position, elements % ladder.group_size].reshape(*rows.shape, *layout.shape[1:]).to(layout.dtype)
+    group_bytes = codes.view(-1, ladder.group_size * ladder.base_bits // 8)[groups]
+    values = ladder_codec.dequantize_packed(group_bytes, scales[groups], ladder.base_bits, ladder.group_size)
+    return values[position, elements % ladder.group_size].reshape(*rows.shape, *layout.shape[1:]).to(dtype)
 
 
 class PackedConv1D(PackedLayer, Conv1D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size_out = x.size()[:-1] + (self.nf,)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), PackedLayer.p2u_weight(self)).view(size_out)
+        weight = PackedLayer.p2u_weight(self, x.dtype)
+        return torch.addmm(_cast(self.bias, x.dtype), x.view(-1, x.size(-1)), weight).view(size_out)
 
 
 PACKED_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
@@ -226,6 +301,7 @@ class P2UHfQuantizer(HfQuantizer):
         self.parameters: dict[str, PackedParameter] = {}
         self.stage = 0
         self.layer_stages: dict[str, int] = {}
+        self.prefetch: Future | None = None  # P2UConfig(upgrade="prefetch"): done once every stage is in the cache
         self._follower_bias_sizes: dict[str, int] = {}
 
     def validate_environment(self, *args, **kwargs) -> None:
@@ -240,7 +316,23 @@ class P2UHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters (peft) train on a packed base, as on a bitsandbytes one; the codes are buffers, never trained."""
+        return True
+
+    def dequantize(self, model, dtype=None):
+        """``model.dequantize(dtype=None)``: as transformers', but no ``dtype`` keeps each layer's own.
+
+        transformers would default ``dtype`` to ``config.dtype``, which ``model.to(dtype)`` leaves
+        at the loading dtype: a bfloat16 model would get float32 weights.
+        """
+        model = self._dequantize(model, dtype)
+        self.remove_quantization_config(model)
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """Every quantized weight expanded at the base's precision into a plain layer, in ``dtype`` or the layer's."""
+        install_expanded(model, self.parameters, lambda packed: expand_loaded(model, packed, dtype))
+        return model
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None, **kwargs):
         self.base_dir, self.repo_id = locate_base(model.config.name_or_path, checkpoint_files)
@@ -255,7 +347,7 @@ class P2UHfQuantizer(HfQuantizer):
             module.register_parameter(scales_attribute, _meta_parameter(scales, ladder_codec.SCALE_DTYPE))
             if packed.owner is not None:
                 self._tie_for_loading(model, module, packed)
-            if self.quantization_config.load_mode == fmt.LOAD_MODE_PACKED and _can_run_packed(module, packed):
+            if self.quantization_config.mode == fmt.LOAD_MODE_PACKED and _can_run_packed(module, packed):
                 module.__class__ = PACKED_LAYERS[type(module)]
         return model
 
@@ -276,12 +368,15 @@ class P2UHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         for packed in self.parameters.values():
             self._check_arrived(model, packed)
+        buffers: dict[torch.Tensor, torch.Tensor] = {}  # one buffer per loaded tensor (hashed by identity): tied codes stay one object
         for packed in self.parameters.values():
             module = model.get_submodule(packed.module_name)
             if packed.owner is not None:
                 _untie_after_loading(model, packed)
-            scales_attribute = packed.attributes[1]
-            module.register_buffer(scales_attribute, module._parameters.pop(scales_attribute).detach())
+            for attribute in packed.attributes:  # codes and scales become buffers (see PackedLayer)
+                loaded = module._parameters.pop(attribute)
+                module.register_buffer(attribute, buffers.setdefault(loaded, loaded.detach()))
+            _mark_logical_shape(module._buffers[packed.attribute], packed.layout.shape)
             if isinstance(module, PackedLayer):
                 module.p2u_layout = packed.layout
         for module_name, size in self._follower_bias_sizes.items():
@@ -294,7 +389,24 @@ class P2UHfQuantizer(HfQuantizer):
             if not isinstance(model.get_submodule(packed.module_name), PackedLayer)
         }
         install_expanded(model, dense, lambda packed: expand_loaded(model, packed))
+        self._start_upgrade(model)
         return model
+
+    def _start_upgrade(self, model) -> None:
+        """``P2UConfig(upgrade=...)``: fetch (and merge) the stages in the background, from the end of loading on.
+
+        This runs as the last step of ``from_pretrained`` (transformers has set ``model.hf_quantizer``),
+        and an upgrade swaps nothing before its stages are downloaded and checked.
+        """
+        mode = self.quantization_config.upgrade
+        if mode == UPGRADE_PREFETCH:
+            self.prefetch = Future()
+            release = Release(self.base_dir, repo_id=self.repo_id)
+            threading.Thread(target=_prefetch, args=(release, self.prefetch), name="p2u-prefetch", daemon=True).start()
+        elif mode == UPGRADE_BACKGROUND:
+            from ..upgrade import upgrade
+
+            model.p2u_upgrade = upgrade(model, background=True)
 
     def _check_stored(self, checkpoint_files: list[str], manifest: fmt.Manifest) -> None:
         """Refuse a base missing codes or scales, or whose bytes fail the manifest's ``base_sha256``, before loading.
@@ -338,6 +450,14 @@ class P2UHfQuantizer(HfQuantizer):
     def _incomplete(self, tensor: str, what: str) -> fmt.P2UFormatError:
         files = ", ".join(str(path) for path in fmt.weight_files(self.base_dir, fmt.BASE_WEIGHTS_NAME))
         return fmt.P2UFormatError(f"{files}: tensor {tensor!r}: {what}; this p2u base is incomplete")
+
+
+def _prefetch(release: Release, done: Future) -> None:
+    """Download every stage into the HF cache; an error is kept in ``done`` (``upgrade`` meets it again itself)."""
+    try:
+        done.set_result([release.stage_dir(index) for index in range(1, release.stage_count + 1)])
+    except BaseException as error:  # a background thread's error goes to whoever waits on ``done``
+        done.set_exception(error)
 
 
 def _meta_parameter(size: int, dtype: torch.dtype) -> nn.Parameter:
@@ -432,14 +552,32 @@ def plan_parameters(model, manifest: fmt.Manifest) -> dict[str, PackedParameter]
     return plan | followers
 
 
-def expand_loaded(model, packed: PackedParameter) -> torch.Tensor:
-    """The base weight of ``packed`` expanded from the codes and scales in memory."""
-    module = model.get_submodule(packed.module_name)
+def expand_loaded(model, packed: PackedParameter, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The base weight of ``packed`` expanded from the codes and scales in memory, in ``dtype`` (default: the layer's)."""
+    module = quantized_layer(model, packed.module_name)
     codes_attribute, scales_attribute = packed.attributes
     layout = packed.layout
     return dequantize_packed(
-        module._parameters[codes_attribute], module._buffers[scales_attribute], layout.ladder, layout.shape, layout.dtype
-    )
+        module._buffers[codes_attribute], module._buffers[scales_attribute], layout.ladder, layout.shape,
+        dtype or placement(model, packed)[1],
+    )  # fmt: skip
+
+
+def quantized_layer(model, module_name: str) -> nn.Module:
+    """The module holding a quantized weight; through a peft adapter wrapping it (``get_base_layer``)."""
+    module = model.get_submodule(module_name)
+    get_base_layer = getattr(module, "get_base_layer", None)
+    return module if get_base_layer is None else get_base_layer()
+
+
+def placement(model, packed: PackedParameter) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype a new value of ``packed`` takes: where the layer computes now (after any ``model.to``)."""
+    module = quantized_layer(model, packed.module_name)
+    current = module._parameters.get(packed.attribute)
+    if current is not None:  # already dense (an intermediate stage, or a layer type that cannot run packed)
+        return current.device, current.dtype
+    layout: PackedLayout | None = module.__dict__.get("p2u_layout")
+    return module._buffers[packed.attribute].device, layout.dtype if layout is not None else packed.layout.dtype
 
 
 def install_expanded(
@@ -461,7 +599,7 @@ def install_expanded(
     installed: dict[str, nn.Parameter] = {}
     batches = _module_batches(parameters)
     for done, (module_name, group) in enumerate(batches, start=1):
-        module = model.get_submodule(module_name)
+        module = quantized_layer(model, module_name)
         tensors = {}
         for packed in group:
             source = installed.get(packed.owner)
@@ -489,16 +627,18 @@ def install_parameters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> N
     """Replace parameters of ``module`` by plain ``tensors`` (attribute -> tensor) in one step.
 
     The new parameter dict is built aside and assigned with a single reference store, which a
-    forward in another thread sees entirely or not at all; only then are the scales of the
-    replaced codes dropped and a packed layer given back its plain class, then its layout
-    deleted (see ``PackedLayer``).
+    forward in another thread sees entirely or not at all; only then are the replaced codes and
+    their scales dropped from the buffers and a packed layer given back its plain class, then its
+    layout deleted (see ``PackedLayer``).
     """
-    parameters = {}
-    for attribute, current in module._parameters.items():
-        new = tensors.get(attribute, current)
-        parameters[attribute] = new if isinstance(new, nn.Parameter) or new is None else nn.Parameter(new)
+    replaced = {attribute: tensors.get(attribute, current) for attribute, current in module._parameters.items()}
+    new = {attribute: tensor for attribute, tensor in tensors.items() if attribute not in module._parameters}
+    parameters = {
+        attribute: tensor if isinstance(tensor, nn.Parameter) or tensor is None else nn.Parameter(tensor)
+        for attribute, tensor in (new | replaced).items()
+    }  # a weight coming from the buffers goes first, where the plain layer has it
     module.__dict__["_parameters"] = parameters
-    dropped = {fmt.scales_key(attribute) for attribute in tensors}
+    dropped = set(tensors) | {fmt.scales_key(attribute) for attribute in tensors}
     module.__dict__["_buffers"] = {name: buffer for name, buffer in module._buffers.items() if name not in dropped}
     if type(module) in PLAIN_LAYERS:
         module.__class__ = PLAIN_LAYERS[type(module)]
