@@ -21,7 +21,9 @@ import torch
 
 from .codecs.progressive import Ladder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3
+GRID_OFFSETS_VERSION = 3
+"""First format version with per-group grid offsets and per-tensor base widths (older bases read as offset 0, one width)."""
 QUANT_METHOD = "p2u"
 
 CONFIG_FILE = "config.json"
@@ -46,6 +48,8 @@ DEFAULT_LOAD_MODE = LOAD_MODE_PACKED
 
 SCALES_SUFFIX = "_p2u_scales"
 """A quantized tensor ``N`` is stored in the base as ``N`` (packed uint8 codes) and ``N`` + this suffix (float16 scales)."""
+OFFSETS_SUFFIX = "_p2u_offsets"
+"""... and ``N`` + this suffix (packed per-group grid offsets, uint8), from GRID_OFFSETS_VERSION on."""
 
 CODEC_LADDER = "ladder"
 CODEC_EXACT = "exact"
@@ -85,6 +89,10 @@ def stage_name(index: int) -> str:
 
 def scales_key(name: str) -> str:
     return name + SCALES_SUFFIX
+
+
+def offsets_key(name: str) -> str:
+    return name + OFFSETS_SUFFIX
 
 
 def shard_file_name(prefix: str, index: int, count: int) -> str:
@@ -142,11 +150,14 @@ class TensorEntry:
     codec: str  # CODEC_LADDER or CODEC_EXACT
     sha256: str  # of the source bytes
     alias_of: str | None = None  # a tied/shared tensor: stored once, under this name
+    bits: int | None = None  # base width of a stored ladder tensor (None: the ladder's base_bits, format < 3)
 
     def to_json(self) -> dict:
         entry = {"shape": self.shape, "dtype": self.dtype, "codec": self.codec, "sha256": self.sha256}
         if self.alias_of is not None:
             entry["alias_of"] = self.alias_of
+        if self.bits is not None:
+            entry["bits"] = self.bits
         return entry
 
     @property
@@ -211,11 +222,14 @@ class Manifest:
     source_index_metadata: dict | None = None  # its ``metadata`` block
     source_repo: str | None = None
     source_revision: str | None = None
+    format_version: int = FORMAT_VERSION
+    allocation: dict | None = None  # how split chose the per-tensor widths (method, budget, measured sensitivity)
 
     def to_json(self) -> dict:
-        return {
+        allocation = {} if self.allocation is None else {"allocation": self.allocation}
+        return allocation | {
             "format": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "ladder": {
                 "base_bits": self.ladder.base_bits,
                 "stage_bits": list(self.ladder.stage_bits),
@@ -250,17 +264,29 @@ class Manifest:
                 )
             ladder = Ladder(data["ladder"]["base_bits"], tuple(data["ladder"]["stage_bits"]), data["ladder"]["group_size"])
             tensors = {
-                name: TensorEntry(list(t["shape"]), t["dtype"], t["codec"], t["sha256"], t.get("alias_of"))
+                name: TensorEntry(list(t["shape"]), t["dtype"], t["codec"], t["sha256"], t.get("alias_of"), t.get("bits"))
                 for name, t in data["tensors"].items()
             }
             source = data["source"]
             files = {name: SourceFile(f["metadata"], list(f["tensors"])) for name, f in source["files"].items()}
             return cls(
                 ladder, tensors, files, source.get("index_file"), source.get("index_metadata"),
-                source.get("repo_id"), source.get("revision"),
+                source.get("repo_id"), source.get("revision"), int(data["format_version"]), data.get("allocation"),
             )  # fmt: skip
         except (KeyError, TypeError) as error:
             raise P2UFormatError(f"{origin}: malformed manifest (missing or bad field {error})") from None
+
+    @property
+    def has_offsets(self) -> bool:
+        """Whether quantized tensors carry grid offsets (older bases: every offset is 0)."""
+        return self.format_version >= GRID_OFFSETS_VERSION
+
+    def tensor_ladder(self, name: str) -> Ladder:
+        """The ladder of stored tensor ``name``: its own base width, the release's stages and group size."""
+        bits = self.tensors[name].bits
+        if bits is None:
+            return self.ladder
+        return Ladder(bits, self.ladder.stage_bits, self.ladder.group_size)
 
     def stored_tensors(self) -> dict[str, TensorEntry]:
         """Tensors stored under their own name (aliases point at one of these)."""

@@ -131,9 +131,10 @@ class TensorRebuilder:
             self._check_source_bytes(name, tensor, entry)
             return tensor
         deltas = [self._payload(folder, record, reader, stored_name) for folder, record, reader in self._stages]
+        offsets = self._base.get(fmt.offsets_key(stored_name)) if manifest.has_offsets else None
         tensor = progressive.decode(
-            self._base.get(stored_name), self._base.get(fmt.scales_key(stored_name)), deltas,
-            manifest.ladder, tuple(entry.shape), entry.torch_dtype,
+            self._base.get(stored_name), self._base.get(fmt.scales_key(stored_name)), offsets, deltas,
+            manifest.tensor_ladder(stored_name), tuple(entry.shape), entry.torch_dtype,
         )  # fmt: skip
         if self.full:
             self._check_source_bytes(name, tensor, entry)

@@ -89,9 +89,11 @@ def split(
                 base.add(name, tensor)
                 continue
             stored_by_content[content_key] = name
+            entry.bits = spec.base_bits
             encoded = progressive.encode(tensor, spec)
             base.add(name, encoded.packed_codes)
             base.add(fmt.scales_key(name), encoded.scales)
+            base.add(fmt.offsets_key(name), encoded.offsets)
             for writer, record, delta in zip(deltas, payloads, encoded.deltas):
                 writer.add(name, torch.frombuffer(bytearray(delta), dtype=torch.uint8) if delta else torch.empty(0, dtype=torch.uint8))
                 record[name] = {"sha256": fmt.sha256_bytes(delta), "bytes": len(delta)}

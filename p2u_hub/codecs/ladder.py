@@ -1,20 +1,27 @@
-"""Nested integer ladder: group-wise mid-rise quantization whose low-bit codes are bit
-prefixes of the high-bit codes.
+"""Nested integer ladder: group-wise mid-rise quantization on an asymmetric, clipped grid whose
+low-bit codes are bit prefixes of the high-bit codes.
 
-Arithmetic (see docs/format.md, "Ladder"):
+Arithmetic (see docs/format.md, "The ladder"):
 
 * A tensor is flattened (row-major), zero-padded to a multiple of ``group_size`` and cut
   into groups of ``group_size`` consecutive elements.
-* Each group has one scale for the base width ``b``: ``s_b = fp16(absmax / (2**(b-1) - 0.5))``.
-  A width ``h >= b`` uses ``s_h = s_b * 2**-(h-b)`` (exact in float32).
-* Codes are mid-rise: ``v_h = clamp(floor(w / s_h), -2**(h-1), 2**(h-1) - 1)`` and the
-  reconstruction is ``(v_h + 0.5) * s_h``. Every bin at width ``l`` is the union of
-  ``2**(h-l)`` bins at width ``h``, so ``v_l = v_h >> (h-l)`` (arithmetic shift) exactly,
-  and raising ``l`` to ``h`` needs only the ``h-l`` low bits ``v_h & (2**(h-l) - 1)``.
-  This is the Matryoshka / Double Rounding ladder ``q_low = round(q_high / 2**(h-l))``
-  written for a mid-rise grid, where floor replaces round and no clipping is ever needed.
-* Dequantization is one float32 multiply of exact operands, so it gives the same bits on
-  every IEEE-754 machine; the lossless stage relies on that.
+* Each group has a float16 scale ``s_b`` for the base width ``b`` and an integer *offset*
+  ``o`` in ``[-2**(b-1), 2**(b-1))`` (in base steps) that moves the grid towards the group's
+  weights: an asymmetric grid. A width ``h >= b`` uses ``s_h = s_b * 2**-(h-b)`` and the
+  offset ``o * 2**(h-b)`` (both exact).
+* Codes are mid-rise: ``v_h = clamp(floor(w / s_h + o * 2**(h-b)), -2**(h-1), 2**(h-1) - 1)``
+  and the reconstruction is ``(v_h - o * 2**(h-b) + 0.5) * s_h``. Every bin at width ``l`` is
+  the union of ``2**(h-l)`` bins at width ``h`` (the clamp limits too), so
+  ``v_l = v_h >> (h-l)`` (arithmetic shift) exactly, and raising ``l`` to ``h`` needs only
+  the ``h-l`` low bits ``v_h & (2**(h-l) - 1)``. This is the Matryoshka / Double Rounding
+  ladder ``q_low = round(q_high / 2**(h-l))`` written for a mid-rise grid.
+* ``s_b`` and ``o`` are chosen per group by a search (``base_grid``) minimising the squared
+  weight error at the base width: the grid may clip a few outlying weights, which the higher
+  widths keep clamped and the lossless stage restores. Only the base grid is searched; every
+  higher width derives from it, which is what keeps the ladder nested.
+* Dequantization is exact or correctly rounded float32 arithmetic, so it gives the same bits
+  on every IEEE-754 machine; the lossless stage relies on that. With every offset 0 and the
+  absmax scale the grid is the symmetric one of format versions 1-2, bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import torch
 
 SCALE_DTYPE = torch.float16
 _SCALE_MAX = torch.finfo(SCALE_DTYPE).max
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))
+"""Fractions of a group's weight range the base grid search tries to cover (1.0 down to 0.5)."""
 
 
 def group_count(numel: int, group_size: int) -> int:
@@ -41,15 +50,59 @@ def to_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def base_scales(groups: torch.Tensor, bits: int) -> torch.Tensor:
-    """One float16 scale per group so that the outermost base level sits on the group's absmax.
+    """Symmetric float16 scales (offset 0): the outermost base level sits on the group's absmax.
 
-    Non-finite weights are ignored when taking the absmax (the lossless stage restores
-    them); scales saturate at the float16 maximum instead of becoming infinite.
+    The grid of format versions 1-2, and the first candidate of ``base_grid``. Non-finite
+    weights are ignored (the lossless stage restores them); scales saturate at the float16
+    maximum instead of becoming infinite.
     """
-    finite = torch.nan_to_num(groups, nan=0.0, posinf=0.0, neginf=0.0)
-    absmax = finite.abs().amax(dim=1)
-    scales = absmax / (2.0 ** (bits - 1) - 0.5)
-    return scales.clamp(max=_SCALE_MAX).to(SCALE_DTYPE)
+    absmax = _finite(groups).abs().amax(dim=1)
+    return _to_scale(absmax / (2.0 ** (bits - 1) - 0.5))
+
+
+def base_grid(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the float16 scale and integer offset of the base grid with the least squared error.
+
+    Candidates: the symmetric absmax grid (so the result is never worse than it), and for every
+    ratio ``r`` in ``CLIP_RATIOS`` a grid of ``2**bits`` steps covering ``r`` times the group's
+    range ``[min, max]``, centred on the range's middle with the offset rounded down and up.
+    The error is measured at the base width on the group's finite weights.
+
+    Returns:
+        ``(scales, offsets)``: float16 and int32, one per group.
+    """
+    finite = _finite(groups)
+    low, high = finite.amin(dim=1), finite.amax(dim=1)
+    best_scales = base_scales(groups, bits)
+    best_offsets = torch.zeros(groups.shape[0], dtype=torch.int32)
+    best_error = _grid_error(finite, best_scales, best_offsets, bits)
+    limit = 2 ** (bits - 1)
+    for ratio in CLIP_RATIOS:
+        scales = _to_scale((high - low) * ratio / 2.0**bits)
+        step = scales.to(torch.float32)
+        centre = torch.where(step > 0, -(high + low) / (2 * step), torch.zeros_like(step))
+        for offsets in (centre.floor(), centre.ceil()):
+            offsets = offsets.clamp(-limit, limit - 1).to(torch.int32)
+            error = _grid_error(finite, scales, offsets, bits)
+            better = error < best_error
+            best_scales = torch.where(better, scales, best_scales)
+            best_offsets = torch.where(better, offsets, best_offsets)
+            best_error = torch.where(better, error, best_error)
+    return best_scales, best_offsets
+
+
+def _finite(groups: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(groups, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _to_scale(values: torch.Tensor) -> torch.Tensor:
+    return values.clamp(max=_SCALE_MAX).to(SCALE_DTYPE)
+
+
+def _grid_error(groups: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int) -> torch.Tensor:
+    """Squared error per group of quantizing ``groups`` at the base width of the given grid."""
+    codes = quantize(groups, scales, offsets, bits, bits)
+    return (dequantize(codes, scales, offsets, bits, bits) - groups).square().sum(dim=1)
 
 
 def level_scales(scales: torch.Tensor, base_bits: int, bits: int) -> torch.Tensor:
@@ -57,19 +110,24 @@ def level_scales(scales: torch.Tensor, base_bits: int, bits: int) -> torch.Tenso
     return scales.to(torch.float32) * (2.0 ** (base_bits - bits))
 
 
-def quantize(groups: torch.Tensor, scales: torch.Tensor, base_bits: int, bits: int) -> torch.Tensor:
+def level_offsets(offsets: torch.Tensor, base_bits: int, bits: int) -> torch.Tensor:
+    """Offset of width ``bits`` in its own steps, as an int32 column: ``o * 2**(bits-b)``."""
+    return (offsets.to(torch.int32) << (bits - base_bits)).unsqueeze(1)
+
+
+def quantize(groups: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, base_bits: int, bits: int) -> torch.Tensor:
     """Signed mid-rise codes of width ``bits`` (int32, shape of ``groups``)."""
     step = level_scales(scales, base_bits, bits).unsqueeze(1)
     ratio = torch.where(step > 0, groups / step, torch.zeros_like(groups))
     limit = 2.0 ** (bits - 1)
-    ratio = torch.nan_to_num(ratio, nan=0.0, posinf=limit, neginf=-limit)
+    ratio = torch.nan_to_num(ratio, nan=0.0, posinf=limit, neginf=-limit) + level_offsets(offsets, base_bits, bits)
     return ratio.floor().clamp(-limit, limit - 1).to(torch.int32)
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, base_bits: int, bits: int) -> torch.Tensor:
-    """Float32 reconstruction ``(v + 0.5) * s_bits`` of signed codes of width ``bits``."""
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, base_bits: int, bits: int) -> torch.Tensor:
+    """Float32 reconstruction ``(v - o_bits + 0.5) * s_bits`` of signed codes of width ``bits``."""
     step = level_scales(scales, base_bits, bits).unsqueeze(1)
-    return (codes.to(torch.float32) + 0.5) * step
+    return ((codes - level_offsets(offsets, base_bits, bits)).to(torch.float32) + 0.5) * step
 
 
 def coarsen(codes: torch.Tensor, from_bits: int, to_bits: int) -> torch.Tensor:
@@ -98,6 +156,17 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     unsigned = (codes.reshape(-1).numpy() + (1 << (bits - 1))).astype(np.uint8)
     bit_matrix = np.unpackbits(unsigned[:, None], axis=1, bitorder="little")[:, :bits]
     return torch.from_numpy(np.packbits(bit_matrix.reshape(-1), bitorder="little"))
+
+
+def pack_offsets(offsets: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack one offset per group like codes of width ``bits``, zero-padded to a multiple of 8 offsets."""
+    padding = -offsets.numel() % 8
+    return pack(torch.nn.functional.pad(offsets.reshape(-1).to(torch.int32), (0, padding)), bits)
+
+
+def unpack_offsets(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
+    """Inverse of ``pack_offsets``: the int32 offsets of ``groups`` groups."""
+    return unpack(packed, bits)[:groups]
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
