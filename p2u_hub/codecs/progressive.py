@@ -224,6 +224,17 @@ def dequantize_packed(
     return values.reshape(-1)[: math.prod(shape)].reshape(shape).to(dtype)
 
 
+def base_reconstruction(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``weight`` as a ``bits``-wide base would hold it (same shape and dtype), without coding anything.
+
+    What split's width allocation measures a width by; it uses the same grid search as ``encode``.
+    """
+    groups = ladder.to_groups(weight, group_size)
+    scales, offsets = ladder.base_grid(groups, bits)
+    codes = ladder.quantize(groups, scales, offsets, bits, bits)
+    return _reconstruct(codes, scales, offsets, Ladder(bits, (), group_size), bits, weight)
+
+
 def _reconstruct(
     codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, spec: Ladder, bits: int, like: torch.Tensor
 ) -> torch.Tensor:
