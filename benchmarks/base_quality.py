@@ -62,6 +62,7 @@ def measure(source: Path, folder: Path, bits: int, group_size: int, uniform: boo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--only", default="", help="run the configurations whose label contains this text (e.g. mixed)")
     args = parser.parse_args()
     disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
@@ -71,6 +72,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for label, bits, group_size, uniform in CONFIGS:
+            if args.only not in label:
+                continue
             row = measure(minilm_dir(), Path(work) / label.replace(" ", "-"), bits, group_size, uniform)
             results[label] = row
             print(
@@ -78,7 +81,12 @@ def main() -> None:
                 f"{row['base_ratio']:.4f} | {row['total_ratio']:.4f} | {row['split_seconds']}",
                 flush=True,
             )
-    manifest = results[f"mixed {TENSOR_TABLE_BITS}-bit budget g64 (default)"]["manifest"]
+    if args.json is not None:
+        args.json.write_text(json.dumps({k: {f: v for f, v in r.items() if f != "manifest"} for k, r in results.items()}, indent=2) + "\n")
+    table = f"mixed {TENSOR_TABLE_BITS}-bit budget g64 (default)"
+    if table not in results:
+        return
+    manifest = results[table]["manifest"]
     allocation = manifest["allocation"]
     print(f"\nper-tensor widths, {TENSOR_TABLE_BITS}-bit budget ({allocation['method']} sensitivity, "
           f"{allocation['bytes']} of {allocation['budget_bytes']} budget bytes; measured widths {allocation['measured_widths']})")  # fmt: skip
@@ -89,8 +97,6 @@ def main() -> None:
             continue
         losses = allocation["sensitivity"][name]
         print(f"{name} | {math.prod(entry['shape'])} | {entry['bits']} | {losses[str(entry['bits'])]:.3g} | {losses['4']:.3g}")
-    if args.json is not None:
-        args.json.write_text(json.dumps({k: {f: v for f, v in r.items() if f != "manifest"} for k, r in results.items()}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

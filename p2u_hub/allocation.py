@@ -9,9 +9,10 @@ uniform ``B``-bit base where they reduce the error most beats any single width a
 
    * ``"calibration"``: run the source model on the bundled calibration sentences
      (``p2u_hub/data/calibration.txt``, disjoint from the evaluation sets) and take the relative
-     squared error ``sum |y_q - y|^2 / sum |y|^2`` of its outputs (logits of a causal LM, else
-     the last hidden state over the real tokens, plus the pooled output where the model has
-     one), averaged over the outputs. One forward pass per tensor and measured width:
+     squared error ``sum |y_q - y|^2 / sum |y|^2`` of its output over the real tokens (logits
+     of a causal LM, else the last hidden state). A tensor that output does not depend on (a
+     pooler, say) measures 0 at every width and keeps the budget width: the measurement cannot
+     say what it is worth. One forward pass per tensor and measured width:
      ``MEASURED_WIDTHS`` consecutive widths around the budget; the loss at other widths is
      extrapolated by a factor ``EXTRAPOLATION`` per bit (a uniform quantizer's error power
      falls by 4 per bit, which the measured curves follow from 2-3 bits on).
@@ -131,33 +132,27 @@ def calibration_sensitivity(
     batch = dict(tokenizer(calibration_sentences(), padding=True, truncation=True, max_length=CALIBRATION_MAX_TOKENS, return_tensors="pt"))
     mask = batch["attention_mask"].bool()
 
-    def outputs() -> list[torch.Tensor]:
+    def output() -> torch.Tensor:
         result = model(**batch)
-        if causal:
-            return [result.logits[mask].float()]
-        pooled = getattr(result, "pooler_output", None)
-        return [result.last_hidden_state[mask].float()] + ([pooled.float()] if pooled is not None else [])
-
-    def loss(reference: list[torch.Tensor]) -> float:
-        errors = [float((y - r).square().sum()) / (float(r.square().sum()) or 1.0) for y, r in zip(outputs(), reference)]
-        return sum(errors) / len(errors)
+        return (result.logits if causal else result.last_hidden_state)[mask].float()
 
     with torch.inference_mode():
         try:
-            reference = outputs() if bool(mask.any()) else None
+            reference = output() if bool(mask.any()) else None
         except (RuntimeError, IndexError) as error:  # e.g. token ids outside the model's vocabulary
             logger.warning(f"p2u split: {source_dir} fails on the calibration text ({error}); using the data-free sensitivity")
             return None
         if reference is None:
             logger.warning(f"p2u split: the tokenizer of {source_dir} gives no tokens; using the data-free sensitivity")
             return None
+        norm = float(reference.square().sum()) or 1.0
         sensitivity = {}
         for name, parameter in parameters.items():
             original = parameter.detach().clone()
             sensitivity[name] = {}
             for bits in widths:
                 parameter.copy_(base_reconstruction(original, bits, group_size))
-                sensitivity[name][bits] = loss(reference)
+                sensitivity[name][bits] = float((output() - reference).square().sum()) / norm
             parameter.copy_(original)
             if on_tensor is not None:
                 on_tensor()
@@ -180,16 +175,21 @@ def _parameters_by_tensor(model, names: Iterable[str]) -> dict[str, torch.Tensor
     return found
 
 
-def allocate(sensitivity: Mapping[str, Mapping[int, float]], numels: Mapping[str, int], budget: int, group_size: int) -> dict[str, int]:
+def allocate(
+    sensitivity: Mapping[str, Mapping[int, float]], numels: Mapping[str, int], budget: int, group_size: int, budget_bits: int
+) -> dict[str, int]:
     """The width of every tensor: greedy loss decrease per byte under ``budget`` bytes (see the module docstring).
+
+    A tensor whose loss is 0 at every width gets ``budget_bits``, and its bytes count against the budget.
 
     Losses are made non-increasing in the width first (a measured wider width never counts as
     worse), so noise cannot make the greedy step backwards. When even the smallest widths exceed
     the budget, every tensor gets its smallest width.
     """
-    losses = {name: _non_increasing(by_width) for name, by_width in sensitivity.items()}
+    losses = {name: _non_increasing(by_width) for name, by_width in sensitivity.items() if any(by_width.values())}
     widths = {name: min(by_width) for name, by_width in losses.items()}
-    spent = sum(base_bytes(numels[name], bits, group_size) for name, bits in widths.items())
+    unmeasured = dict.fromkeys(sensitivity.keys() - losses.keys(), budget_bits)
+    spent = sum(base_bytes(numels[name], bits, group_size) for name, bits in (widths | unmeasured).items())
     while True:
         best, best_rate = None, 0.0
         for name, bits in widths.items():
@@ -202,7 +202,7 @@ def allocate(sensitivity: Mapping[str, Mapping[int, float]], numels: Mapping[str
                 if rate > best_rate:
                     best, best_rate = (name, wider, extra), rate
         if best is None:
-            return widths
+            return {name: (widths | unmeasured)[name] for name in sensitivity}
         name, wider, extra = best
         widths[name] = wider
         spent += extra

@@ -168,7 +168,7 @@ def _choose_widths(
         }
     measured = {name: allocation.extrapolate(by_width, widths) for name, by_width in measured.items()}
     budget = allocation.uniform_budget(numels.values(), spec.base_bits, spec.group_size)
-    chosen = allocation.allocate(measured, numels, budget, spec.group_size)
+    chosen = allocation.allocate(measured, numels, budget, spec.group_size, spec.base_bits)
     record = {
         "method": used,
         "bits": spec.base_bits,

@@ -25,20 +25,20 @@ def test_allocation_spends_the_budget_where_the_loss_falls_most():
         "insensitive": {bits: 1e-3 * 4.0 ** -bits for bits in range(1, 8)},
     }
     budget = allocation.uniform_budget(numels.values(), 4, 64)
-    widths = allocation.allocate(sensitivity, numels, budget, 64)
-    assert widths["sensitive"] > 4 > widths["insensitive"]
-    assert sum(allocation.base_bytes(numels[name], bits, 64) for name, bits in widths.items()) <= budget
+    widths = allocation.allocate(sensitivity | {"unused": dict.fromkeys(range(1, 8), 0.0)}, numels | {"unused": 64}, budget, 64, 4)
+    assert widths["sensitive"] > 4 > widths["insensitive"] and widths["unused"] == 4
+    assert sum(allocation.base_bytes((numels | {"unused": 64})[name], bits, 64) for name, bits in widths.items()) <= budget
 
 
 def test_allocation_never_steps_to_a_width_measured_worse():
     numels = {"noisy": 1024, "other": 1024}
     sensitivity = {"noisy": {1: 1.0, 2: 0.5, 3: 0.6, 4: 0.1}, "other": {1: 0.2, 2: 0.1, 3: 0.05, 4: 0.02}}
-    widths = allocation.allocate(sensitivity, numels, allocation.uniform_budget(numels.values(), 2, 64), 64)
+    widths = allocation.allocate(sensitivity, numels, allocation.uniform_budget(numels.values(), 2, 64), 64, 2)
     assert widths["noisy"] != 3  # 3 bits measured worse than 2 counts as no better, never as a gain
 
 
 def test_smallest_widths_are_kept_when_even_they_exceed_the_budget():
-    widths = allocation.allocate({"a": {2: 1.0, 3: 0.5}}, {"a": 64}, budget=1, group_size=64)
+    widths = allocation.allocate({"a": {2: 1.0, 3: 0.5}}, {"a": 64}, budget=1, group_size=64, budget_bits=2)
     assert widths == {"a": 2}
 
 

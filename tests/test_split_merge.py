@@ -208,3 +208,39 @@ def test_cli_split_inspect_merge(random_checkpoint, tmp_path):
     _assert_bit_identical(source, tmp_path / "merged")
     failed = run("merge", str(tmp_path / "nowhere"), str(tmp_path / "m2"))
     assert failed.returncode == 1 and "nowhere" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_release_of_format_version_1_still_reads(random_checkpoint, tmp_path, monkeypatch):
+    """Version 1 had the symmetric grid and no offsets: a version-3 release made on that grid, stripped of its
+    offsets and per-tensor widths, must rebuild the same base and the source bit for bit."""
+    from p2u_hub.codecs import ladder
+
+    monkeypatch.setattr(ladder, "base_grid", lambda groups, bits: (ladder.base_scales(groups, bits), torch.zeros(groups.shape[0], dtype=torch.int32)))
+    source = random_checkpoint("llama")
+    current = p2u_hub.split(source, tmp_path / "current", bits=3, uniform=True)
+    old = tmp_path / "old"
+    shutil.copytree(current, old)
+    manifest = json.loads((old / "base" / fmt.MANIFEST_FILE).read_text())
+    manifest["format_version"] = 1
+    del manifest["allocation"]
+    for entry in manifest["tensors"].values():
+        entry.pop("bits", None)
+    fmt.write_json(old / "base" / fmt.MANIFEST_FILE, manifest)
+    weights = {k: v for k, v in load_file(old / "base" / "model.safetensors").items() if not k.endswith(fmt.OFFSETS_SUFFIX)}
+    save_file(weights, old / "base" / "model.safetensors", metadata={"format": "pt"})
+    digest = fmt.sha256_bytes(fmt.canonical_json(manifest))
+    config = json.loads((old / "base" / "config.json").read_text())
+    config["quantization_config"].update(manifest_sha256=digest, format_version=1)
+    fmt.write_json(old / "base" / "config.json", config)
+    for stage in ("stage-1", "stage-2"):
+        record = json.loads((old / stage / fmt.STAGE_FILE).read_text())
+        record.update(parent=digest, format_version=1)
+        fmt.write_json(old / stage / fmt.STAGE_FILE, record)
+    assert not fmt.read_manifest(old / "base").has_offsets
+    _assert_bit_identical(p2u_hub.merge(current, tmp_path / "current-base", stage="base"), p2u_hub.merge(old, tmp_path / "old-base", stage="base"))
+    _assert_bit_identical(source, p2u_hub.merge(old, tmp_path / "merged"))
+    import transformers
+
+    tokens = torch.arange(12).reshape(1, 12)
+    logits = [transformers.AutoModelForCausalLM.from_pretrained(release / "base")(tokens).logits for release in (current, old)]
+    assert torch.equal(*logits)
