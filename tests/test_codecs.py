@@ -20,8 +20,24 @@ def test_coarsened_codes_equal_direct_quantization(low: int, high: int):
     assert offsets.abs().max() > 0
     fine = ladder.quantize(groups, scales, offsets, low, high)
     assert torch.equal(ladder.coarsen(fine, high, low), ladder.quantize(groups, scales, offsets, low, low))
-    refined = ladder.refine(ladder.coarsen(fine, high, low), ladder.refinement_bits(fine, low, high), low, high)
-    assert torch.equal(refined, fine)
+    coarse = ladder.coarsen(fine, high, low)
+    refinements = ladder.refinement(fine, coarse, low, high)
+    assert torch.equal(refinements, fine & ((1 << (high - low)) - 1))  # inside the grid: the low bits
+    assert torch.equal(ladder.refine(coarse, refinements, low, high), fine)
+
+
+@pytest.mark.parametrize("low,high", [(1, 8), (2, 8), (4, 8)])
+def test_clipped_weights_escape_the_base_grid_at_the_next_stage(low: int, high: int):
+    groups = ladder.to_groups(_weights(torch.float32, (64, 256)), 64)
+    groups[:, 0], groups[:, 1] = 0.5, -0.5  # far outside the clipped grid of every group
+    scales, offsets = ladder.base_grid(groups, low)
+    fine = ladder.quantize(groups, scales, offsets, low, high, headroom=3)
+    coarse = ladder.clamp_codes(ladder.coarsen(fine, high, low), low)
+    refinements = ladder.refinement(fine, coarse, low, high)
+    assert refinements.min() >= 0 and (refinements >= (1 << (high - low))).any()
+    assert torch.equal(ladder.refine(coarse, refinements, low, high), fine)
+    error = (ladder.dequantize(fine, scales, offsets, low, high) - groups).abs()
+    assert torch.all(error <= ladder.level_scales(scales, low, high).unsqueeze(1) / 2 * (1 + 1e-6))
 
 
 def test_reconstruction_error_is_within_half_a_step_inside_the_grid():

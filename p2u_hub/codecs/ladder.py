@@ -9,16 +9,17 @@ Arithmetic (see docs/format.md, "The ladder"):
   ``o`` in ``[-2**(b-1), 2**(b-1))`` (in base steps) that moves the grid towards the group's
   weights: an asymmetric grid. A width ``h >= b`` uses ``s_h = s_b * 2**-(h-b)`` and the
   offset ``o * 2**(h-b)`` (both exact).
-* Codes are mid-rise: ``v_h = clamp(floor(w / s_h + o * 2**(h-b)), -2**(h-1), 2**(h-1) - 1)``
-  and the reconstruction is ``(v_h - o * 2**(h-b) + 0.5) * s_h``. Every bin at width ``l`` is
-  the union of ``2**(h-l)`` bins at width ``h`` (the clamp limits too), so
-  ``v_l = v_h >> (h-l)`` (arithmetic shift) exactly, and raising ``l`` to ``h`` needs only
-  the ``h-l`` low bits ``v_h & (2**(h-l) - 1)``. This is the Matryoshka / Double Rounding
-  ladder ``q_low = round(q_high / 2**(h-l))`` written for a mid-rise grid.
+* Codes are mid-rise: ``v_h = floor(w / s_h + o * 2**(h-b))`` and the reconstruction is
+  ``(v_h - o * 2**(h-b) + 0.5) * s_h``. Every bin at width ``l`` is the union of ``2**(h-l)``
+  bins at width ``h``, so ``v_l = v_h >> (h-l)`` (arithmetic shift) exactly: the Matryoshka /
+  Double Rounding ladder ``q_low = round(q_high / 2**(h-l))`` written for a mid-rise grid.
+  The base codes are clamped to ``[-2**(b-1), 2**(b-1))``; the top codes have headroom
+  beyond it, so raising ``l`` to ``h`` needs the ``h-l`` low bits of ``v_h``, plus, for the
+  few weights the base clamped, how far outside they lie (``refinement``).
 * ``s_b`` and ``o`` are chosen per group by a search (``base_grid``) minimising the squared
-  weight error at the base width: the grid may clip a few outlying weights, which the higher
-  widths keep clamped and the lossless stage restores. Only the base grid is searched; every
-  higher width derives from it, which is what keeps the ladder nested.
+  weight error at the base width: the grid may clip a few outlying weights in the base, which
+  the first stage puts back. Only the base grid is searched; every higher width derives from
+  it, which is what keeps the ladder nested.
 * Dequantization is exact or correctly rounded float32 arithmetic, so it gives the same bits
   on every IEEE-754 machine; the lossless stage relies on that. With every offset 0 and the
   absmax scale the grid is the symmetric one of format versions 1-2, bit for bit.
@@ -124,11 +125,17 @@ def level_offsets(offsets: torch.Tensor, base_bits: int, bits: int) -> torch.Ten
     return (offsets.to(torch.int32) << (bits - base_bits)).unsqueeze(1)
 
 
-def quantize(groups: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, base_bits: int, bits: int) -> torch.Tensor:
-    """Signed mid-rise codes of width ``bits`` (int32, shape of ``groups``)."""
+def quantize(
+    groups: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, base_bits: int, bits: int, headroom: int = 0
+) -> torch.Tensor:
+    """Signed mid-rise codes of width ``bits`` (int32, shape of ``groups``).
+
+    ``headroom`` widens the clamp to ``2**(bits-1+headroom)``: codes beyond the grid's own range,
+    for weights the base grid clips, which a stage above the base can still carry (``refinement``).
+    """
     step = level_scales(scales, base_bits, bits).unsqueeze(1)
     ratio = torch.where(step > 0, groups / step, torch.zeros_like(groups))
-    limit = 2.0 ** (bits - 1)
+    limit = 2.0 ** (bits - 1 + headroom)
     ratio = torch.nan_to_num(ratio, nan=0.0, posinf=limit, neginf=-limit) + level_offsets(offsets, base_bits, bits)
     return ratio.floor().clamp(-limit, limit - 1).to(torch.int32)
 
@@ -144,14 +151,31 @@ def coarsen(codes: torch.Tensor, from_bits: int, to_bits: int) -> torch.Tensor:
     return codes >> (from_bits - to_bits)
 
 
-def refinement_bits(codes: torch.Tensor, from_bits: int, to_bits: int) -> torch.Tensor:
-    """The ``to_bits - from_bits`` low bits that raise ``coarsen(codes, to_bits, from_bits)`` to ``codes``."""
-    return codes & ((1 << (to_bits - from_bits)) - 1)
+def clamp_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes limited to the range of width ``bits``: the base codes of top codes with headroom."""
+    return codes.clamp(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
 
 
-def refine(coarse: torch.Tensor, low_bits: torch.Tensor, from_bits: int, to_bits: int) -> torch.Tensor:
-    """Inverse of ``refinement_bits``: append ``low_bits`` below the coarse codes."""
-    return (coarse << (to_bits - from_bits)) | low_bits.to(coarse.dtype)
+def refinement(fine: torch.Tensor, coarse: torch.Tensor, from_bits: int, to_bits: int) -> torch.Tensor:
+    """What raises ``coarse`` codes to ``fine`` ones: ``d = fine - (coarse << k)``, ``k = to_bits - from_bits``.
+
+    Inside the coarse grid ``d`` is the ``k`` low bits of ``fine`` (``0 <= d < 2**k``). A weight the
+    coarse grid clamped has ``d >= 2**k`` (above the top bin) or ``d < 0`` (below the bottom bin,
+    whose coarse code is ``-2**(from_bits-1)``); a negative ``d`` is sent as ``2**k - 1 - d``, which
+    only the bottom bin can hold, so every value is a non-negative integer and the low-bit case is
+    unchanged.
+    """
+    step = to_bits - from_bits
+    difference = fine - (coarse << step)
+    return torch.where(difference < 0, (1 << step) - 1 - difference, difference)
+
+
+def refine(coarse: torch.Tensor, refinements: torch.Tensor, from_bits: int, to_bits: int) -> torch.Tensor:
+    """Inverse of ``refinement``: the fine codes."""
+    step = to_bits - from_bits
+    refinements = refinements.to(coarse.dtype)
+    below = (refinements >= (1 << step)) & (coarse == -(1 << (from_bits - 1)))
+    return (coarse << step) + torch.where(below, (1 << step) - 1 - refinements, refinements)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -25,6 +25,10 @@ import torch
 from . import entropy, ladder, lossless
 
 BLOCK_ELEMENTS = 1 << 20
+TOP_HEADROOM = 3
+"""Top integer codes may reach 8 times the base grid's range: the stages carry the weights the base grid
+clips (a clipping ratio >= 0.5 and the offset's rounding keep them within 4 times), so clipping costs the
+intermediate stages no precision and the lossless stage no bytes."""
 _U32 = struct.Struct("<I")
 
 
@@ -181,17 +185,21 @@ def _encode_block(weight: torch.Tensor, spec: Ladder) -> tuple[torch.Tensor, tor
     """Base codes, scales, offsets (unpacked) and stage deltas of one block (a 1-D run of whole groups)."""
     groups = ladder.to_groups(weight, spec.group_size)
     scales, offsets = ladder.base_grid(groups, spec.base_bits)
-    top_codes = ladder.quantize(groups, scales, offsets, spec.base_bits, spec.top_bits)
+    top_bits = spec.top_bits
+    headroom = TOP_HEADROOM if spec.stage_bits else 0
+    top_codes = ladder.quantize(groups, scales, offsets, spec.base_bits, top_bits, headroom)
+    base_codes = ladder.clamp_codes(ladder.coarsen(top_codes, top_bits, spec.base_bits), spec.base_bits)
     widths = spec.widths()
     deltas = []
+    coarse = base_codes
     for low, high in zip(widths, widths[1:]):
-        coarse = ladder.coarsen(top_codes, spec.top_bits, low)
-        low_bits = ladder.refinement_bits(ladder.coarsen(top_codes, spec.top_bits, high), low, high)
-        deltas.append(entropy.encode(low_bits.to(torch.int64), _refinement_contexts(coarse, low)))
-    reconstruction = _reconstruct(top_codes, scales, offsets, spec, spec.top_bits, weight)
+        fine = ladder.coarsen(top_codes, top_bits, high)
+        refinements = ladder.refinement(fine, coarse, low, high)
+        deltas.append(entropy.encode(refinements.to(torch.int64), _refinement_contexts(coarse, low)))
+        coarse = fine
+    reconstruction = _reconstruct(top_codes, scales, offsets, spec, top_bits, weight)
     residual = lossless.residual(weight.contiguous(), reconstruction)
     deltas.append(entropy.encode(residual, _lossless_contexts(reconstruction, scales, spec, weight)))
-    base_codes = ladder.coarsen(top_codes, spec.top_bits, spec.base_bits)
     return ladder.pack(base_codes, spec.base_bits), scales, offsets, deltas
 
 
@@ -203,8 +211,8 @@ def _decode_block(
     widths = spec.widths()
     reached = spec.base_bits
     for (low, high), delta in zip(zip(widths, widths[1:]), deltas):
-        low_bits = entropy.decode(delta, _refinement_contexts(codes, low))
-        codes = ladder.refine(codes, low_bits, low, high)
+        refinements = entropy.decode(delta, _refinement_contexts(codes, low))
+        codes = ladder.refine(codes, refinements, low, high)
         reached = high
     template = torch.empty(numel, dtype=dtype, device="meta")
     reconstruction = _reconstruct(codes, scales, offsets, spec, reached, template)
@@ -243,8 +251,11 @@ def _reconstruct(
 
 
 def _refinement_contexts(coarse_codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Context of a refinement: the coarse code itself, offset to ``[0, 2**bits)``."""
-    return (coarse_codes + (1 << (bits - 1))).to(torch.uint8) if bits <= 8 else _folded(coarse_codes, bits)
+    """Context of a refinement: the coarse code itself, offset to ``[0, 2**bits)`` (codes beyond a clamped
+    base's range, at a stage above the first, take the nearest end)."""
+    if bits > 8:
+        return _folded(coarse_codes, bits)
+    return (coarse_codes + (1 << (bits - 1))).clamp(0, (1 << bits) - 1).to(torch.uint8)
 
 
 def _folded(coarse_codes: torch.Tensor, bits: int) -> torch.Tensor:
