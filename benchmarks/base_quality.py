@@ -56,6 +56,7 @@ def measure(source: Path, folder: Path, bits: int, group_size: int, uniform: boo
         "total_ratio": summary["total_bytes"] / summary["source_bytes"],
         "split_seconds": round(seconds, 1),
         "manifest": fmt.read_manifest(release / fmt.BASE_DIR).to_json(),
+        "allocation": fmt.read_json(release / fmt.BASE_DIR / fmt.ALLOCATION_FILE),
     }  # fmt: skip
 
 
@@ -82,12 +83,11 @@ def main() -> None:
                 flush=True,
             )
     if args.json is not None:
-        args.json.write_text(json.dumps({k: {f: v for f, v in r.items() if f != "manifest"} for k, r in results.items()}, indent=2) + "\n")
+        args.json.write_text(json.dumps({k: {f: v for f, v in r.items() if f not in ("manifest", "allocation")} for k, r in results.items()}, indent=2) + "\n")
     table = f"mixed {TENSOR_TABLE_BITS}-bit budget g64 (default)"
     if table not in results:
         return
-    manifest = results[table]["manifest"]
-    allocation = manifest["allocation"]
+    manifest, allocation = results[table]["manifest"], results[table]["allocation"]
     print(f"\nper-tensor widths, {TENSOR_TABLE_BITS}-bit budget ({allocation['method']} sensitivity, "
           f"{allocation['bytes']} of {allocation['budget_bytes']} budget bytes; measured widths {allocation['measured_widths']})")  # fmt: skip
     print("tensor | weights | width | loss at width | loss at 4 bits")

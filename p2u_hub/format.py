@@ -36,6 +36,8 @@ README_FILE = "README.md"
 EVAL_FILE = "p2u_eval.json"
 """Per-stage quality measured by ``p2u eval``; kept in the base folder, beside the card that quotes it."""
 QUALITY_PLOT_FILE = "p2u_quality.png"
+ALLOCATION_FILE = "p2u_allocation.json"
+"""How split chose the base widths (method, budget, measured losses): a report beside the manifest, not read to load."""
 BASE_WEIGHTS_NAME = "model"
 DELTA_WEIGHTS_NAME = "delta"
 BASE_DIR = "base"
@@ -223,11 +225,9 @@ class Manifest:
     source_repo: str | None = None
     source_revision: str | None = None
     format_version: int = FORMAT_VERSION
-    allocation: dict | None = None  # how split chose the per-tensor widths (method, budget, measured sensitivity)
 
     def to_json(self) -> dict:
-        allocation = {} if self.allocation is None else {"allocation": self.allocation}
-        return allocation | {
+        return {
             "format": QUANT_METHOD,
             "format_version": self.format_version,
             "ladder": {
@@ -271,7 +271,7 @@ class Manifest:
             files = {name: SourceFile(f["metadata"], list(f["tensors"])) for name, f in source["files"].items()}
             return cls(
                 ladder, tensors, files, source.get("index_file"), source.get("index_metadata"),
-                source.get("repo_id"), source.get("revision"), int(data["format_version"]), data.get("allocation"),
+                source.get("repo_id"), source.get("revision"), int(data["format_version"]),
             )  # fmt: skip
         except (KeyError, TypeError) as error:
             raise P2UFormatError(f"{origin}: malformed manifest (missing or bad field {error})") from None

@@ -103,10 +103,9 @@ def split(
                 writer.add(name, torch.frombuffer(bytearray(delta), dtype=torch.uint8) if delta else torch.empty(0, dtype=torch.uint8))
                 record[name] = {"sha256": fmt.sha256_bytes(delta), "bytes": len(delta)}
         base.close()
-        manifest = fmt.Manifest(
-            spec, tensors, source_files, index_file, index_metadata, source_repo, source_revision, allocation=allocation_record
-        )
+        manifest = fmt.Manifest(spec, tensors, source_files, index_file, index_metadata, source_repo, source_revision)
         fmt.write_json(base_dir / fmt.MANIFEST_FILE, manifest.to_json())
+        fmt.write_json(base_dir / fmt.ALLOCATION_FILE, allocation_record)
         _copy_non_weight_files(source_dir, base_dir)
         stage_entries = []
         for k, (writer, record) in enumerate(zip(deltas, payloads), start=1):
@@ -143,7 +142,7 @@ def _choose_widths(
     source_dir: Path, reader: TensorReader, tensors: dict[str, fmt.TensorEntry], spec: progressive.Ladder,
     uniform: bool, method: str,
 ) -> tuple[dict[str, int], dict]:  # fmt: skip
-    """The base width of every stored ladder tensor, and the record of how it was chosen (for the manifest)."""
+    """The base width of every stored ladder tensor, and the record of how it was chosen (``fmt.ALLOCATION_FILE``)."""
     numels = {
         name: math.prod(entry.shape)
         for name, entry in tensors.items()

@@ -55,12 +55,12 @@ def summarize(path: str | os.PathLike, *, token: str | bool | None = None) -> di
         "stages": stages,
         "total_bytes": cumulative,
         "total_fraction": round(cumulative / source_bytes, 4),
-        "widths": _widths(manifest),
+        "widths": _widths(manifest, release.base_dir / fmt.ALLOCATION_FILE),
     }
 
 
-def _widths(manifest: fmt.Manifest) -> dict:
-    allocation = manifest.allocation or {}
+def _widths(manifest: fmt.Manifest, allocation_file: Path) -> dict:
+    allocation = fmt.read_json(allocation_file) if allocation_file.is_file() else {}
     sensitivity = allocation.get("sensitivity", {})
     tensors = {}
     for name, entry in manifest.quantized_tensors().items():

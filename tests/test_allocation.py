@@ -64,8 +64,8 @@ def test_default_split_allocates_per_tensor_widths_within_the_uniform_budget(ran
     manifest = fmt.read_manifest(release / "base")
     widths = {name: entry.bits for name, entry in manifest.quantized_tensors().items()}
     assert len(set(widths.values())) > 1 and all(1 <= bits < 8 for bits in widths.values())
-    assert manifest.allocation["method"] == allocation.METHOD_WEIGHTS
-    assert manifest.allocation["bytes"] <= manifest.allocation["budget_bytes"]
+    record = fmt.read_json(release / "base" / fmt.ALLOCATION_FILE)
+    assert record["method"] == allocation.METHOD_WEIGHTS and record["bytes"] <= record["budget_bytes"]
     base = load_file(release / "base" / "model.safetensors")
     for name, bits in widths.items():
         numel = base[name].numel() * 8 // bits  # packed codes: bits per element
@@ -110,8 +110,8 @@ def test_calibrated_split_measures_through_the_model(minilm_dir, tmp_path):
     transformers.BertModel(config).save_pretrained(source)
     transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(source)
     release = p2u_hub.split(source, tmp_path / "release", bits=3, sensitivity="calibration")
-    manifest = json.loads((release / "base" / fmt.MANIFEST_FILE).read_text())
-    assert manifest["allocation"]["method"] == "calibration" and manifest["allocation"]["measured_widths"] == [1, 2, 3, 4]
-    losses = manifest["allocation"]["sensitivity"]["encoder.layer.0.attention.self.value.weight"]
+    record = json.loads((release / "base" / fmt.ALLOCATION_FILE).read_text())
+    assert record["method"] == "calibration" and record["measured_widths"] == [1, 2, 3, 4]
+    losses = record["sensitivity"]["encoder.layer.0.attention.self.value.weight"]
     assert losses["1"] > losses["2"] > losses["3"] > losses["4"] > 0
     p2u_hub.merge(release, tmp_path / "merged")  # checks every tensor's sha256

@@ -224,7 +224,6 @@ def test_release_of_format_version_1_still_reads(random_checkpoint, tmp_path, mo
     shutil.copytree(current, old)
     manifest = json.loads((old / "base" / fmt.MANIFEST_FILE).read_text())
     manifest["format_version"] = 1
-    del manifest["allocation"]
     for entry in manifest["tensors"].values():
         entry.pop("bits", None)
     fmt.write_json(old / "base" / fmt.MANIFEST_FILE, manifest)
