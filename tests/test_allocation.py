@@ -60,7 +60,7 @@ def test_base_bytes_count_codes_scales_and_offsets():
 
 def test_default_split_allocates_per_tensor_widths_within_the_uniform_budget(random_checkpoint, tmp_path, capsys):
     source = random_checkpoint("llama")
-    release = p2u_hub.split(source, tmp_path / "release", bits=3)  # no tokenizer here: data-free sensitivity
+    release = p2u_hub.split(source, tmp_path / "release", bits=3, sensitivity="weights")
     manifest = fmt.read_manifest(release / "base")
     widths = {name: entry.bits for name, entry in manifest.quantized_tensors().items()}
     assert len(set(widths.values())) > 1 and all(1 <= bits < 8 for bits in widths.values())
@@ -71,8 +71,10 @@ def test_default_split_allocates_per_tensor_widths_within_the_uniform_budget(ran
         numel = base[name].numel() * 8 // bits  # packed codes: bits per element
         groups = base[fmt.scales_key(name)].numel()
         assert numel == groups * 64 and base[fmt.offsets_key(name)].numel() == -(-groups // 8) * bits, name
-    uniform = p2u_hub.split(source, tmp_path / "uniform", bits=3, uniform=True)
-    assert {entry.bits for entry in fmt.read_manifest(uniform / "base").quantized_tensors().values()} == {3}
+    for options in ({"uniform": True}, {}):  # no tokenizer here: "auto" cannot calibrate and keeps one width
+        uniform = p2u_hub.split(source, tmp_path / f"uniform-{len(options)}", bits=3, **options)
+        assert {entry.bits for entry in fmt.read_manifest(uniform / "base").quantized_tensors().values()} == {3}
+        assert fmt.read_json(uniform / "base" / fmt.ALLOCATION_FILE) == {"method": "uniform", "bits": 3}
     summary = summarize(release)
     assert summary["widths"]["method"] == "weights" and summary["widths"]["tensors"]["model.layers.0.mlp.up_proj.weight"]["bits"] == widths["model.layers.0.mlp.up_proj.weight"]
     result = subprocess.run([sys.executable, "-m", "p2u_hub.cli", "inspect", str(release)], capture_output=True, text=True, check=True)
