@@ -57,7 +57,7 @@ def measure(dtype: torch.dtype) -> dict[str, tuple[float, float, float]]:
     rows = {"p2u encode (all stages)": (megabytes, *timed(lambda: encoded.extend(progressive.encode(t, SPEC) for t in tensors)))}
     for stage in range(1, SPEC.stage_count + 1):
         rows[f"p2u decode to stage {stage}"] = (megabytes, *timed(lambda stage=stage: [
-            progressive.decode(e.packed_codes, e.scales, e.deltas[:stage], SPEC, tuple(t.shape), t.dtype)
+            progressive.decode(e.packed_codes, e.scales, e.offsets, e.deltas[:stage], SPEC, tuple(t.shape), t.dtype)
             for e, t in zip(encoded, tensors)
         ]))  # fmt: skip
     import zipnn
@@ -80,7 +80,7 @@ def profile(dtype: torch.dtype, top: int = 14) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
     profiler = cProfile.Profile(time.process_time)
     profiler.runcall(lambda: [
-        progressive.decode(e.packed_codes, e.scales, e.deltas, SPEC, tuple(t.shape), t.dtype) for e, t in zip(encoded, tensors)
+        progressive.decode(e.packed_codes, e.scales, e.offsets, e.deltas, SPEC, tuple(t.shape), t.dtype) for e, t in zip(encoded, tensors)
     ])  # fmt: skip
     print(f"\n== full decode {dtype}, own CPU time ==")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(top)

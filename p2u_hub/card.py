@@ -124,6 +124,7 @@ class _CardContext:
             "source sha256). Serve the base right away and upgrade when the full quality is needed.",
             "## Usage\n\n```bash\npip install p2u-hub\n```\n\n```python\n" + self._snippet() + "\n```",
             "## Stages\n\n" + self._stage_table(range(self.release.stage_count + 1), with_original=True) + "\n\n" + self._table_notes(),
+            "## Base widths\n\n" + self._widths_section(),
         ]
         if self.report is not None:
             sections.append(f"![quality vs. download size]({fmt.QUALITY_PLOT_FILE})")
@@ -235,6 +236,32 @@ class _CardContext:
         lines = [header, ["---"] * len(header), *cells]
         return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
+    def _widths_section(self) -> str:
+        """How many weights each base width holds, and every tensor's width and measured sensitivity."""
+        widths = self.summary["widths"]
+        tensors = widths["tensors"]
+        total = sum(t["weights"] for t in tensors.values()) or 1
+        how = {
+            "uniform": "Every quantized tensor has the same width.",
+            "calibration": f"Widths are chosen per tensor under the byte budget of a uniform {self.bits}-bit base, by the "
+            "output error each tensor causes when quantized alone on p2u-hub's calibration sentences.",
+            "weights": f"Widths are chosen per tensor under the byte budget of a uniform {self.bits}-bit base, by each "
+            "tensor's relative weight error (data-free).",
+        }[widths["method"]]
+        lines = ["| base bits | tensors | % of quantized weights |", "| --- | --- | --- |"]
+        for bits in sorted({t["bits"] for t in tensors.values()}):
+            chosen = [t for t in tensors.values() if t["bits"] == bits]
+            lines.append(f"| {bits} | {len(chosen)} | {100 * sum(t['weights'] for t in chosen) / total:.1f}% |")
+        details = ["| tensor | weights | base bits | sensitivity |", "| --- | --- | --- | --- |"]
+        for name, t in tensors.items():
+            loss = f"{t['sensitivity']:.3g}" if "sensitivity" in t else "-"
+            details.append(f"| `{name}` | {t['weights']:,} | {t['bits']} | {loss} |")
+        return (
+            f"{how} On average {widths['average_bits']:.2f} bits per quantized weight, plus a float16 scale and an "
+            "offset per group.\n\n" + "\n".join(lines)
+            + "\n\n<details><summary>Every tensor</summary>\n\n" + "\n".join(details) + "\n\n</details>"
+        )
+
     def _table_notes(self) -> str:
         notes = (
             "Bytes are what a download of that stage adds: safetensors weights and p2u metadata (tokenizer and config "
@@ -245,8 +272,9 @@ class _CardContext:
         dataset = self.report["dataset"]
         return (
             f"{notes} Quality measured by `p2u eval` ({self.report['task']}) on {dataset['name']} "
-            f"({dataset['samples']} samples, split `{dataset['split']}`, from `{dataset['source']}`). The last stage "
-            "restores the original bit for bit, so its figures are the original's."
+            f"({dataset['samples']} samples, split `{dataset['split']}`, from `{dataset['source']}`"
+            + (", held out: none of its texts is in the calibration text" if dataset.get("calibration_overlap") == 0 else "")
+            + "). The last stage restores the original bit for bit, so its figures are the original's."
         )
 
     def _figures(self, index: int) -> dict | None:

@@ -17,7 +17,8 @@ def _split(args: argparse.Namespace) -> None:
 
     output = split(
         args.source, args.output, bits=args.bits, group_size=args.group_size, stages=args.stages,
-        keep=args.keep, max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite,
+        keep=args.keep, uniform=args.uniform, sensitivity=args.sensitivity,
+        max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite,
     )  # fmt: skip
     _print_summary(output, as_json=False)
 
@@ -125,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     split = commands.add_parser("split", help="split a checkpoint into a low-bit base and delta stages")
     split.add_argument("source", help="checkpoint folder, or Hub repo id with optional @revision")
     split.add_argument("output", help="release folder to create (base/, stage-1/, ...)")
-    split.add_argument("--bits", type=int, default=4, help="base width, 2-8 (default 4)")
+    split.add_argument(
+        "--bits", type=int, default=4,
+        help="base budget, 2-8 (default 4): the bytes of a uniform base this wide, widths allocated per tensor by sensitivity",
+    )  # fmt: skip
+    split.add_argument("--uniform", action="store_true", help="one width (--bits) for every tensor instead of the allocation")
+    split.add_argument(
+        "--sensitivity", choices=("auto", "calibration", "weights"), default="auto",
+        help="how tensors are measured for the allocation: run the model on the bundled calibration text, the data-free "
+        "weight error, or auto (calibration when the model runs here, default)",
+    )  # fmt: skip
     split.add_argument("--group-size", type=int, default=64, help="weights per scale (default 64)")
     split.add_argument(
         "--stages", type=int, nargs="*", default=None,

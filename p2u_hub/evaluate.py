@@ -12,7 +12,8 @@ on another split. Schema (canonical JSON, see ``format.canonical_json``)::
 
     {"format": "p2u-eval", "format_version": 1, "manifest_sha256": str,
      "task": "embedding" | "causal-lm" | "classification",
-     "dataset": {"name": str, "type": str, "source": str, "split": str, "samples": int},
+     "dataset": {"name": str, "type": str, "source": str, "split": str, "samples": int,
+                 "calibration_overlap": int},   # texts containing a calibration sentence; 0 = held out
      "metrics": [{"key": str, "name": str, "higher_is_better": bool}, ...],   # first = headline
      "settings": {"batch_size": int, "max_length": int, "device": str, ...},
      "original": {metric key: float},
@@ -117,6 +118,7 @@ def evaluate(
     if inputs.count == 0:
         raise EvalDataError(f"{description['source']}: no samples to evaluate (split {description['split']!r})")
     description["samples"] = inputs.count
+    description["calibration_overlap"] = calibration_overlap(inputs.texts)
     tokenizer = transformers.AutoTokenizer.from_pretrained(release.base_dir)
     positions = getattr(config, "max_position_embeddings", None) or max_length
     max_length = min(max_length, tokenizer.model_max_length, positions)
@@ -153,6 +155,14 @@ def evaluate(
     }
     fmt.write_json(release.base_dir / fmt.EVAL_FILE, report)
     return report
+
+
+def calibration_overlap(texts: Sequence[str]) -> int:
+    """How many of ``texts`` contain a line of the calibration text split uses: 0 means the evaluation is held out."""
+    from .allocation import calibration_sentences
+
+    calibration = calibration_sentences()
+    return sum(any(sentence in text for sentence in calibration) for text in texts)
 
 
 def read_eval(release: Release) -> dict | None:

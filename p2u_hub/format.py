@@ -26,8 +26,11 @@ from .errors import ChecksumError, P2UFormatError, StageMismatchError, UnsafePat
 
 # The errors above are re-exported: format.py was their home before errors.py, and callers import them from here.
 
-FORMAT_VERSION = 2
-"""2 adds ``base_sha256`` to the manifest; version-1 releases are still read (without that check)."""
+FORMAT_VERSION = 3
+"""2 adds ``base_sha256`` to the manifest; 3 adds per-group grid offsets and per-tensor base widths.
+Every older version is still read: version 1 without the checksum, versions 1-2 with offsets 0 and one width."""
+GRID_OFFSETS_VERSION = 3
+"""First format version with per-group grid offsets and per-tensor base widths."""
 MIN_FORMAT_VERSION = 1
 QUANT_METHOD = "p2u"
 
@@ -43,6 +46,8 @@ EVAL_FORMAT = "p2u-eval"
 EVAL_FORMAT_VERSION = 1
 """Per-stage quality measured by ``p2u eval``; kept in the base folder, beside the card that quotes it."""
 QUALITY_PLOT_FILE = "p2u_quality.png"
+ALLOCATION_FILE = "p2u_allocation.json"
+"""How split chose the base widths (method, budget, measured losses): a report beside the manifest, not read to load."""
 BASE_WEIGHTS_NAME = "model"
 DELTA_WEIGHTS_NAME = "delta"
 BASE_DIR = "base"
@@ -55,6 +60,8 @@ DEFAULT_LOAD_MODE = LOAD_MODE_PACKED
 
 SCALES_SUFFIX = "_p2u_scales"
 """A quantized tensor ``N`` is stored in the base as ``N`` (packed uint8 codes) and ``N`` + this suffix (float16 scales)."""
+OFFSETS_SUFFIX = "_p2u_offsets"
+"""... and ``N`` + this suffix (packed per-group grid offsets, uint8), from GRID_OFFSETS_VERSION on."""
 
 CODEC_LADDER = "ladder"
 CODEC_EXACT = "exact"
@@ -212,6 +219,10 @@ def scales_key(name: str) -> str:
     return name + SCALES_SUFFIX
 
 
+def offsets_key(name: str) -> str:
+    return name + OFFSETS_SUFFIX
+
+
 def shard_file_name(prefix: str, index: int, count: int) -> str:
     """``model.safetensors`` for one shard, ``model-00001-of-00003.safetensors`` otherwise (as transformers)."""
     return f"{prefix}.safetensors" if count == 1 else f"{prefix}-{index:05d}-of-{count:05d}.safetensors"
@@ -267,11 +278,14 @@ class TensorEntry:
     codec: str  # CODEC_LADDER or CODEC_EXACT
     sha256: str  # of the source bytes
     alias_of: str | None = None  # a tied/shared tensor: stored once, under this name
+    bits: int | None = None  # base width of a stored ladder tensor (None: the ladder's base_bits, format < 3)
 
     def to_json(self) -> dict:
         entry = {"shape": self.shape, "dtype": self.dtype, "codec": self.codec, "sha256": self.sha256}
         if self.alias_of is not None:
             entry["alias_of"] = self.alias_of
+        if self.bits is not None:
+            entry["bits"] = self.bits
         return entry
 
     @property
@@ -300,7 +314,10 @@ class TensorEntry:
             raise P2UFormatError(f"{origin}: a {CODEC_LADDER!r} tensor must be F32, F16 or BF16, not {dtype}")
         if alias_of is not None and not isinstance(alias_of, str):
             raise P2UFormatError(f"{origin}: alias_of must be a tensor name, got {alias_of!r}")
-        return cls(shape, dtype, codec, _sha256(data.get("sha256"), origin, "sha256"), alias_of)
+        bits = data.get("bits")
+        if bits is not None:
+            bits = _integer(bits, origin, "bits", 1, 8)
+        return cls(shape, dtype, codec, _sha256(data.get("sha256"), origin, "sha256"), alias_of, bits)
 
 
 @dataclass
@@ -453,10 +470,28 @@ class Manifest:
             base_sha256 = {name: _sha256(digest, origin, f"base_sha256 of {name!r}") for name, digest in _mapping(base_sha256, origin, "base_sha256").items()}
         elif version >= 2:
             raise P2UFormatError(f"{origin}: format version {version} requires base_sha256")
+        for name, entry in tensors.items():
+            if entry.bits is not None:
+                if version < GRID_OFFSETS_VERSION or entry.codec != CODEC_LADDER:
+                    raise P2UFormatError(f"{origin}: tensor {name!r} has a base width, which only ladder tensors of format {GRID_OFFSETS_VERSION}+ have")
+                if ladder.stage_bits and entry.bits >= ladder.stage_bits[0]:
+                    raise P2UFormatError(f"{origin}: tensor {name!r} has base width {entry.bits}, not below the first stage's {ladder.stage_bits[0]} bits")
         return cls(
             ladder, tensors, files, index_file, index_metadata, source.get("repo_id"), source.get("revision"),
             base_sha256, version,
         )  # fmt: skip
+
+    @property
+    def has_offsets(self) -> bool:
+        """Whether quantized tensors carry grid offsets (older bases: every offset is 0)."""
+        return self.format_version >= GRID_OFFSETS_VERSION
+
+    def tensor_ladder(self, name: str) -> Ladder:
+        """The ladder of stored tensor ``name``: its own base width, the release's stages and group size."""
+        bits = self.tensors[name].bits
+        if bits is None:
+            return self.ladder
+        return Ladder(bits, self.ladder.stage_bits, self.ladder.group_size)
 
     def stored_tensors(self) -> dict[str, TensorEntry]:
         """Tensors stored under their own name (aliases point at one of these)."""

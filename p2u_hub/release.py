@@ -187,13 +187,16 @@ class TensorRebuilder:
             tensor = self._base_tensor(stored_name, entry.dtype, entry.shape)
             self._check_source_bytes(name, tensor, entry, always=True)
             return tensor
-        spec = manifest.ladder
+        spec = manifest.tensor_ladder(stored_name)
         groups = ladder_codec.group_count(entry.numel, spec.group_size)
         codes = self._base_tensor(stored_name, "U8", [groups * spec.group_size * spec.base_bits // 8])
         scales = self._base_tensor(fmt.scales_key(stored_name), fmt.DTYPE_NAMES[ladder_codec.SCALE_DTYPE], [groups])
+        offsets = None
+        if manifest.has_offsets:
+            offsets = self._base_tensor(fmt.offsets_key(stored_name), "U8", [ladder_codec.offsets_bytes(groups, spec.base_bits)])
         deltas = [self._payload(folder, record, reader, stored_name) for folder, record, reader in self._stages]
         try:
-            tensor = progressive.decode(codes, scales, deltas, spec, tuple(entry.shape), entry.torch_dtype)
+            tensor = progressive.decode(codes, scales, offsets, deltas, spec, tuple(entry.shape), entry.torch_dtype)
         except CorruptStreamError as error:
             folder = self._stages[-1][0] if self._stages else self.release.base_dir
             raise fmt.P2UFormatError(f"{folder}: payload of tensor {stored_name!r} does not decode ({error})") from None

@@ -8,6 +8,7 @@ place when complete.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.utils import tqdm
 
+from . import allocation
 from . import format as fmt
 from .codecs import progressive
 from .storage import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TensorReader, atomic_output_dir, safetensors_header, visible_files
@@ -32,6 +34,8 @@ def split(
     group_size: int = 64,
     stages: Sequence[int] | None = None,
     keep: Sequence[str] = (),
+    uniform: bool = False,
+    sensitivity: str = "auto",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     token: str | bool | None = None,
@@ -42,11 +46,19 @@ def split(
         source: a local checkpoint folder (config.json + safetensors), or a Hub repo id with
             an optional ``@revision`` (downloaded with ``snapshot_download``).
         output: the release folder to create.
-        bits: width of the base codes (2-8).
+        bits: the base's budget: it takes at most the bytes of a uniform ``bits``-wide base
+            (2-8), spread over the tensors by sensitivity (``p2u_hub.allocation``); with
+            ``uniform`` every tensor is ``bits`` wide.
         group_size: weights per float16 scale (a multiple of 8).
         stages: widths of the intermediate integer stages; a final lossless stage is always added.
             Default: ``DEFAULT_STAGE_BITS`` (8) when ``bits`` is below it, else none.
         keep: glob patterns of tensor names kept exact in the base (e.g. ``"*embed*"``).
+        uniform: one width for every tensor instead of a per-tensor allocation.
+        sensitivity: how the allocation measures tensors: ``"calibration"`` (run the model on
+            the bundled calibration text), ``"weights"`` (data-free weight error) or ``"auto"``
+            (calibration when the model can be run here and has at most
+            ``allocation.CALIBRATION_MAX_PARAMETERS`` quantized weights, else uniform widths:
+            the data-free allocation can be worse than one width, e.g. for a tied LM head).
         max_shard_bytes: largest safetensors shard written.
         overwrite: replace ``output`` if it exists.
         token: Hub token for a private source repo (default: the usual HF_TOKEN / login).
@@ -56,7 +68,8 @@ def split(
 
     Raises:
         P2UFormatError: the source is not a safetensors checkpoint, a file is corrupt or a
-            tensor has an unsupported dtype (the message names the file or tensor).
+            tensor has an unsupported dtype (the message names the file or tensor), or
+            ``sensitivity="calibration"`` and the model cannot be run.
     """
     from .hub import resolve_source
 
@@ -64,7 +77,12 @@ def split(
     if stages is None:
         stages = progressive.default_stage_bits(bits)
     spec = progressive.Ladder(bits, tuple(stages), group_size)
+    if sensitivity not in allocation.METHODS:
+        raise ValueError(f"sensitivity must be one of {allocation.METHODS}, got {sensitivity!r}")
     weight_files, index_file, index_metadata = source_weight_files(source_dir)
+    reader = TensorReader(weight_files)
+    tensors, source_files = _plan(reader, keep, group_size)
+    widths, allocation_record = _choose_widths(source_dir, reader, tensors, spec, uniform, sensitivity)
     with atomic_output_dir(output, overwrite=overwrite, is_replaceable=fmt.is_release_folder) as work:
         base_dir = work / fmt.BASE_DIR
         base = ShardedWriter(base_dir, fmt.BASE_WEIGHTS_NAME, max_shard_bytes)
@@ -73,32 +91,23 @@ def split(
             for k in range(1, spec.stage_count + 1)
         ]
         payloads: list[dict[str, dict]] = [{} for _ in deltas]
-        tensors: dict[str, fmt.TensorEntry] = {}
-        source_files: dict[str, fmt.SourceFile] = {}
-        stored_by_content: dict[tuple, str] = {}
         base_sha256: dict[str, str] = {}
-        reader = TensorReader(weight_files)
-        for name in tqdm(list(reader.locations), desc="p2u split", unit="tensor"):
-            tensor = reader.get(name)
-            file = reader.locations[name]
-            source_files.setdefault(file.name, fmt.SourceFile(_file_metadata(file), [])).tensors.append(name)
-            entry = _describe(name, tensor, file, keep, spec.group_size)
-            content_key = (entry.sha256, entry.dtype, tuple(entry.shape))
-            if entry.codec == fmt.CODEC_LADDER and content_key in stored_by_content:
-                entry.alias_of = stored_by_content[content_key]
-                tensors[name] = entry
+        for name, entry in tqdm(tensors.items(), desc="p2u split", unit="tensor"):
+            if entry.alias_of is not None:
                 continue
-            tensors[name] = entry
+            tensor = reader.get(name)
             if entry.codec == fmt.CODEC_EXACT:
                 base.add(name, tensor)
                 base_sha256[name] = entry.sha256
                 continue
-            stored_by_content[content_key] = name
-            encoded = progressive.encode(tensor, spec)
+            entry.bits = widths[name]
+            encoded = progressive.encode(tensor, progressive.Ladder(entry.bits, spec.stage_bits, group_size))
             base.add(name, encoded.packed_codes)
             base.add(fmt.scales_key(name), encoded.scales)
             base_sha256[name] = fmt.tensor_sha256(encoded.packed_codes)
             base_sha256[fmt.scales_key(name)] = fmt.tensor_sha256(encoded.scales)
+            base.add(fmt.offsets_key(name), encoded.offsets)
+            base_sha256[fmt.offsets_key(name)] = fmt.tensor_sha256(encoded.offsets)
             for writer, record, delta in zip(deltas, payloads, encoded.deltas):
                 writer.add(name, torch.frombuffer(bytearray(delta), dtype=torch.uint8) if delta else torch.empty(0, dtype=torch.uint8))
                 record[name] = {"sha256": fmt.sha256_bytes(delta), "bytes": len(delta)}
@@ -107,6 +116,7 @@ def split(
             spec, tensors, source_files, index_file, index_metadata, source_repo, source_revision, base_sha256
         )  # fmt: skip
         fmt.write_json(base_dir / fmt.MANIFEST_FILE, manifest.to_json())
+        fmt.write_json(base_dir / fmt.ALLOCATION_FILE, allocation_record)
         _copy_non_weight_files(source_dir, base_dir)
         stage_entries = []
         for k, (writer, record) in enumerate(zip(deltas, payloads), start=1):
@@ -117,6 +127,71 @@ def split(
         qconfig = fmt.QuantizationConfig(bits, group_size, manifest.sha256, stage_entries)
         fmt.write_quantization_config(base_dir, qconfig)
     return Path(output)
+
+
+def _plan(reader: TensorReader, keep: Sequence[str], group_size: int) -> tuple[dict[str, fmt.TensorEntry], dict[str, fmt.SourceFile]]:
+    """Every source tensor's manifest entry (codec, checksum, alias) and the source file layout, in file order."""
+    tensors: dict[str, fmt.TensorEntry] = {}
+    source_files: dict[str, fmt.SourceFile] = {}
+    stored_by_content: dict[tuple, str] = {}
+    for name in tqdm(list(reader.locations), desc="p2u split: reading", unit="tensor"):
+        tensor = reader.get(name)
+        file = reader.locations[name]
+        source_files.setdefault(file.name, fmt.SourceFile(_file_metadata(file), [])).tensors.append(name)
+        entry = _describe(name, tensor, file, keep, group_size)
+        content_key = (entry.sha256, entry.dtype, tuple(entry.shape))
+        if entry.codec == fmt.CODEC_LADDER:
+            if content_key in stored_by_content:
+                entry.alias_of = stored_by_content[content_key]
+            else:
+                stored_by_content[content_key] = name
+        tensors[name] = entry
+    return tensors, source_files
+
+
+def _choose_widths(
+    source_dir: Path, reader: TensorReader, tensors: dict[str, fmt.TensorEntry], spec: progressive.Ladder,
+    uniform: bool, method: str,
+) -> tuple[dict[str, int], dict]:  # fmt: skip
+    """The base width of every stored ladder tensor, and the record of how it was chosen (``fmt.ALLOCATION_FILE``)."""
+    numels = {
+        name: math.prod(entry.shape)
+        for name, entry in tensors.items()
+        if entry.codec == fmt.CODEC_LADDER and entry.alias_of is None
+    }
+    uniform_record = {"method": allocation.METHOD_UNIFORM, "bits": spec.base_bits}
+    if uniform:
+        return dict.fromkeys(numels, spec.base_bits), uniform_record
+    widths = allocation.candidate_widths(spec.stage_bits)
+    measured = None
+    if method == allocation.METHOD_CALIBRATION or (method == "auto" and sum(numels.values()) <= allocation.CALIBRATION_MAX_PARAMETERS):
+        with tqdm(total=len(numels), desc="p2u split: calibrating", unit="tensor") as bar:
+            measured = allocation.calibration_sensitivity(
+                source_dir, numels, allocation.measured_widths(widths, spec.base_bits), spec.group_size, on_tensor=bar.update
+            )
+        if measured is None and method == allocation.METHOD_CALIBRATION:
+            raise fmt.P2UFormatError(f"{source_dir}: cannot run this model on the calibration text; use --sensitivity weights")
+    if measured is None and method == "auto":  # the data-free widths can be far worse than uniform ones (SmolLM2, docs/cli.md)
+        allocation.logger.warning("p2u split: no calibration for this model; every tensor gets --bits (--sensitivity weights allocates data-free)")
+        return dict.fromkeys(numels, spec.base_bits), uniform_record
+    used = allocation.METHOD_CALIBRATION if measured is not None else allocation.METHOD_WEIGHTS
+    if measured is None:
+        measured = {
+            name: allocation.weight_sensitivity(reader.get(name), allocation.measured_widths(widths, spec.base_bits), spec.group_size)
+            for name in tqdm(numels, desc="p2u split: measuring", unit="tensor")
+        }
+    measured = {name: allocation.extrapolate(by_width, widths) for name, by_width in measured.items()}
+    budget = allocation.uniform_budget(numels.values(), spec.base_bits, spec.group_size)
+    chosen = allocation.allocate(measured, numels, budget, spec.group_size, spec.base_bits)
+    record = {
+        "method": used,
+        "bits": spec.base_bits,
+        "measured_widths": list(allocation.measured_widths(widths, spec.base_bits)),
+        "budget_bytes": budget,
+        "bytes": sum(allocation.base_bytes(numels[name], bits, spec.group_size) for name, bits in chosen.items()),
+        "sensitivity": {name: {str(bits): float(f"{loss:.4g}") for bits, loss in by_width.items()} for name, by_width in measured.items()},
+    }
+    return chosen, record
 
 
 def _describe(name: str, tensor: torch.Tensor, file: Path, keep: Sequence[str], group_size: int) -> fmt.TensorEntry:

@@ -22,7 +22,9 @@ def summarize(path: str | os.PathLike, *, token: str | bool | None = None) -> di
     Returns:
         ``{"source_bytes", "parameters", "ladder", "stages": [{"name", "kind", "bits",
         "bytes", "bits_per_weight", "cumulative_bytes", "fraction_of_source"}], "total_bytes",
-        "total_fraction"}``, the base first.
+        "total_fraction", "widths"}``, the base first. ``widths`` is ``{"method", "average_bits",
+        "tensors": {name: {"bits", "weights", "sensitivity"}}}``: each stored quantized tensor's
+        base width and, when split measured it, its loss at that width (``p2u_hub.allocation``).
     """
     release = Release.open(path, token=token)
     manifest = release.manifest
@@ -53,7 +55,22 @@ def summarize(path: str | os.PathLike, *, token: str | bool | None = None) -> di
         "stages": stages,
         "total_bytes": cumulative,
         "total_fraction": round(cumulative / source_bytes, 4),
+        "widths": _widths(manifest, release.base_dir / fmt.ALLOCATION_FILE),
     }
+
+
+def _widths(manifest: fmt.Manifest, allocation_file: Path) -> dict:
+    allocation = fmt.read_json(allocation_file) if allocation_file.is_file() else {}
+    sensitivity = allocation.get("sensitivity", {})
+    tensors = {}
+    for name, entry in manifest.quantized_tensors().items():
+        bits = manifest.tensor_ladder(name).base_bits
+        tensors[name] = {"bits": bits, "weights": math.prod(entry.shape)}
+        if name in sensitivity:
+            tensors[name]["sensitivity"] = sensitivity[name][str(bits)]
+    weights = sum(t["weights"] for t in tensors.values())
+    average = sum(t["bits"] * t["weights"] for t in tensors.values()) / weights if weights else 0.0
+    return {"method": allocation.get("method", "uniform"), "average_bits": round(average, 4), "tensors": tensors}
 
 
 def format_table(summary: dict) -> str:
@@ -66,7 +83,13 @@ def format_table(summary: dict) -> str:
             f"{100 * stage['cumulative_bytes'] / summary['source_bytes']:.1f}",
         ))  # fmt: skip
     rows.append(("source", "", "", f"{summary['source_bytes']:,}", "", "100.0", ""))
-    return "\n".join(text_table(rows))
+    widths = summary["widths"]
+    tensor_rows = [("tensor", "weights", "base bits", "sensitivity")]
+    for name, tensor in widths["tensors"].items():
+        loss = tensor.get("sensitivity")
+        tensor_rows.append((name, f"{tensor['weights']:,}", str(tensor["bits"]), "-" if loss is None else f"{loss:.3g}"))
+    heading = f"base widths ({widths['method']}; {widths['average_bits']:.2f} bits per quantized weight on average):"
+    return "\n".join([*text_table(rows), "", heading, *text_table(tensor_rows)])
 
 
 def text_table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -23,26 +23,78 @@ def _weights(dtype: torch.dtype, shape=(48, 40), seed: int = 0) -> torch.Tensor:
     return (torch.randn(shape, generator=generator) * 0.05).to(dtype)
 
 
-@pytest.mark.parametrize("low,high", [(2, 3), (3, 8), (4, 8), (4, 12), (8, 16)])
+@pytest.mark.parametrize("low,high", [(1, 8), (2, 3), (3, 8), (4, 8), (4, 12), (8, 16)])
 def test_coarsened_codes_equal_direct_quantization(low: int, high: int):
-    groups = ladder.to_groups(_weights(torch.float32), 64)
-    scales = ladder.base_scales(groups, low)
-    fine = ladder.quantize(groups, scales, low, high)
-    assert torch.equal(ladder.coarsen(fine, high, low), ladder.quantize(groups, scales, low, low))
-    refined = ladder.refine(ladder.coarsen(fine, high, low), ladder.refinement_bits(fine, low, high), low, high)
-    assert torch.equal(refined, fine)
+    groups = ladder.to_groups(_weights(torch.float32) + 0.04, 64)  # shifted: the grid must move, offsets are exercised
+    scales, offsets = ladder.base_grid(groups, low)
+    assert offsets.abs().max() > 0
+    fine = ladder.quantize(groups, scales, offsets, low, high)
+    assert torch.equal(ladder.coarsen(fine, high, low), ladder.quantize(groups, scales, offsets, low, low))
+    coarse = ladder.coarsen(fine, high, low)
+    refinements = ladder.refinement(fine, coarse, low, high)
+    assert torch.equal(refinements, fine & ((1 << (high - low)) - 1))  # inside the grid: the low bits
+    assert torch.equal(ladder.refine(coarse, refinements, low, high), fine)
 
 
-def test_reconstruction_error_is_within_half_a_step_at_every_width():
+@pytest.mark.parametrize("low,high", [(1, 8), (2, 8), (4, 8)])
+def test_clipped_weights_escape_the_base_grid_at_the_next_stage(low: int, high: int):
+    groups = ladder.to_groups(_weights(torch.float32, (64, 256)), 64)
+    groups[:, 0], groups[:, 1] = 0.5, -0.5  # far outside the clipped grid of every group
+    scales, offsets = ladder.base_grid(groups, low)
+    fine = ladder.quantize(groups, scales, offsets, low, high, headroom=3)
+    coarse = ladder.clamp_codes(ladder.coarsen(fine, high, low), low)
+    refinements = ladder.refinement(fine, coarse, low, high)
+    assert refinements.min() >= 0 and (refinements >= (1 << (high - low))).any()
+    assert torch.equal(ladder.refine(coarse, refinements, low, high), fine)
+    error = (ladder.dequantize(fine, scales, offsets, low, high) - groups).abs()
+    assert torch.all(error <= ladder.level_scales(scales, low, high).unsqueeze(1) / 2 * (1 + 1e-6))
+
+
+def test_reconstruction_error_is_within_half_a_step_inside_the_grid():
     groups = ladder.to_groups(_weights(torch.float32), 64)
-    scales = ladder.base_scales(groups, 4)
+    scales, offsets = ladder.base_grid(groups, 4)
     for bits in (4, 5, 8):
-        error = (ladder.dequantize(ladder.quantize(groups, scales, 4, bits), scales, 4, bits) - groups).abs()
+        codes = ladder.quantize(groups, scales, offsets, 4, bits)
+        error = (ladder.dequantize(codes, scales, offsets, 4, bits) - groups).abs()
         half_step = ladder.level_scales(scales, 4, bits).unsqueeze(1) / 2
-        assert torch.all(error <= half_step * (1 + 1e-6)), bits
+        inside = (codes > -(1 << (bits - 1))) & (codes < (1 << (bits - 1)) - 1)  # clamped (clipped) weights excepted
+        assert torch.all(error[inside] <= half_step.expand_as(error)[inside] * (1 + 1e-6)), bits
 
 
-@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_searched_grid_beats_the_symmetric_grid(bits: int):
+    groups = ladder.to_groups(_weights(torch.float32, (64, 256)), 64)
+    symmetric = ladder.base_scales(groups, bits)
+    zero = torch.zeros(groups.shape[0], dtype=torch.int32)
+    scales, offsets = ladder.base_grid(groups, bits)
+
+    def error(scales, offsets):
+        codes = ladder.quantize(groups, scales, offsets, bits, bits)
+        return (ladder.dequantize(codes, scales, offsets, bits, bits) - groups).square().sum(dim=1)
+
+    searched, plain = error(scales, offsets), error(symmetric, zero)
+    assert torch.all(searched <= plain)
+    assert searched.sum() < 0.8 * plain.sum()
+
+
+def test_zero_offsets_reproduce_the_symmetric_grid_of_format_1():
+    groups = ladder.to_groups(_weights(torch.float32), 64)
+    scales, zero = ladder.base_scales(groups, 4), torch.zeros(groups.shape[0], dtype=torch.int32)
+    codes = ladder.quantize(groups, scales, zero, 4, 4)
+    step = scales.to(torch.float32).unsqueeze(1)
+    assert torch.equal(codes, (groups / step).floor().clamp(-8, 7).to(torch.int32))
+    assert torch.equal(ladder.dequantize(codes, scales, zero, 4, 4), (codes.to(torch.float32) + 0.5) * step)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4])
+def test_offsets_pack_round_trip(bits: int):
+    offsets = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (13,), dtype=torch.int32)
+    packed = ladder.pack_offsets(offsets, bits)
+    assert packed.numel() == 2 * bits  # 13 offsets padded to 16
+    assert torch.equal(ladder.unpack_offsets(packed, bits, 13), offsets)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
 def test_pack_unpack_roundtrip(bits: int):
     codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (1024,), dtype=torch.int32)
     packed = ladder.pack(codes, bits)
@@ -50,14 +102,17 @@ def test_pack_unpack_roundtrip(bits: int):
     assert torch.equal(ladder.unpack(packed, bits), codes)
 
 
-@pytest.mark.parametrize("bits", range(2, 9))
-def test_dequantize_packed_gives_the_bits_of_dequantize(bits: int):
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_dequantize_packed_gives_the_bits_of_dequantize(bits: int, with_offsets: bool):
     torch.manual_seed(bits)
     groups = torch.randn(64, 32) * torch.logspace(-30, 4, 64).unsqueeze(1)  # tiny (subnormal products) to large scales
-    scales = ladder.base_scales(groups, bits)
-    codes = ladder.quantize(groups, scales, bits, bits)
-    expected = ladder.dequantize(codes, scales, bits, bits)
-    actual = ladder.dequantize_packed(ladder.pack(codes, bits), scales, bits, 32)
+    scales, offsets = ladder.base_grid(groups, bits) if with_offsets else (ladder.base_scales(groups, bits), None)
+    grid_offsets = offsets if with_offsets else torch.zeros(64, dtype=torch.int32)
+    assert not with_offsets or bits == 1 or offsets.any()  # the asymmetric grid is exercised
+    codes = ladder.quantize(groups, scales, grid_offsets, bits, bits)
+    expected = ladder.dequantize(codes, scales, grid_offsets, bits, bits)
+    actual = ladder.dequantize_packed(ladder.pack(codes, bits), scales, offsets, bits, 32)
     assert actual.dtype == torch.float32 and torch.equal(actual.view(torch.int32), expected.view(torch.int32))
 
 
@@ -97,7 +152,7 @@ def test_progressive_decode_is_bit_exact_with_special_values(dtype: torch.dtype,
     weight[5] = 0.0
     spec = progressive.Ladder(4, stage_bits, 64)
     encoded = progressive.encode(weight, spec)
-    rebuilt = progressive.decode(encoded.packed_codes, encoded.scales, encoded.deltas, spec, tuple(weight.shape), dtype)
+    rebuilt = progressive.decode(encoded.packed_codes, encoded.scales, encoded.offsets, encoded.deltas, spec, tuple(weight.shape), dtype)
     assert rebuilt.dtype == dtype
     assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
 
@@ -107,18 +162,18 @@ def test_intermediate_stages_reduce_error():
     spec = progressive.Ladder(3, (5, 8), 64)
     encoded = progressive.encode(weight, spec)
     errors = [
-        (progressive.decode(encoded.packed_codes, encoded.scales, encoded.deltas[:k], spec, tuple(weight.shape), weight.dtype) - weight).abs().mean().item()
+        (progressive.decode(encoded.packed_codes, encoded.scales, encoded.offsets, encoded.deltas[:k], spec, tuple(weight.shape), weight.dtype) - weight).abs().mean().item()
         for k in range(3)
     ]
     assert errors[0] > errors[1] > errors[2] > 0
-    base = progressive.dequantize_packed(encoded.packed_codes, encoded.scales, spec, tuple(weight.shape), weight.dtype)
+    base = progressive.dequantize_packed(encoded.packed_codes, encoded.scales, encoded.offsets, spec, tuple(weight.shape), weight.dtype)
     assert base.sub(weight).abs().mean().item() == pytest.approx(errors[0])
 
 
 @pytest.mark.parametrize(
     "bits,stages,group,message",
     [
-        (1, (), 64, "base bits must be between 2 and 8, got 1"), (9, (), 64, "base bits must be between 2 and 8, got 9"),
+        (0, (), 64, "base bits must be between 1 and 8, got 0"), (9, (), 64, "base bits must be between 1 and 8, got 9"),
         (4, (4,), 64, r"must increase.*\[4, 4\]"), (4, (8, 6), 64, r"must increase.*\[4, 8, 6\]"),
         (4, (8,), 60, "positive multiple of 8, got 60"), (4, (17,), 64, r"stay <= 16, got \[4, 17\]"),
     ],
@@ -133,10 +188,10 @@ def test_multi_block_tensor_round_trips_and_frames_are_checked():
     weight = _weights(torch.bfloat16, (1100, 1000))  # 1.1M elements: two blocks of 10922 groups of 96, the last one short
     encoded = progressive.encode(weight, spec)
     assert int.from_bytes(encoded.deltas[0][:4], "little") == 2
-    rebuilt = progressive.decode(encoded.packed_codes, encoded.scales, encoded.deltas, spec, tuple(weight.shape), weight.dtype)
+    rebuilt = progressive.decode(encoded.packed_codes, encoded.scales, encoded.offsets, encoded.deltas, spec, tuple(weight.shape), weight.dtype)
     assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
     with pytest.raises(entropy.CorruptStreamError, match="header says"):
-        progressive.decode(encoded.packed_codes, encoded.scales, [encoded.deltas[0][:-1]], spec, tuple(weight.shape), weight.dtype)
+        progressive.decode(encoded.packed_codes, encoded.scales, encoded.offsets, [encoded.deltas[0][:-1]], spec, tuple(weight.shape), weight.dtype)
 
 
 def test_block_threads_give_the_same_bytes_and_are_configurable(monkeypatch):
@@ -146,7 +201,7 @@ def test_block_threads_give_the_same_bytes_and_are_configurable(monkeypatch):
     serial = progressive.encode(weight, spec)
     monkeypatch.setenv(progressive.THREADS_VARIABLE, "3")
     assert progressive.encode(weight, spec).deltas == serial.deltas
-    rebuilt = progressive.decode(serial.packed_codes, serial.scales, serial.deltas, spec, tuple(weight.shape), weight.dtype)
+    rebuilt = progressive.decode(serial.packed_codes, serial.scales, serial.offsets, serial.deltas, spec, tuple(weight.shape), weight.dtype)
     assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
     monkeypatch.setenv(progressive.THREADS_VARIABLE, "zero")
     with pytest.raises(ValueError, match="P2U_CODEC_THREADS must be a positive integer, got 'zero'"):

@@ -19,13 +19,15 @@ from p2u_hub.testing.assertions import assert_checkpoints_bit_identical, checkpo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,base_limit,total_limit", [("fp32", 0.15, 0.90), ("bf16", 0.28, 0.78)])
+@pytest.mark.parametrize("variant,base_limit,total_limit", [("fp32", 0.135, 0.86), ("bf16", 0.27, 0.732)])  # base bytes include the manifest with its checksums
 def test_minilm_sizes_and_bit_exact_merge(variant, base_limit, total_limit, minilm_dir, minilm_bf16_dir, tmp_path):
+    """The default command (4-bit budget, calibrated widths): base no larger than the uniform 4-bit base of format 1."""
     source = minilm_dir if variant == "fp32" else minilm_bf16_dir
     release = p2u_hub.split(source, tmp_path / "release", bits=4, group_size=64)
     summary = summarize(release)
     base, *stages = summary["stages"]
     assert base["bytes"] / summary["source_bytes"] <= base_limit
+    assert summary["widths"]["method"] == "calibration" and len({t["bits"] for t in summary["widths"]["tensors"].values()}) > 2
     assert summary["total_bytes"] / summary["source_bytes"] <= total_limit
     assert [s["name"] for s in stages] == ["stage-1", "stage-2"] and stages[0]["bits"] == 8
     merged = p2u_hub.merge(release, tmp_path / "merged")
@@ -212,3 +214,38 @@ def test_every_safetensors_dtype_outside_the_ladder_stays_exact(random_checkpoin
     manifest = fmt.read_manifest(release / fmt.BASE_DIR)
     assert {manifest.tensors[name].codec for name in extra} == {fmt.CODEC_EXACT}
     assert_checkpoints_bit_identical(source, p2u_hub.merge(release, tmp_path / "merged"))
+
+
+def test_release_of_format_version_1_still_reads(random_checkpoint, tmp_path, monkeypatch):
+    """Version 1 had the symmetric grid and no offsets: a version-3 release made on that grid, stripped of its
+    offsets and per-tensor widths, must rebuild the same base and the source bit for bit."""
+    from p2u_hub.codecs import ladder
+
+    monkeypatch.setattr(ladder, "base_grid", lambda groups, bits: (ladder.base_scales(groups, bits), torch.zeros(groups.shape[0], dtype=torch.int32)))
+    source = random_checkpoint("llama")
+    current = p2u_hub.split(source, tmp_path / "current", bits=3, uniform=True)
+    old = tmp_path / "old"
+    shutil.copytree(current, old)
+    manifest = json.loads((old / "base" / fmt.MANIFEST_FILE).read_text())
+    manifest["format_version"] = 1
+    for entry in manifest["tensors"].values():
+        entry.pop("bits", None)
+    fmt.write_json(old / "base" / fmt.MANIFEST_FILE, manifest)
+    weights = {k: v for k, v in load_file(old / "base" / "model.safetensors").items() if not k.endswith(fmt.OFFSETS_SUFFIX)}
+    save_file(weights, old / "base" / "model.safetensors", metadata={"format": "pt"})
+    digest = fmt.sha256_bytes(fmt.canonical_json(manifest))
+    config = json.loads((old / "base" / "config.json").read_text())
+    config["quantization_config"].update(manifest_sha256=digest, format_version=1)
+    fmt.write_json(old / "base" / "config.json", config)
+    for stage in ("stage-1", "stage-2"):
+        record = json.loads((old / stage / fmt.STAGE_FILE).read_text())
+        record.update(parent=digest, format_version=1)
+        fmt.write_json(old / stage / fmt.STAGE_FILE, record)
+    assert not fmt.read_manifest(old / "base").has_offsets
+    assert_checkpoints_bit_identical(p2u_hub.merge(current, tmp_path / "current-base", stage="base"), p2u_hub.merge(old, tmp_path / "old-base", stage="base"))
+    assert_checkpoints_bit_identical(source, p2u_hub.merge(old, tmp_path / "merged"))
+    import transformers
+
+    tokens = torch.arange(12).reshape(1, 12)
+    logits = [transformers.AutoModelForCausalLM.from_pretrained(release / "base")(tokens).logits for release in (current, old)]
+    assert torch.equal(*logits)

@@ -112,9 +112,10 @@ def test_stage_revisions_are_validated_before_any_download(release, tmp_path, ca
 
 def test_huge_declared_shape_fails_at_once(release, capsys):
     name = "encoder.layer.0.attention.self.query.weight"
+    bits = fmt.read_manifest(release / fmt.BASE_DIR).tensors[name].bits  # the tensor's own base width
     _rewrite_manifest(release, lambda manifest: manifest["tensors"][name].update(shape=[1099511627776, 64]))
     error = _cli_error(capsys, "verify", str(release))
-    assert f"tensor {name!r} is stored as U8[2048], the manifest implies U8[35184372088832]" in error
+    assert f"tensor {name!r} is stored as U8[{4096 * bits // 8}], the manifest implies U8[{(1 << 46) * bits // 8}]" in error
 
 
 def test_deflate_bomb_stops_at_the_declared_size(release, capsys):
@@ -155,16 +156,23 @@ def test_bad_quantization_config_fails_verify(release, capsys, field, value, mes
     assert pytest.importorskip("re").search(message, error), error
 
 
-def test_version_1_release_still_reads_with_a_warning(release, random_checkpoint, tmp_path):
+def test_version_1_release_still_reads_with_a_warning(tmp_path):
+    golden = Path(__file__).parent / "golden" / "v1"
+    expected = json.loads((golden / "expected.json").read_text())["tensor_sha256"]
+    with pytest.warns(UserWarning, match="format version 1 records no checksums of the base weights"):
+        merged = p2u_hub.merge(golden / "release", tmp_path / "merged")
+    rebuilt = {name: fmt.tensor_sha256(tensor) for name, tensor in load_file(merged / "model.safetensors").items()}
+    assert rebuilt == expected[fmt.stage_name(len(expected) - 1)]
+
+
+def test_a_release_relabelled_version_1_cannot_skip_its_checksums(release):
     def downgrade(manifest):
         manifest["format_version"] = 1
         del manifest["base_sha256"]
 
     _rewrite_manifest(release, downgrade)
-    with pytest.warns(UserWarning, match="format version 1 records no checksums of the base weights"):
-        merged = p2u_hub.merge(release, tmp_path / "merged")
-    expected, actual = load_file(random_checkpoint("bert") / "model.safetensors"), load_file(merged / "model.safetensors")
-    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    with pytest.raises(fmt.P2UFormatError, match=r"tensor '[^']+' has a base width, which only ladder tensors of format 3\+ have"):
+        p2u_hub.merge(release, release.parent / "merged")
 
 
 def _output(model) -> torch.Tensor:

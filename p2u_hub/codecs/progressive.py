@@ -1,6 +1,7 @@
 """One tensor through the whole ladder: base codes and scales, refinement deltas, lossless delta.
 
-``encode`` turns a float tensor into the base payload (packed codes + float16 scales) and
+``encode`` turns a float tensor into the base payload (packed codes, float16 scales, packed
+group offsets) and
 one delta per stage; ``decode`` rebuilds the tensor at any stage from the base payload and
 the deltas up to that stage. Both are pure: tensors and bytes in, tensors and bytes out.
 
@@ -26,6 +27,10 @@ import torch
 from . import entropy, ladder, lossless
 
 BLOCK_ELEMENTS = 1 << 20
+TOP_HEADROOM = 3
+"""Top integer codes may reach 8 times the base grid's range: the stages carry the weights the base grid
+clips (a clipping ratio >= 0.5 and the offset's rounding keep them within 4 times), so clipping costs the
+intermediate stages no precision and the lossless stage no bytes."""
 _U32 = struct.Struct("<I")
 
 
@@ -102,8 +107,8 @@ class Ladder:
     group_size: int
 
     def __post_init__(self) -> None:
-        if not 2 <= self.base_bits <= 8:
-            raise ValueError(f"base bits must be between 2 and 8, got {self.base_bits}")
+        if not 1 <= self.base_bits <= 8:
+            raise ValueError(f"base bits must be between 1 and 8, got {self.base_bits}")
         widths = (self.base_bits, *self.stage_bits)
         if any(low >= high for low, high in zip(widths, widths[1:])) or widths[-1] > 16:
             raise ValueError(f"stage bits must increase from the base bits and stay <= 16, got {list(widths)}")
@@ -128,6 +133,7 @@ class Ladder:
 class EncodedTensor:
     packed_codes: torch.Tensor  # uint8, the base codes, ``ladder.pack`` layout
     scales: torch.Tensor  # float16, one per group
+    offsets: torch.Tensor  # uint8, one offset per group, ``ladder.pack_offsets`` layout
     deltas: tuple[bytes, ...]  # one per stage, the lossless one last
 
 
@@ -137,9 +143,10 @@ def encode(weight: torch.Tensor, spec: Ladder) -> EncodedTensor:
     ranges = _block_ranges(flat.numel(), spec.group_size)
     with _one_torch_thread():
         blocks = _map_blocks(lambda index: _encode_block(flat[ranges[index][0] : ranges[index][1]], spec), len(ranges))
-        stage_streams = [[deltas[stage] for _, _, deltas in blocks] for stage in range(spec.stage_count)]
+        stage_streams = [[deltas[stage] for *_, deltas in blocks] for stage in range(spec.stage_count)]
+        offsets = ladder.pack_offsets(torch.cat([offsets for _, _, offsets, _ in blocks]), spec.base_bits)
         return EncodedTensor(
-            torch.cat([packed for packed, _, _ in blocks]), torch.cat([scales for _, scales, _ in blocks]),
+            torch.cat([packed for packed, *_ in blocks]), torch.cat([scales for _, scales, *_ in blocks]), offsets,
             tuple(_frame(streams) for streams in stage_streams),
         )  # fmt: skip
 
@@ -147,6 +154,7 @@ def encode(weight: torch.Tensor, spec: Ladder) -> EncodedTensor:
 def decode(
     packed_codes: torch.Tensor,
     scales: torch.Tensor,
+    offsets: torch.Tensor | None,
     deltas: list[bytes] | tuple[bytes, ...],
     spec: Ladder,
     shape: tuple[int, ...],
@@ -155,6 +163,8 @@ def decode(
     """Rebuild a tensor of ``shape``/``dtype`` at stage ``len(deltas)`` (0 = base).
 
     With all ``spec.stage_count`` deltas the result is bit-identical to the encoded tensor.
+    ``offsets`` are the packed group offsets; None reads a base of format versions 1-2, whose
+    offsets are all 0.
 
     Raises:
         entropy.CorruptStreamError: a delta does not parse or decode.
@@ -165,6 +175,7 @@ def decode(
     ranges = _block_ranges(numel, spec.group_size)
     block_deltas = [_unframe(delta, len(ranges)) for delta in deltas]
     output = torch.empty(numel, dtype=dtype)
+    group_offsets = _group_offsets(offsets, spec, ladder.group_count(numel, spec.group_size))
     bytes_per_group = spec.group_size * spec.base_bits // 8
 
     def decode_block(index: int) -> None:
@@ -172,7 +183,7 @@ def decode(
         first, last = start // spec.group_size, ladder.group_count(stop, spec.group_size)
         output[start:stop] = _decode_block(
             packed_codes[first * bytes_per_group : last * bytes_per_group], scales[first:last],
-            [blocks[index] for blocks in block_deltas], spec, stop - start, dtype,
+            group_offsets[first:last], [blocks[index] for blocks in block_deltas], spec, stop - start, dtype,
         )  # fmt: skip
 
     with _one_torch_thread():
@@ -209,56 +220,88 @@ def _unframe(delta: bytes, expected_blocks: int) -> list[bytes]:
     return streams
 
 
-def _encode_block(weight: torch.Tensor, spec: Ladder) -> tuple[torch.Tensor, torch.Tensor, list[bytes]]:
-    """Base payload and stage deltas of one block (a 1-D run of whole groups)."""
+def _group_offsets(offsets: torch.Tensor | None, spec: Ladder, groups: int) -> torch.Tensor:
+    """The int32 offset of every group (all 0 for a base without offsets)."""
+    if offsets is None:
+        return torch.zeros(groups, dtype=torch.int32)
+    return ladder.unpack_offsets(offsets, spec.base_bits, groups)
+
+
+def _encode_block(weight: torch.Tensor, spec: Ladder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bytes]]:
+    """Base codes, scales, offsets (unpacked) and stage deltas of one block (a 1-D run of whole groups)."""
     groups = ladder.to_groups(weight, spec.group_size)
-    scales = ladder.base_scales(groups, spec.base_bits)
-    top_codes = ladder.quantize(groups, scales, spec.base_bits, spec.top_bits)
+    scales, offsets = ladder.base_grid(groups, spec.base_bits)
+    top_bits = spec.top_bits
+    headroom = TOP_HEADROOM if spec.stage_bits else 0
+    top_codes = ladder.quantize(groups, scales, offsets, spec.base_bits, top_bits, headroom)
+    base_codes = ladder.clamp_codes(ladder.coarsen(top_codes, top_bits, spec.base_bits), spec.base_bits)
     widths = spec.widths()
     deltas = []
+    coarse = base_codes
     for low, high in zip(widths, widths[1:]):
-        coarse = ladder.coarsen(top_codes, spec.top_bits, low)
-        low_bits = ladder.refinement_bits(ladder.coarsen(top_codes, spec.top_bits, high), low, high)
-        deltas.append(entropy.encode(low_bits.to(torch.int64), _refinement_contexts(coarse, low)))
-    reconstruction = _reconstruct(top_codes, scales, spec, spec.top_bits, weight)
+        fine = ladder.coarsen(top_codes, top_bits, high)
+        refinements = ladder.refinement(fine, coarse, low, high)
+        deltas.append(entropy.encode(refinements.to(torch.int64), _refinement_contexts(coarse, low)))
+        coarse = fine
+    reconstruction = _reconstruct(top_codes, scales, offsets, spec, top_bits, weight)
     residual = lossless.residual(weight.contiguous(), reconstruction)
     deltas.append(entropy.encode(residual, _lossless_contexts(reconstruction, scales, spec, weight)))
-    base_codes = ladder.coarsen(top_codes, spec.top_bits, spec.base_bits)
-    return ladder.pack(base_codes, spec.base_bits), scales, deltas
+    return ladder.pack(base_codes, spec.base_bits), scales, offsets, deltas
 
 
 def _decode_block(
-    packed_codes: torch.Tensor, scales: torch.Tensor, deltas: list[bytes], spec: Ladder, numel: int, dtype: torch.dtype
+    packed_codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, deltas: list[bytes], spec: Ladder, numel: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     codes = ladder.unpack(packed_codes, spec.base_bits).view(-1, spec.group_size)
     widths = spec.widths()
     reached = spec.base_bits
     for (low, high), delta in zip(zip(widths, widths[1:]), deltas):
-        low_bits = entropy.decode(delta, _refinement_contexts(codes, low))
-        codes = ladder.refine(codes, low_bits, low, high)
+        refinements = entropy.decode(delta, _refinement_contexts(codes, low))
+        codes = ladder.refine(codes, refinements, low, high)
         reached = high
     template = torch.empty(numel, dtype=dtype, device="meta")
-    reconstruction = _reconstruct(codes, scales, spec, reached, template)
+    reconstruction = _reconstruct(codes, scales, offsets, spec, reached, template)
     if len(deltas) < spec.stage_count:
         return reconstruction
     contexts = _lossless_contexts(reconstruction, scales, spec, template)
     return lossless.restore(reconstruction, entropy.decode(deltas[-1], contexts))
 
 
-def dequantize_packed(packed_codes: torch.Tensor, scales: torch.Tensor, spec: Ladder, shape, dtype) -> torch.Tensor:
-    """The base tensor from its packed codes: what a packed layer computes in ``forward``."""
-    values = ladder.dequantize_packed(packed_codes, scales.to(packed_codes.device), spec.base_bits, spec.group_size)
+def dequantize_packed(
+    packed_codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, spec: Ladder, shape, dtype
+) -> torch.Tensor:
+    """The base tensor from its packed codes and offsets: what a packed layer computes in ``forward``."""
+    groups = scales.numel()
+    group_offsets = None if offsets is None else _group_offsets(offsets, spec, groups)
+    values = ladder.dequantize_packed(packed_codes, scales, group_offsets, spec.base_bits, spec.group_size)
     return values.reshape(-1)[: math.prod(shape)].reshape(shape).to(dtype)
 
 
-def _reconstruct(codes: torch.Tensor, scales: torch.Tensor, spec: Ladder, bits: int, like: torch.Tensor) -> torch.Tensor:
-    values = ladder.dequantize(codes, scales, spec.base_bits, bits)
+def base_reconstruction(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``weight`` as a ``bits``-wide base would hold it (same shape and dtype), without coding anything.
+
+    What split's width allocation measures a width by; it uses the same grid search as ``encode``.
+    """
+    groups = ladder.to_groups(weight, group_size)
+    scales, offsets = ladder.base_grid(groups, bits)
+    codes = ladder.quantize(groups, scales, offsets, bits, bits)
+    return _reconstruct(codes, scales, offsets, Ladder(bits, (), group_size), bits, weight)
+
+
+def _reconstruct(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, spec: Ladder, bits: int, like: torch.Tensor
+) -> torch.Tensor:
+    values = ladder.dequantize(codes, scales, offsets, spec.base_bits, bits)
     return values.reshape(-1)[: like.numel()].reshape(like.shape).to(like.dtype)
 
 
 def _refinement_contexts(coarse_codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Context of a refinement: the coarse code itself, offset to ``[0, 2**bits)``."""
-    return (coarse_codes + (1 << (bits - 1))).to(torch.uint8) if bits <= 8 else _folded(coarse_codes, bits)
+    """Context of a refinement: the coarse code itself, offset to ``[0, 2**bits)`` (codes beyond a clamped
+    base's range, at a stage above the first, take the nearest end)."""
+    if bits > 8:
+        return _folded(coarse_codes, bits)
+    return (coarse_codes + (1 << (bits - 1))).clamp(0, (1 << bits) - 1).to(torch.uint8)
 
 
 def _folded(coarse_codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -5,9 +5,10 @@ quantizers. ``register`` adds p2u to it; importing this module registers, and
 ``p2u_hub._startup`` imports it as soon as transformers builds that table, in every interpreter
 where p2u-hub is installed.
 
-Loading. The base stores a quantized tensor ``N`` as packed uint8 codes under ``N`` and float16
-scales under ``N_p2u_scales``. Before the weights are read, the quantizer gives each quantized
-parameter of the still empty model exactly those two tensors, in the shapes the base holds, so
+Loading. The base stores a quantized tensor ``N`` as packed uint8 codes under ``N``, float16
+scales under ``N_p2u_scales`` and packed grid offsets under ``N_p2u_offsets`` (bases of format
+version 3 on), each tensor at its own base width. Before the weights are read, the quantizer
+gives each quantized parameter of the still empty model exactly those tensors, in the shapes the base holds, so
 transformers' ordinary loader fills, places and ties them like any other weight. Then, by load mode:
 
 * ``"packed"`` (the default; the low-memory choice): ``nn.Linear``, ``nn.Embedding`` and GPT-2's
@@ -117,16 +118,20 @@ class P2UConfig(QuantizationConfigMixin):
 
 @dataclass(frozen=True)
 class PackedLayout:
-    """How one packed weight expands: the release's ladder, the weight's shape, the dtype the model computes in."""
+    """How one packed weight expands: its ladder (own base width), shape, the dtype the model computes in,
+    and whether the base stores grid offsets for it (format version 3 on)."""
 
     ladder: Ladder
     shape: tuple[int, ...]
     dtype: torch.dtype
+    has_offsets: bool = True
 
-    def stored_sizes(self) -> tuple[int, int]:
-        """Element counts of the packed codes (uint8) and of the scales, as the base stores them."""
+    def stored_sizes(self) -> tuple[tuple[int, torch.dtype], ...]:
+        """Element count and dtype of the packed codes, the scales and (if stored) the packed offsets."""
         groups = ladder_codec.group_count(math.prod(self.shape), self.ladder.group_size)
-        return groups * self.ladder.group_size * self.ladder.base_bits // 8, groups
+        bits = self.ladder.base_bits
+        sizes = ((groups * self.ladder.group_size * bits // 8, torch.uint8), (groups, ladder_codec.SCALE_DTYPE))
+        return sizes + (((-(-groups // 8)) * bits, torch.uint8),) if self.has_offsets else sizes
 
 
 @dataclass(frozen=True)
@@ -148,14 +153,19 @@ class PackedParameter:
         return self.name.rpartition(".")[2]
 
     @property
-    def attributes(self) -> tuple[str, str]:
-        """Attributes of the codes and of the scales on the module, while loading."""
-        return self.attribute, fmt.scales_key(self.attribute)
+    def attributes(self) -> tuple[str, ...]:
+        """Attributes of the codes, the scales and the offsets (when stored) on the module, while loading."""
+        return _with_grid(self.attribute, self.layout)
 
     @property
-    def stored(self) -> tuple[str, str]:
-        """Names of the codes and of the scales in the base weights."""
-        return self.tensor, fmt.scales_key(self.tensor)
+    def stored(self) -> tuple[str, ...]:
+        """Names of the codes, the scales and the offsets (when stored) in the base weights."""
+        return _with_grid(self.tensor, self.layout)
+
+
+def _with_grid(name: str, layout: PackedLayout) -> tuple[str, ...]:
+    """``name`` (the codes) and the names of its grid tensors: scales, then offsets when the base has them."""
+    return (name, fmt.scales_key(name), fmt.offsets_key(name)) if layout.has_offsets else (name, fmt.scales_key(name))
 
 
 class PackedLayer:
@@ -183,10 +193,10 @@ class PackedLayer:
             weight = weight if rows is None else weight[rows]
             return weight if dtype is None else weight.to(dtype)
         dtype = dtype or layout.dtype
-        scales = buffers[fmt.scales_key("weight")]
+        scales, offsets = buffers[fmt.scales_key("weight")], buffers.get(fmt.offsets_key("weight"))
         if rows is None:
-            return dequantize_packed(codes, scales, layout.ladder, layout.shape, dtype)
-        return _expand_rows(codes, scales, layout, rows, dtype)
+            return dequantize_packed(codes, scales, offsets, layout.ladder, layout.shape, dtype)
+        return _expand_rows(codes, scales, offsets, layout, rows, dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -207,7 +217,7 @@ class PackedLayer:
             return super()._apply(fn, recurse)
         target = fn(torch.empty(0, dtype=layout.dtype, device=scales.device))
         super()._apply(fn, recurse)
-        self._buffers[scales_key] = scales.to(self._buffers[scales_key].device)
+        self._buffers[scales_key] = scales.to(self._buffers[scales_key].device)  # offsets are uint8: never cast
         _mark_logical_shape(self._buffers["weight"], layout.shape)
         self.p2u_layout = replace(layout, dtype=target.dtype)
         return self
@@ -245,7 +255,8 @@ def _mark_logical_shape(codes: torch.Tensor, shape: tuple[int, ...]) -> None:
 
 
 def _expand_rows(
-    codes: torch.Tensor, scales: torch.Tensor, layout: PackedLayout, rows: torch.Tensor, dtype: torch.dtype
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, layout: PackedLayout, rows: torch.Tensor,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Rows of a packed weight, the same values as indexing the fully expanded one.
 
@@ -257,7 +268,8 @@ def _expand_rows(
     elements = rows.reshape(-1, 1) * row_size + torch.arange(row_size, device=rows.device)
     groups, position = torch.unique(elements // ladder.group_size, return_inverse=True)
     group_bytes = codes.view(-1, ladder.group_size * ladder.base_bits // 8)[groups]
-    values = ladder_codec.dequantize_packed(group_bytes, scales[groups], ladder.base_bits, ladder.group_size)
+    group_offsets = None if offsets is None else ladder_codec.unpack_offsets(offsets, ladder.base_bits, scales.numel())[groups]
+    values = ladder_codec.dequantize_packed(group_bytes, scales[groups], group_offsets, ladder.base_bits, ladder.group_size)
     return values[position, elements % ladder.group_size].reshape(*rows.shape, *layout.shape[1:]).to(dtype)
 
 
@@ -341,10 +353,11 @@ class P2UHfQuantizer(HfQuantizer):
         self._check_stored(checkpoint_files, release.manifest)
         for packed in self.parameters.values():
             module = model.get_submodule(packed.module_name)
-            codes, scales = packed.layout.stored_sizes()
-            codes_attribute, scales_attribute = packed.attributes
-            setattr(module, codes_attribute, _meta_parameter(codes, torch.uint8))
-            module.register_parameter(scales_attribute, _meta_parameter(scales, ladder_codec.SCALE_DTYPE))
+            (codes, codes_dtype), *grid = packed.layout.stored_sizes()
+            codes_attribute, *grid_attributes = packed.attributes
+            setattr(module, codes_attribute, _meta_parameter(codes, codes_dtype))
+            for attribute, (size, dtype) in zip(grid_attributes, grid):
+                module.register_parameter(attribute, _meta_parameter(size, dtype))
             if packed.owner is not None:
                 self._tie_for_loading(model, module, packed)
             if self.quantization_config.mode == fmt.LOAD_MODE_PACKED and _can_run_packed(module, packed):
@@ -352,14 +365,15 @@ class P2UHfQuantizer(HfQuantizer):
         return model
 
     def _tie_for_loading(self, model, module: nn.Module, packed: PackedParameter) -> None:
-        """Have transformers share the owner's scales (and an alias's codes) as it does tied weights.
+        """Have transformers share the owner's scales and offsets (and an alias's codes) as it does tied weights.
 
         transformers ties a pair by assigning the owner's tensor to the follower, then pads the
         follower's bias to the length of its new weight: the codes. The bias size is recorded so
         that the padding can be cut off after loading.
         """
         ties = model.all_tied_weights_keys
-        ties[fmt.scales_key(packed.name)] = fmt.scales_key(packed.owner)
+        for follower, owner in zip(_with_grid(packed.name, packed.layout)[1:], _with_grid(packed.owner, packed.layout)[1:]):
+            ties[follower] = owner
         if not packed.tied:
             ties[packed.name] = packed.owner
         if getattr(module, "bias", None) is not None:
@@ -373,7 +387,7 @@ class P2UHfQuantizer(HfQuantizer):
             module = model.get_submodule(packed.module_name)
             if packed.owner is not None:
                 _untie_after_loading(model, packed)
-            for attribute in packed.attributes:  # codes and scales become buffers (see PackedLayer)
+            for attribute in packed.attributes:  # codes, scales and offsets become buffers (see PackedLayer)
                 loaded = module._parameters.pop(attribute)
                 module.register_buffer(attribute, buffers.setdefault(loaded, loaded.detach()))
             _mark_logical_shape(module._buffers[packed.attribute], packed.layout.shape)
@@ -471,7 +485,8 @@ def _can_run_packed(module: nn.Module, packed: PackedParameter) -> bool:
 def _untie_after_loading(model, packed: PackedParameter) -> None:
     """Drop the tie entries added for loading: scales become buffers, and an alias is no tie of the model's."""
     ties = model.all_tied_weights_keys
-    ties.pop(fmt.scales_key(packed.name), None)
+    for grid_name in _with_grid(packed.name, packed.layout)[1:]:
+        ties.pop(grid_name, None)
     if not packed.tied:
         ties.pop(packed.name, None)
 
@@ -524,7 +539,8 @@ def plan_parameters(model, manifest: fmt.Manifest) -> dict[str, PackedParameter]
         return name if name in parameters else None
 
     def layout(name: str, tensor: str) -> PackedLayout:
-        return PackedLayout(manifest.ladder, tuple(manifest.tensors[tensor].shape), parameters[name].dtype)
+        shape = tuple(manifest.tensors[tensor].shape)
+        return PackedLayout(manifest.tensor_ladder(tensor), shape, parameters[name].dtype, manifest.has_offsets)
 
     quantized = {tensor: entry for tensor, entry in manifest.tensors.items() if entry.codec == fmt.CODEC_LADDER}
     owners: dict[str, str] = {}  # manifest name -> parameter name
@@ -553,14 +569,13 @@ def plan_parameters(model, manifest: fmt.Manifest) -> dict[str, PackedParameter]
 
 
 def expand_loaded(model, packed: PackedParameter, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The base weight of ``packed`` expanded from the codes and scales in memory, in ``dtype`` (default: the layer's)."""
+    """The base weight of ``packed`` expanded from the codes, scales and offsets in memory, in ``dtype`` (default: the layer's)."""
     module = quantized_layer(model, packed.module_name)
-    codes_attribute, scales_attribute = packed.attributes
+    codes, scales, *offsets = (module._buffers[attribute] for attribute in packed.attributes)
     layout = packed.layout
     return dequantize_packed(
-        module._buffers[codes_attribute], module._buffers[scales_attribute], layout.ladder, layout.shape,
-        dtype or placement(model, packed)[1],
-    )  # fmt: skip
+        codes, scales, offsets[0] if offsets else None, layout.ladder, layout.shape, dtype or placement(model, packed)[1]
+    )
 
 
 def quantized_layer(model, module_name: str) -> nn.Module:
@@ -638,7 +653,7 @@ def install_parameters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> N
         for attribute, tensor in (new | replaced).items()
     }  # a weight coming from the buffers goes first, where the plain layer has it
     module.__dict__["_parameters"] = parameters
-    dropped = set(tensors) | {fmt.scales_key(attribute) for attribute in tensors}
+    dropped = set(tensors) | {key(attribute) for attribute in tensors for key in (fmt.scales_key, fmt.offsets_key)}
     module.__dict__["_buffers"] = {name: buffer for name, buffer in module._buffers.items() if name not in dropped}
     if type(module) in PLAIN_LAYERS:
         module.__class__ = PLAIN_LAYERS[type(module)]
