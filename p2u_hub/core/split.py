@@ -19,7 +19,7 @@ from huggingface_hub.utils import tqdm
 
 from . import allocation
 from . import format as fmt
-from .codecs import progressive
+from ..codecs import progressive
 from .storage import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TensorReader, atomic_output_dir, safetensors_header, visible_files
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -47,7 +47,7 @@ def split(
             an optional ``@revision`` (downloaded with ``snapshot_download``).
         output: the release folder to create.
         bits: the base's budget: it takes at most the bytes of a uniform ``bits``-wide base
-            (2-8), spread over the tensors by sensitivity (``p2u_hub.allocation``); with
+            (2-8), spread over the tensors by sensitivity (``p2u_hub.core.allocation``); with
             ``uniform`` every tensor is ``bits`` wide.
         group_size: weights per float16 scale (a multiple of 8).
         stages: widths of the intermediate integer stages; a final lossless stage is always added.

@@ -13,9 +13,9 @@ import torch
 from huggingface_hub.utils import tqdm
 
 from . import format as fmt
-from .codecs import ladder as ladder_codec
-from .codecs import progressive
-from .codecs.entropy import CorruptStreamError
+from ..codecs import ladder as ladder_codec
+from ..codecs import progressive
+from ..codecs.entropy import CorruptStreamError
 from .hub import cached_repo_id, check_repo_id, download_stage
 from .storage import TensorReader
 
