@@ -28,13 +28,14 @@ freed at once, so the peak stays near the final model size plus one layer being 
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import Future
 
 import torch
 from huggingface_hub.utils import tqdm
 
-from .release import Release, StageSpec, TensorRebuilder
+from .release import StageSpec, TensorRebuilder
 
 _ONE_AT_A_TIME = threading.Lock()
 """Upgrades run one after the other: two on one model must not interleave, and each one keeps the CPU busy anyway."""
@@ -128,12 +129,12 @@ def _transformers_model(model):
 
 
 def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
-    from .integrations.transformers import install_expanded, placement
+    from .integrations.transformers import install_expanded, loaded_codes, placement
 
     with _ONE_AT_A_TIME, torch.no_grad():
         if getattr(model, "hf_quantizer", None) is not quantizer:
             return model  # an upgrade queued before this one reached full precision
-        release = Release(quantizer.base_dir, repo_id=quantizer.repo_id, token=token)
+        release = quantizer.release.reopened(token)  # config and manifest as parsed and checked at load
         index = release.stage_index(stage)
         if index < quantizer.stage:
             raise ValueError(f"the model is at stage {quantizer.stage}; upgrade cannot lower it to stage {index}")
@@ -141,14 +142,16 @@ def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
         todo = {name: packed for name, packed in quantizer.parameters.items() if stages.get(name, 0) < index}
         if not todo and index <= quantizer.stage:
             return model
-        folders = [release.stage_dir(k) for k in range(1, index + 1)]
-        rebuilder = TensorRebuilder(release, index, folders)
-        rebuilder.verify_payloads()
+        rebuilder = release.rebuilder(index)
+        rebuilder.verify_payloads(keep={packed.tensor for packed in todo.values()}, keep_bytes=_payload_budget(model, todo, rebuilder))
         bars: list[tqdm] = []  # opened at the first layer, when the total is known (no empty bar before it)
 
         def rebuild(packed) -> torch.Tensor:
             device, dtype = placement(model, packed)
-            return rebuilder.tensor(packed.tensor).to(device=device, dtype=dtype)
+            stored = loaded_codes(model, packed)  # checked at load; None once the layer is dense
+            if stored is not None:
+                stored = tuple(None if tensor is None else tensor.cpu() for tensor in stored)
+            return rebuilder.tensor(packed.tensor, stored).to(device=device, dtype=dtype)
 
         def layer_done(done: int, total: int, names: list[str]) -> None:
             stages.update(dict.fromkeys(names, index))
@@ -167,6 +170,24 @@ def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
         if quantizer.stage == release.stage_count:
             _make_plain(model, quantizer)
     return model
+
+
+def _payload_budget(model, todo: dict, rebuilder: TensorRebuilder) -> int:
+    """Bytes of checked payloads the upgrade may keep until it decodes them: what the model grows by, plus one shard.
+
+    Kept payloads are freed as their layers are rebuilt while the model grows from packed codes
+    to dense weights, so keeping that much holds the peak near the final model plus one shard,
+    the bound the upgrade promises; beyond it payloads are read (and checked) a second time.
+    """
+    from .integrations.transformers import loaded_codes, placement
+
+    growth = 0
+    for packed in todo.values():
+        stored = loaded_codes(model, packed) if packed.owner is None else None
+        if stored is not None:  # a dense layer (an intermediate stage) keeps its size
+            dense = math.prod(packed.layout.shape) * placement(model, packed)[1].itemsize
+            growth += dense - sum(tensor.numel() * tensor.element_size() for tensor in stored if tensor is not None)
+    return max(growth, 0) + rebuilder.largest_stage_shard()
 
 
 def _make_plain(model, quantizer) -> None:
