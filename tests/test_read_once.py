@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import transformers
+from safetensors.torch import load_file, save_file
 
 import p2u_hub
 from p2u_hub import format as fmt
@@ -98,3 +99,17 @@ def test_upgrade_beyond_its_payload_budget_reads_again_and_still_checks(release,
     expected = Counter(payload["sha256"] for payload in payloads)
     assert {digest: hashes[digest] for digest in expected} == {digest: 2 * count for digest, count in expected.items()}
     assert set(reads.values()) == {2}
+
+
+def test_uniform_split_reads_and_hashes_each_source_tensor_once_and_still_finds_copies(random_checkpoint, tmp_path, hashes, reads):
+    source = random_checkpoint("gpt2")
+    tensors = load_file(source / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    release = p2u_hub.split(source, tmp_path / "release", uniform=True)
+    manifest = fmt.read_manifest(release / "base")
+    assert Counter(name for _, name in reads.elements()) == Counter(dict.fromkeys(manifest.tensors, 1))
+    expected = Counter(entry.sha256 for entry in manifest.tensors.values())
+    assert {digest: hashes[digest] for digest in expected} == expected
+    aliases = {manifest.tensors[name].alias_of for name in ("lm_head.weight", "transformer.wte.weight")}
+    assert aliases - {None} <= {"lm_head.weight", "transformer.wte.weight"} and len(aliases) == 2  # found while encoding
