@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import os
 from collections.abc import Collection
 from pathlib import Path
@@ -22,6 +23,8 @@ from .codecs.entropy import CorruptStreamError
 from .codecs.progressive import Ladder
 from .hub import cached_repo_id, check_repo_id, download_stage
 from .storage import TensorReader
+
+logger = logging.getLogger(__name__)
 
 StageSpec = int | str
 """A stage: its index (0 = the base, 1..N = after that delta), ``"base"`` or ``"full"``."""
@@ -249,13 +252,20 @@ class TensorRebuilder:
         hashes them again) while they total at most ``keep_bytes``; the others are dropped once
         checked, and read and checked again when decoded, so memory stays bounded for any release.
         """
-        kept = 0
+        kept = dropped = 0
         for position, (_, record, _) in enumerate(self._stages):
             for name in record.payloads:
                 payload = self._payload(position, name)
                 if name in keep and kept + len(payload) <= keep_bytes:
                     self._verified[position, name] = payload
                     kept += len(payload)
+                elif name in keep:
+                    dropped += len(payload)
+        if dropped:
+            logger.info(
+                "%s: %.1f MB of payloads beyond the %.1f MB kept in memory are read and checked again when decoded",
+                self.release.base_dir, dropped / 1e6, keep_bytes / 1e6,
+            )  # fmt: skip
 
     def _stored_codes(self, name: str, entry: fmt.TensorEntry, spec: Ladder) -> StoredCodes:
         """The codes, scales and offsets (None before format 3) of ladder tensor ``name``, read from the base and checked."""

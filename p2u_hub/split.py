@@ -14,6 +14,7 @@ import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from huggingface_hub.utils import tqdm
@@ -149,7 +150,7 @@ def _plan(reader: TensorReader, keep: Sequence[str], group_size: int) -> tuple[d
         if file.name not in source_files:
             source_files[file.name] = fmt.SourceFile(_file_metadata(file), [])
         source_files[file.name].tensors.append(name)
-        tensors[name] = _describe(name, reader.header(name), file, keep, group_size)
+        tensors[name] = _describe(name, cast(dict, reader.header(name)), file, keep, group_size)  # listed: it has a header
     return tensors, source_files
 
 

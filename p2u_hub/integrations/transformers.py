@@ -32,6 +32,7 @@ does, while the base serves: ``model.p2u_upgrade`` is that run's ``UpgradeHandle
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -47,7 +48,6 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import auto as quantizer_table
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import format as fmt
@@ -56,7 +56,7 @@ from ..codecs.progressive import Ladder, dequantize_packed
 from ..release import Release, StoredCodes
 from ..storage import file_tensor_digests, safetensors_header
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 UPGRADE_PREFETCH = "prefetch"
 UPGRADE_BACKGROUND = "background"
