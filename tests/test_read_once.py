@@ -90,7 +90,7 @@ def test_upgrade_reads_and_hashes_each_payload_once_and_no_base_tensor(release, 
 
 def test_upgrade_beyond_its_payload_budget_reads_again_and_still_checks(release, hashes, reads, monkeypatch):
     """With no room to keep checked payloads, each is read and hashed twice (checked, dropped, then checked when decoded)."""
-    monkeypatch.setattr(sys.modules["p2u_hub.upgrade"], "_payload_budget", lambda *args: 0)  # p2u_hub.upgrade is the function
+    monkeypatch.setattr(sys.modules[p2u_hub.upgrade.__module__], "_payload_budget", lambda *args: 0)  # the function hides its module
     model = transformers.AutoModel.from_pretrained(release / "base")
     hashes.clear()
     p2u_hub.upgrade(model)
