@@ -32,19 +32,19 @@ uniform ``B``-bit base where they reduce the error most beats any single width a
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 
 import torch
-from transformers.utils import logging
 
 from ..codecs import ladder
 from ..codecs.progressive import base_reconstruction
 from .tasks import AUTO, CAUSAL_LM, resolve_task
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 METHOD_CALIBRATION = "calibration"
 METHOD_WEIGHTS = "weights"

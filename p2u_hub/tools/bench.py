@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..core import format as fmt
+from ..codecs import progressive
 from ..extras import install_hint, is_installed, require
 from ..core.storage import ShardedWriter, TensorReader, atomic_output_dir
 from ..core.summary import text_table
@@ -434,7 +435,7 @@ def zipnn_reference(files: Sequence[Path]) -> dict:
         if tensor.dtype not in names:
             compressed += len(raw)
             continue
-        codec = codecs.setdefault(tensor.dtype, zipnn.ZipNN(input_format="byte", bytearray_dtype=names[tensor.dtype], threads=os.cpu_count()))
+        codec = codecs.setdefault(tensor.dtype, zipnn.ZipNN(input_format="byte", bytearray_dtype=names[tensor.dtype], threads=progressive.codec_threads()))  # as many as ours
         expected = fmt.sha256_bytes(raw)  # taken first: ZipNN reorders the bytes of its input in place
         start = time.perf_counter()
         packed = codec.compress(raw)
