@@ -34,7 +34,7 @@ from concurrent.futures import Future
 import torch
 from huggingface_hub.utils import tqdm
 
-from .release import Release, StageSpec, TensorRebuilder
+from .release import Release, StageSpec, TensorPrefetch, TensorRebuilder
 
 _ONE_AT_A_TIME = threading.Lock()
 """Upgrades run one after the other: two on one model must not interleave, and each one keeps the CPU busy anyway."""
@@ -145,10 +145,11 @@ def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
         rebuilder = TensorRebuilder(release, index, folders)
         rebuilder.verify_payloads()
         bars: list[tqdm] = []  # opened at the first layer, when the total is known (no empty bar before it)
+        ahead = TensorPrefetch(rebuilder, _expansion_order(todo))
 
         def rebuild(packed) -> torch.Tensor:
             device, dtype = placement(model, packed)
-            return rebuilder.tensor(packed.tensor).to(device=device, dtype=dtype)
+            return ahead.get(packed.tensor).to(device=device, dtype=dtype)
 
         def layer_done(done: int, total: int, names: list[str]) -> None:
             stages.update(dict.fromkeys(names, index))
@@ -161,12 +162,20 @@ def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
         try:
             install_expanded(model, todo, rebuild, on_module=layer_done)
         finally:
+            ahead.close()
             for bar in bars:
                 bar.close()
             quantizer.stage = min((stages.get(name, 0) for name in quantizer.parameters), default=index)
         if quantizer.stage == release.stage_count:
             _make_plain(model, quantizer)
     return model
+
+
+def _expansion_order(todo: dict) -> list[str]:
+    """The tensors ``install_expanded`` will rebuild, in about its order: owners' modules first, then
+    aliases whose owner it does not swap (tied followers and aliases of swapped owners reuse those)."""
+    expanded = [packed for packed in todo.values() if packed.owner is None or (packed.owner not in todo and not packed.tied)]
+    return [packed.tensor for packed in sorted(expanded, key=lambda packed: packed.owner is not None)]
 
 
 def _make_plain(model, quantizer) -> None:
