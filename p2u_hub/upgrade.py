@@ -22,8 +22,9 @@ checked weights of the new stage, the others keep theirs, the model still answer
 of every layer is recorded (``quantizer.layer_stages``), so calling ``upgrade`` again resumes with
 the layers still below the target and never lowers one that is above it.
 
-Memory: layers are rebuilt and swapped one by one and the packed codes of a swapped layer are
-freed at once, so the peak stays near the final model size plus one layer being rebuilt.
+Memory: layers are swapped one by one and the packed codes of a swapped layer are freed at once;
+the next layers are rebuilt ahead on the codec threads (``release.TensorPrefetch``, at most
+``PREFETCH_BYTES`` waiting), so the peak stays near the final model size plus those few layers.
 """
 
 from __future__ import annotations
