@@ -51,7 +51,7 @@ def test_int4_grid_gives_the_ladder_weights_exactly_in_float32(bits):
     scales, offsets = ladder.base_grid(groups, bits)
     unsigned = (ladder.quantize(groups, scales, offsets, bits, bits) + (1 << (bits - 1))).to(torch.uint8)
     codes = ladder.to_int4(unsigned, bits)
-    assert codes.min() >= 0 and codes.max() < 16 and torch.equal(ladder.from_int4(codes, bits), unsigned)
+    assert codes.min() >= 0 and codes.max() < 16 and torch.equal(ladder.from_int4(codes.to(torch.uint8), bits), unsigned)
     scale, zero = ladder.int4_scales_and_zeros(scales, offsets, torch.float32).unbind(-1)
     kernel_weights = (codes - ladder.INT4_MIDPOINT).to(torch.float32) * scale.unsqueeze(1) + zero.unsqueeze(1)
     assert torch.equal(kernel_weights, ladder.dequantize_unsigned(unsigned, scales, offsets, bits))
@@ -81,6 +81,8 @@ def test_inputs_the_kernel_cannot_take_use_the_exact_weight(llama_base):
     hidden = torch.randn(2, 3, 64)
     weight = PackedLayer.p2u_weight(layer, torch.float32)
     assert torch.equal(layer(hidden), hidden @ weight.T)  # float32: the kernel's float32 path is not used
+    batch = torch.randn(cpu_int4.MAX_ROWS + 1, 64, dtype=torch.bfloat16)  # faster on the expanded weight
+    assert torch.equal(layer(batch), torch.nn.functional.linear(batch, weight.to(torch.bfloat16)))
     trained = hidden.to(torch.bfloat16).requires_grad_()
     layer(trained).sum().backward()  # the kernel has no backward: the expanded weight carries the gradient
     assert torch.equal(trained.grad, torch.ones(2, 3, 256, dtype=torch.bfloat16) @ weight.to(torch.bfloat16))

@@ -265,8 +265,8 @@ def to_int4(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def from_int4(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of ``to_int4``: the stored unsigned codes, uint8."""
-    return (codes.to(torch.int32) - (INT4_MIDPOINT - (1 << (bits - 1)))).to(torch.uint8)
+    """Inverse of ``to_int4`` for uint8 kernel codes: the stored unsigned codes, uint8 (byte-wide ops only)."""
+    return codes - (INT4_MIDPOINT - (1 << (bits - 1)))
 
 
 def int4_scales_and_zeros(scales: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

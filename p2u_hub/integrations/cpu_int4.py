@@ -14,8 +14,8 @@ random codes (``_layout``); where the layout is not the blocked one it expects, 
 used at all.
 
 Measured (torch 2.13, one thread, AVX-512): bfloat16 input of 1-8 rows, 0.2-0.7x the time of a
-dense bfloat16 ``linear``; 64 rows 1.6x, 2048 rows 2.3x; its float32 path is a slow reference loop
-(20-80x dense), so float32 inputs take the expand path.
+dense bfloat16 ``linear``; 64 rows 1.6x, 2048 rows 2.3x (``MAX_ROWS``); its float32 path is a slow
+reference loop (20-80x dense), so float32 inputs take the expand path.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ import torch
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
 GROUP_SIZES = (32, 64, 128, 256)
+MAX_ROWS = 384
+"""Largest input (rows of ``K``) sent to the kernel: its time grows with the rows like a dense matmul's, about
+2x it, so beyond 256-512 rows (measured on 1024x4096 and 4096x1024 weights) expanding the weight once is faster."""
 _PROBE_ROWS = 128  # a multiple of every block height the kernel uses (16 to 64 rows)
 
 

@@ -303,7 +303,9 @@ def _int4_matmul(layer: nn.Module, input: torch.Tensor) -> torch.Tensor | None:
 
     It applies to a layer on the kernel, for a CPU input in the dtype of the kernel's scales (a float32
     input of a bfloat16 layer, as in mixed-precision training, would lose precision) that needs no
-    gradient (the kernel has no backward). Reads layout, then buffers, as ``PackedLayer`` requires.
+    gradient (the kernel has no backward) and has at most ``cpu_int4.MAX_ROWS`` rows (generation,
+    small batches; a large batch is faster on the expanded weight). Reads layout, then buffers, as
+    ``PackedLayer`` requires.
     """
     layout: PackedLayout | None = layer.__dict__.get("p2u_layout")
     if layout is None or not layout.int4:
@@ -311,7 +313,7 @@ def _int4_matmul(layer: nn.Module, input: torch.Tensor) -> torch.Tensor | None:
     codes, grid = layer._buffers.get("weight"), layer._buffers.get(INT4_GRID)
     if codes is None or grid is None or input.dtype != grid.dtype or input.device.type != "cpu":
         return None
-    if input.requires_grad and torch.is_grad_enabled():
+    if (input.requires_grad and torch.is_grad_enabled()) or input.numel() > cpu_int4.MAX_ROWS * input.shape[-1]:
         return None
     return cpu_int4.matmul(input, codes, layout.ladder.group_size, grid)
 
