@@ -88,7 +88,8 @@ def measure(job: dict) -> dict:
         model = auto.from_pretrained(job["base_dir"], dtype="auto", quantization_config=P2UConfig(load_mode=mode))
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     packed = [module.p2u_layout for module in model.modules() if isinstance(module, PackedLayer)]
-    on_kernel = sum(math.prod(layout.shape) for layout in packed if layout.int4) / max(1, sum(math.prod(layout.shape) for layout in packed))
+    quantized = sum(math.prod(layout.shape) for layout in packed)
+    on_kernel = sum(math.prod(layout.shape) for layout in packed if layout.int4) / max(1, quantized)
     seconds = []
     with torch.inference_mode():
         run(model)
@@ -144,7 +145,8 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs, "
-        f"load average {load[0]:.1f} at the start, {'uniform' if args.uniform else 'allocated widths,'} {args.bits}-bit{'' if args.uniform else ' budget'}"
+        f"load average {load[0]:.1f} at the start, "
+        + (f"uniform {args.bits}-bit" if args.uniform else f"allocated widths, {args.bits}-bit budget")
     )
     print(table(rows))
 

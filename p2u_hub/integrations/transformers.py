@@ -285,7 +285,8 @@ def run_on_int4_kernel(module: PackedLinear) -> None:
     codes, row_bytes = module._buffers["weight"], layout.shape[1] * bits // 8  # whole bytes: rows are whole groups
 
     def int4_rows(start: int, stop: int) -> torch.Tensor:
-        return ladder_codec.to_int4(ladder_codec.unpack_unsigned(codes[start * row_bytes : stop * row_bytes], bits), bits).view(stop - start, -1)
+        unsigned = ladder_codec.unpack_unsigned(codes[start * row_bytes : stop * row_bytes], bits)
+        return ladder_codec.to_int4(unsigned, bits).view(stop - start, -1)
 
     packed = cpu_int4.pack_rows(int4_rows, layout.shape)
     _mark_logical_shape(packed, layout.shape)
