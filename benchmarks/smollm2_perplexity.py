@@ -26,8 +26,8 @@ import transformers
 from huggingface_hub.utils import disable_progress_bars
 
 from p2u_hub import split
-from p2u_hub.evaluate import evaluate
-from p2u_hub.summary import summarize
+from p2u_hub.tools.evaluate import evaluate
+from p2u_hub.core.summary import summarize
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

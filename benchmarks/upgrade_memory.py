@@ -12,8 +12,8 @@ from pathlib import Path
 import transformers
 
 import p2u_hub
-from p2u_hub import format as fmt
-from p2u_hub.bench_worker import model_class_for, peak_rss_mb
+from p2u_hub.core import format as fmt
+from p2u_hub.tools.bench_worker import model_class_for, peak_rss_mb
 
 release = Path(sys.argv[1])
 manifest = fmt.read_manifest(release / fmt.BASE_DIR)

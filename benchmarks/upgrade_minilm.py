@@ -33,8 +33,8 @@ import transformers
 from huggingface_hub.utils import disable_progress_bars
 
 import p2u_hub
-from p2u_hub import format as fmt
-from p2u_hub.demo import bundled_minilm
+from p2u_hub.core import format as fmt
+from p2u_hub.tools.demo import bundled_minilm
 
 SENTENCES = [
     "A man is playing a guitar on the stage.",

@@ -8,8 +8,6 @@ for torch; importing the package registers the transformers quantizer either way
 """
 
 import importlib
-import sys
-import types
 
 from . import _startup  # noqa: F401  registers the p2u quantizer with transformers once it loads (see _startup)
 
@@ -18,8 +16,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "P2UError": "errors", "P2UFormatError": "errors", "ChecksumError": "errors", "StageMismatchError": "errors",
     "HubError": "errors", "StageUnavailableError": "errors",
-    "merge": "merge", "split": "split", "UpgradeHandle": "upgrade", "upgrade": "upgrade",
-    "push": "publish", "summarize": "summary", "write_cards": "card",
+    "merge": "core.merge", "split": "core.split", "verify": "core.release", "summarize": "core.summary",
+    "UpgradeHandle": "integrations.upgrade", "upgrade": "integrations.upgrade",
+    "push": "tools.publish", "write_cards": "tools.card",
 }  # fmt: skip
 """Public name -> the module that owns it."""
 
@@ -34,19 +33,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(__all__)
-
-
-class _FunctionsOverSubmodules(types.ModuleType):
-    """Keep ``p2u_hub.merge`` / ``split`` / ``upgrade`` the functions once their same-named modules load.
-
-    Importing a submodule binds it on its package (``setattr(p2u_hub, "merge", <module>)``); with
-    the functions loaded lazily that binding would hide them, so it is skipped for those names
-    (the modules stay importable through ``sys.modules`` as usual).
-    """
-
-    def __setattr__(self, name: str, value) -> None:
-        if not (isinstance(value, types.ModuleType) and _LAZY.get(name) == name):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _FunctionsOverSubmodules

@@ -39,7 +39,7 @@ class RegisterAfterImport:
         sys.meta_path.remove(self)  # one import to watch; the real finders locate the module
         spec = importlib.util.find_spec(fullname)
         if spec is not None and spec.loader is not None:
-            spec.loader = ThenRegister(spec.loader)
+            spec.loader = ThenRegister(spec.loader)  # type: ignore[assignment]  # a Loader in all but its base class
         return spec
 
 

@@ -38,7 +38,7 @@ from huggingface_hub.utils import disable_progress_bars
 from sklearn.datasets import load_digits
 
 import p2u_hub
-from p2u_hub.summary import summarize
+from p2u_hub.core.summary import summarize
 
 LADDERS = {2: (4, 8), 3: (8,), 4: (8,), 8: ()}
 """Base width -> intermediate integer stages; every ladder ends with the lossless stage."""

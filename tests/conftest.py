@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from p2u_hub.demo import bundled_minilm
+from p2u_hub.tools.demo import bundled_minilm
 
 pytest_plugins = ["p2u_hub.testing.pytest_plugin"]
 

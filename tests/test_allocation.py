@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import p2u_hub
-from p2u_hub import allocation
-from p2u_hub import format as fmt
-from p2u_hub.summary import summarize
+from p2u_hub.core import allocation
+from p2u_hub.core import format as fmt
+from p2u_hub.core.summary import summarize
 
 
 def test_allocation_spends_the_budget_where_the_loss_falls_most():
@@ -77,7 +77,7 @@ def test_default_split_allocates_per_tensor_widths_within_the_uniform_budget(ran
         assert fmt.read_json(uniform / "base" / fmt.ALLOCATION_FILE) == {"method": "uniform", "bits": 3}
     summary = summarize(release)
     assert summary["widths"]["method"] == "weights" and summary["widths"]["tensors"]["model.layers.0.mlp.up_proj.weight"]["bits"] == widths["model.layers.0.mlp.up_proj.weight"]
-    result = subprocess.run([sys.executable, "-m", "p2u_hub.cli", "inspect", str(release)], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-m", "p2u_hub.tools.cli", "inspect", str(release)], capture_output=True, text=True, check=True)
     assert "base widths (weights;" in result.stdout
     assert any(line.split()[:1] == ["model.layers.1.self_attn.v_proj.weight"] and line.split()[2] == str(widths["model.layers.1.self_attn.v_proj.weight"]) for line in result.stdout.splitlines())
 
@@ -97,7 +97,7 @@ def test_calibration_text_is_disjoint_from_the_evaluation_sets():
     words = lambda text: {" ".join(text.lower().split()[i : i + 6]) for i in range(max(1, len(text.split()) - 5))}
     evaluation_phrases = set().union(*(words(s) for s in held_out), words(paragraphs))
     assert not any(words(sentence) & evaluation_phrases for sentence in calibration)
-    from p2u_hub.evaluate import calibration_overlap
+    from p2u_hub.tools.evaluate import calibration_overlap
 
     assert calibration_overlap(held_out) == 0 and calibration_overlap(["x " + calibration[3]]) == 1
 

@@ -10,7 +10,7 @@ import transformers
 from safetensors.torch import load_file
 
 from p2u_hub import merge, split
-from p2u_hub.bench import bench, format_table, write_synthetic_llama
+from p2u_hub.tools.bench import bench, format_table, write_synthetic_llama
 
 TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
 

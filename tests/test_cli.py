@@ -11,18 +11,18 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import p2u_hub
-from p2u_hub import format as fmt
-from p2u_hub.bench import zipnn_reference, zstd_reference
-from p2u_hub.demo import bundled_minilm
+from p2u_hub.core import format as fmt
+from p2u_hub.tools.bench import zipnn_reference, zstd_reference
+from p2u_hub.tools.demo import bundled_minilm
 from p2u_hub.extras import MissingExtraError
-from p2u_hub.publish import push
-from p2u_hub.summary import summarize
+from p2u_hub.tools.publish import push
+from p2u_hub.core.summary import summarize
 from p2u_hub.testing import LocalHub
 
 
 def p2u(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
     """Run the CLI in a fresh interpreter; ``prelude`` runs first (e.g. to hide an optional package)."""
-    code = f"{prelude}\nfrom p2u_hub.cli import main\nmain({list(args)!r})"
+    code = f"{prelude}\nfrom p2u_hub.tools.cli import main\nmain({list(args)!r})"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
@@ -153,6 +153,6 @@ def test_missing_lossless_references_are_reported_not_fatal(minilm_dir, tmp_path
 
 
 def test_help_does_not_import_torch():
-    code = "import sys\nfrom p2u_hub.cli import build_parser\nbuild_parser().format_help()\nprint('torch' in sys.modules)"
+    code = "import sys\nfrom p2u_hub.tools.cli import build_parser\nbuild_parser().format_help()\nprint('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr

@@ -11,11 +11,11 @@ import torch
 import transformers
 from huggingface_hub import ModelCard
 
-from p2u_hub import format as fmt
+from p2u_hub.core import format as fmt
 from p2u_hub import split
-from p2u_hub.card import NOT_EVALUATED, write_cards
-from p2u_hub.cli import main
-from p2u_hub.evaluate import EvalDataError, evaluate, spearman
+from p2u_hub.tools.card import NOT_EVALUATED, write_cards
+from p2u_hub.tools.cli import main
+from p2u_hub.tools.evaluate import EvalDataError, evaluate, spearman
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 EXAMPLE_DIR = Path(__file__).parents[1] / "docs" / "examples" / "minilm-4bit"

@@ -29,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from p2u_hub import format as fmt
+from p2u_hub.core import format as fmt
 
 CASES = 300
 SEED = 20261123
@@ -48,7 +48,7 @@ def _error_base() -> tuple[type, ...]:
 
         return (P2UError,)
     except ImportError:
-        from p2u_hub.hub import HubError
+        from p2u_hub.core.hub import HubError
 
         return (fmt.P2UFormatError, HubError)
 
@@ -235,7 +235,7 @@ def _on_alarm(signum, frame):
 
 def run_fuzz(release: Path, workdir: Path, cases: int = CASES, seed: int = SEED) -> tuple[collections.Counter, list[str]]:
     """Mutate copies of ``release`` and merge each; count outcomes. Returns (counts, descriptions of bad cases)."""
-    from p2u_hub.merge import merge
+    from p2u_hub.core.merge import merge
 
     errors = _error_base()
     rng = random.Random(seed)
@@ -286,7 +286,7 @@ def _tiny_release(folder: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import save_random_model
 
-    from p2u_hub.split import split
+    from p2u_hub.core.split import split
 
     source = save_random_model(folder / "source", "gpt2", max_shard_size="100KB")
     return split(source, folder / "release", bits=4, group_size=64, stages=[8])

@@ -14,8 +14,8 @@ import transformers
 from safetensors.torch import load_file
 
 import p2u_hub
-from p2u_hub import format as fmt
-from p2u_hub.release import Release
+from p2u_hub.core import format as fmt
+from p2u_hub.core.release import Release
 
 GOLDEN = sorted((Path(__file__).parent / "golden").glob("v*/"), key=lambda folder: int(folder.name[1:]))
 

@@ -284,7 +284,7 @@ def test_xet_endpoints_name_the_setting_to_use(published: str, local_hub: LocalH
 
 
 def test_serve_hub_token_option_requires_it_on_writes(monkeypatch, tmp_path: Path) -> None:
-    from p2u_hub import cli
+    from p2u_hub.tools import cli
 
     started = {}
     monkeypatch.setattr("p2u_hub.testing.serve", lambda root, **kwargs: started.update(root=root, **kwargs))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 import p2u_hub
 from p2u_hub.codecs import ladder
+from p2u_hub.core import format as fmt
 from p2u_hub.integrations import cpu_int4
-from p2u_hub.integrations.transformers import INT4_GRID, P2UConfig, PackedLayer
+from p2u_hub.integrations.transformers import INT4_GRID, P2UConfig, PackedLayer, loaded_codes
 
 pytestmark = [
     pytest.mark.skipif(cpu_int4._layout() is None, reason="torch's int4 CPU kernel or its known layout is missing"),
@@ -116,3 +118,17 @@ def test_dequantize_and_upgrade_from_kernel_layers_are_exact(llama_base):
     actual = model.state_dict()
     assert actual.keys() == expected.keys() and all(torch.equal(actual[name], expected[name]) for name in expected)
     assert not any(INT4_GRID in dict(module.named_buffers(recurse=False)) for module in model.modules())
+
+
+def test_codes_an_upgrade_decodes_are_the_stored_ones(llama_base):
+    _, base = llama_base()
+    model = _load(base)
+    stored = {name: tensor for file in fmt.weight_files(base, fmt.BASE_WEIGHTS_NAME) for name, tensor in load_file(file).items()}
+    kernel_layers = _kernel_layers(model)
+    checked = 0
+    for packed in model.hf_quantizer.parameters.values():
+        if packed.module_name in kernel_layers:
+            codes, scales, offsets = loaded_codes(model, packed)
+            assert all(torch.equal(tensor, stored[name]) for tensor, name in zip((codes, scales, offsets), packed.stored))
+            checked += 1
+    assert checked == len(kernel_layers) > 0

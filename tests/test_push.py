@@ -11,9 +11,9 @@ import pytest
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 
 import p2u_hub
-from p2u_hub import format as fmt
+from p2u_hub.core import format as fmt
 from p2u_hub.errors import HubError, PushRefusedError, StageUnavailableError
-from p2u_hub.publish import push
+from p2u_hub.tools.publish import push
 from p2u_hub.testing import LocalHub
 from p2u_hub.testing.assertions import assert_checkpoints_bit_identical
 
@@ -134,9 +134,9 @@ def test_push_with_xet_on_a_hub_without_it_names_the_setting(release, local_hub:
 
 
 def test_push_keeps_the_base_model_and_follows_the_source_library(minilm_dir, local_hub: LocalHub, tmp_path):
-    from p2u_hub.card import write_cards
+    from p2u_hub.tools.card import write_cards
 
-    release = p2u_hub.split(minilm_dir, tmp_path / "release", stages=())
+    release = p2u_hub.split(minilm_dir, tmp_path / "release", stages=(), uniform=True)  # the cards are the point: no calibration
     write_cards(release, base_model="sentence-transformers/all-MiniLM-L6-v2")
     push(release, "local/minilm-p2u")  # rewrites the cards with the repo's links
     card = ModelCard.load(hf_hub_download("local/minilm-p2u", "README.md"))

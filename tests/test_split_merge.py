@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import p2u_hub
-from p2u_hub import format as fmt
-from p2u_hub.summary import summarize
+from p2u_hub.core import format as fmt
+from p2u_hub.core.summary import summarize
 from p2u_hub.testing.assertions import assert_checkpoints_bit_identical, checkpoint_tensors
 
 
@@ -187,7 +187,7 @@ def test_existing_output_is_not_overwritten(release, random_checkpoint):
 @pytest.mark.slow
 def test_cli_split_inspect_merge(random_checkpoint, tmp_path):
     source = random_checkpoint("gpt2")
-    run = lambda *args: subprocess.run([sys.executable, "-m", "p2u_hub.cli", *args], capture_output=True, text=True)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "p2u_hub.tools.cli", *args], capture_output=True, text=True)
     assert run("split", str(source), str(tmp_path / "out"), "--bits", "3", "--stages").returncode == 0
     inspected = run("inspect", str(tmp_path / "out"), "--json")
     summary = json.loads(inspected.stdout)

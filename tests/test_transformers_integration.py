@@ -18,11 +18,11 @@ from safetensors.torch import load_file, save_file
 from transformers.quantizers import auto as quantizer_table
 
 import p2u_hub
-from p2u_hub import format as fmt
+from p2u_hub.core import format as fmt
 from p2u_hub.integrations.transformers import (
     P2UConfig, P2UHfQuantizer, PackedEmbedding, PackedLayer, PackedLinear, register,
 )  # fmt: skip
-from p2u_hub.publish import push
+from p2u_hub.tools.publish import push
 from p2u_hub.testing.assertions import assert_tensors_bit_identical
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 1]])

@@ -15,8 +15,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import p2u_hub
-from p2u_hub import format as fmt
-from p2u_hub.cli import main
+from p2u_hub.core import format as fmt
+from p2u_hub.tools.cli import main
 from p2u_hub.integrations.transformers import PackedLayer
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 1]])
@@ -264,7 +264,7 @@ def test_serve_hub_on_a_busy_port_prints_one_line(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "p2u_hub.cli", "serve-hub", "--root", str(tmp_path / "root"), "--port", str(port)],
+            [sys.executable, "-m", "p2u_hub.tools.cli", "serve-hub", "--root", str(tmp_path / "root"), "--port", str(port)],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr

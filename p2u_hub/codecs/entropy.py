@@ -22,17 +22,20 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any
 import zlib
 
 import numpy as np
 import torch
 
+_native: Any  # the C module, or None (native_enabled() guards every use)
+_isal_zlib: Any
 try:
-    from . import _native
+    from . import _native  # type: ignore[attr-defined,no-redef]  # built by setup.py when a C compiler is there
 except ImportError:  # built without a C compiler: the numpy path below does the same work
     _native = None
 try:  # ISA-L inflates the same raw DEFLATE ~1.8x faster than zlib (extra "fast"); encoding stays zlib
-    from isal import isal_zlib as _isal_zlib
+    from isal import isal_zlib as _isal_zlib  # type: ignore[no-redef]
 except ImportError:
     _isal_zlib = None
 

@@ -35,6 +35,7 @@ does, while the base serves: ``model.p2u_upgrade`` is that run's ``UpgradeHandle
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -50,17 +51,16 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import auto as quantizer_table
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .. import format as fmt
+from ..core import format as fmt
 from ..codecs import ladder as ladder_codec
 from ..codecs.progressive import Ladder, dequantize_packed
-from ..release import Release
-from ..storage import file_tensor_digests, safetensors_header
+from ..core.release import Release, StoredCodes
+from ..core.storage import file_tensor_digests, safetensors_header
 from . import cpu_int4
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 UPGRADE_PREFETCH = "prefetch"
 UPGRADE_BACKGROUND = "background"
@@ -71,39 +71,51 @@ UPGRADE_AT_LOAD = (UPGRADE_PREFETCH, UPGRADE_BACKGROUND)
 class P2UConfig(QuantizationConfigMixin):
     """The ``quantization_config`` block of a p2u base's config.json, as transformers holds it.
 
-    The fields are those of :class:`p2u_hub.format.QuantizationConfig`. Passed to
-    ``from_pretrained``, only the loading switches given are used (transformers takes every other
-    field from the base): ``P2UConfig(load_mode="dense")`` loads a base dense whatever its
-    config.json says; ``upgrade`` ("prefetch" or "background", see the module docstring) is a
-    switch of this load only, never written to a base.
+    :class:`p2u_hub.core.format.QuantizationConfig` owns the block's fields and their validation: built
+    from a base's config.json, this holds that object, parsed and checked once, as ``format``
+    (its fields read through, ``config.bits``), and the loader hands it on rather than reading
+    config.json again. On top come two switches of this load, never written to a base:
+    ``load_mode`` (starting as the base's) and ``upgrade`` ("prefetch" or "background", see the
+    module docstring). Passed to ``from_pretrained``, only the switches given are used (transformers
+    takes the rest from the base): ``P2UConfig(load_mode="dense")`` loads a base dense whatever its
+    config.json says.
+
+    Raises:
+        ValueError: ``load_mode`` or ``upgrade`` is not one of the known values.
+        P2UFormatError: the base's block is invalid, or from a newer format than this p2u-hub reads.
     """
 
     def __init__(
-        self,
-        bits: int | None = None,
-        group_size: int | None = None,
-        manifest_sha256: str | None = None,
-        stages: list[dict] | None = None,
-        load_mode: str | None = None,
-        format_version: int = fmt.FORMAT_VERSION,
-        quant_method: str = fmt.QUANT_METHOD,
-        upgrade: str | None = None,
-        **newer_fields,
+        self, load_mode: str | None = None, upgrade: str | None = None, quant_method: str = fmt.QUANT_METHOD, **base_fields
     ):
         if load_mode is not None and load_mode not in fmt.LOAD_MODES:
             raise ValueError(f"load_mode must be one of {fmt.LOAD_MODES}, got {load_mode!r}")
         if upgrade is not None and upgrade not in UPGRADE_AT_LOAD:
             raise ValueError(f"upgrade must be one of {UPGRADE_AT_LOAD} or None, got {upgrade!r}")
         self.quant_method = quant_method
-        self.bits = bits
-        self.group_size = group_size
-        self.format_version = format_version
-        self.manifest_sha256 = manifest_sha256
-        self.load_mode = load_mode  # None: the default (a base's config.json always names one)
+        self.load_mode = load_mode  # None: the base's (a base's config.json always names one)
         self.upgrade = upgrade
-        self.stages = stages
-        # Kept so that a base from a newer p2u-hub fails with to_format's "upgrade p2u-hub", not a TypeError.
-        self.__dict__.update(newer_fields)
+        self.format: fmt.QuantizationConfig | None = None  # None: switches only, as passed to from_pretrained
+        if base_fields:
+            block = {"quant_method": quant_method, "load_mode": load_mode, **base_fields}
+            self.format = fmt.QuantizationConfig.from_json({k: v for k, v in block.items() if v is not None}, "quantization_config")
+
+    def __getattr__(self, name: str):
+        """The base's fields (``bits``, ``stages``, ...) read through to ``format``."""
+        base = self.__dict__.get("format")
+        if base is None or name.startswith("_") or name not in fmt.QuantizationConfig.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(base, name)
+
+    def to_dict(self) -> dict:
+        """The block as config.json holds it (the load mode in effect), or the switches set when there is no base."""
+        if self.format is not None:
+            return self.format.to_json() | {"load_mode": self.mode}
+        switches = {"quant_method": self.quant_method, "load_mode": self.load_mode, "upgrade": self.upgrade}
+        return {key: value for key, value in switches.items() if value is not None}
+
+    def __iter__(self):
+        yield from self.to_dict().items()
 
     def get_loading_attributes(self) -> dict:
         """The switches a config passed to ``from_pretrained`` sets over the base's (see ``register``)."""
@@ -115,9 +127,10 @@ class P2UConfig(QuantizationConfigMixin):
         return self.load_mode or fmt.DEFAULT_LOAD_MODE
 
     def to_format(self) -> fmt.QuantizationConfig:
-        """The validated format object (raises P2UFormatError naming the bad field)."""
-        fields = {name: value for name, value in self.to_dict().items() if value is not None}
-        return fmt.QuantizationConfig.from_json(fields, "quantization_config")
+        """The validated block of the base (raises P2UFormatError when this config holds switches only)."""
+        if self.format is None:
+            raise fmt.P2UFormatError("quantization_config: no p2u base block (bits, stages, manifest_sha256) to load from")
+        return self.format
 
 
 @dataclass(frozen=True)
@@ -278,7 +291,7 @@ def run_on_int4_kernel(module: PackedLinear) -> None:
 
     The packed form takes the place of the codes (the same bytes at 4 bits, twice a 2-bit layer's),
     so no dense copy is kept; scales and offsets stay, and ``_expand_int4`` rebuilds the exact base
-    weight from them. ``upgrade`` reads the codes from the base files, never from the layer.
+    weight from them, as ``loaded_codes`` rebuilds the stored codes an upgrade decodes.
     """
     layout: PackedLayout = module.p2u_layout
     bits = layout.ladder.base_bits
@@ -416,6 +429,7 @@ class P2UHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.base_dir: Path | None = None
         self.repo_id: str | None = None
+        self.release: Release | None = None  # the base as read while loading; upgrade reuses its parsed files
         self.parameters: dict[str, PackedParameter] = {}
         self.stage = 0
         self.layer_stages: dict[str, int] = {}
@@ -454,9 +468,9 @@ class P2UHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None, **kwargs):
         self.base_dir, self.repo_id = locate_base(model.config.name_or_path, checkpoint_files)
-        release = Release(self.base_dir, repo_id=self.repo_id)
-        self.parameters = plan_parameters(model, release.manifest)
-        self._check_stored(checkpoint_files, release.manifest)
+        self.release = Release(self.base_dir, repo_id=self.repo_id, qconfig=self.quantization_config.to_format())
+        self.parameters = plan_parameters(model, self.release.manifest)
+        self._check_stored(checkpoint_files, self.release.manifest)
         for packed in self.parameters.values():
             module = model.get_submodule(packed.module_name)
             (codes, codes_dtype), *grid = packed.layout.stored_sizes()
@@ -524,10 +538,9 @@ class P2UHfQuantizer(HfQuantizer):
         mode = self.quantization_config.upgrade
         if mode == UPGRADE_PREFETCH:
             self.prefetch = Future()
-            release = Release(self.base_dir, repo_id=self.repo_id)
-            threading.Thread(target=_prefetch, args=(release, self.prefetch), name="p2u-prefetch", daemon=True).start()
+            threading.Thread(target=_prefetch, args=(self.release, self.prefetch), name="p2u-prefetch", daemon=True).start()
         elif mode == UPGRADE_BACKGROUND:
-            from ..upgrade import upgrade
+            from .upgrade import upgrade
 
             model.p2u_upgrade = upgrade(model, background=True)
 
@@ -682,11 +695,29 @@ def expand_loaded(model, packed: PackedParameter, dtype: torch.dtype | None = No
     module = quantized_layer(model, packed.module_name)
     if isinstance(module, PackedLayer):
         return PackedLayer.p2u_weight(module, dtype or placement(model, packed)[1])
-    codes, scales, *offsets = (module._buffers[attribute] for attribute in packed.attributes)
+    codes, scales, offsets = loaded_codes(model, packed)
     layout = packed.layout
-    return dequantize_packed(
-        codes, scales, offsets[0] if offsets else None, layout.ladder, layout.shape, dtype or placement(model, packed)[1]
-    )
+    return dequantize_packed(codes, scales, offsets, layout.ladder, layout.shape, dtype or placement(model, packed)[1])
+
+
+def loaded_codes(model, packed: PackedParameter) -> StoredCodes | None:
+    """The codes, scales and offsets (None before format 3) of ``packed`` in memory; None once its layer is dense.
+
+    Loading checked them against the manifest's ``base_sha256``, so an upgrade rebuilds from
+    these rather than reading and hashing the base weights again. A layer on the int4 kernel holds
+    its codes in the kernel's layout: the stored ones are re-derived from it, bit for bit.
+    """
+    module = quantized_layer(model, packed.module_name)
+    layout: PackedLayout | None = module.__dict__.get("p2u_layout")
+    buffers = module._buffers
+    if packed.attribute not in buffers:
+        return None
+    codes, scales, *offsets = (buffers[attribute] for attribute in packed.attributes)
+    if layout is not None and layout.int4:  # the stored codes, exactly, from the int4 kernel's layout
+        bits = layout.ladder.base_bits
+        unsigned = ladder_codec.from_int4(cpu_int4.unpack(codes, layout.shape), bits)
+        codes = ladder_codec.pack(unsigned.to(torch.int32) - (1 << (bits - 1)), bits)
+    return codes, scales, offsets[0] if offsets else None
 
 
 def quantized_layer(model, module_name: str) -> nn.Module:

@@ -18,8 +18,8 @@ import torch
 import transformers
 
 import p2u_hub
-from p2u_hub import format as fmt
-from p2u_hub.release import Release
+from p2u_hub.core import format as fmt
+from p2u_hub.core.release import Release
 
 HERE = Path(__file__).parent
 

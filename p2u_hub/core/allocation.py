@@ -32,18 +32,19 @@ uniform ``B``-bit base where they reduce the error most beats any single width a
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 
 import torch
-from transformers.utils import logging
 
-from .codecs import ladder
-from .codecs.progressive import base_reconstruction
+from ..codecs import ladder
+from ..codecs.progressive import base_reconstruction
+from .tasks import AUTO, CAUSAL_LM, resolve_task
 
-logger = logging.get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 METHOD_CALIBRATION = "calibration"
 METHOD_WEIGHTS = "weights"
@@ -116,11 +117,9 @@ def calibration_sensitivity(
     """
     import transformers
 
-    from .evaluate import resolve_task
-
     try:
         config = transformers.AutoConfig.from_pretrained(source_dir)
-        causal = resolve_task("auto", config.architectures) == "causal-lm"
+        causal = resolve_task(AUTO, config.architectures) == CAUSAL_LM
         tokenizer = transformers.AutoTokenizer.from_pretrained(source_dir)
         model_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
         model = model_class.from_pretrained(source_dir, dtype=torch.float32).eval()
@@ -149,7 +148,7 @@ def calibration_sensitivity(
             logger.warning(f"p2u split: the tokenizer of {source_dir} gives no tokens; using the data-free sensitivity")
             return None
         norm = float(reference.square().sum()) or 1.0
-        sensitivity = {}
+        sensitivity: dict[str, dict[int, float]] = {}
         for name, parameter in parameters.items():
             original = parameter.detach().clone()
             sensitivity[name] = {}

@@ -36,15 +36,15 @@ import torch
 import transformers
 from huggingface_hub.utils import tqdm
 
-from . import format as fmt
-from .merge import merge
-from .extras import require
-from .release import Release
+from ..core import format as fmt
+from ..core.merge import merge
+from ..extras import require
+from ..core.release import Release
+from ..core.tasks import CAUSAL_LM, CLASSIFICATION, EMBEDDING, resolve_task
 
 if TYPE_CHECKING:
     import datasets
 
-TASKS = ("embedding", "causal-lm", "classification")
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 """``datasets`` packaged builder for each file suffix; ``.txt`` files give one sample per paragraph."""
 
@@ -159,7 +159,7 @@ def evaluate(
 
 def calibration_overlap(texts: Sequence[str]) -> int:
     """How many of ``texts`` contain a line of the calibration text split uses: 0 means the evaluation is held out."""
-    from .allocation import calibration_sentences
+    from ..core.allocation import calibration_sentences
 
     calibration = calibration_sentences()
     return sum(any(sentence in text for sentence in calibration) for text in texts)
@@ -176,20 +176,6 @@ def read_eval(release: Release) -> dict | None:
     if report.get("format_version", 0) > fmt.EVAL_FORMAT_VERSION:
         raise fmt.P2UFormatError(f"{path}: eval format version {report['format_version']} is newer than this p2u-hub; upgrade p2u-hub")
     return report if report.get("manifest_sha256") == release.manifest.sha256 else None
-
-
-def resolve_task(task: str, architectures: Sequence[str] | None) -> str:
-    """``task`` itself, or for ``"auto"`` the task the config's architectures name (embedding otherwise)."""
-    if task != "auto":
-        if task not in TASKS:
-            raise ValueError(f"task must be 'auto' or one of {TASKS}, got {task!r}")
-        return task
-    for architecture in architectures or ():
-        if architecture.endswith("ForCausalLM") or architecture.endswith("LMHeadModel"):
-            return "causal-lm"
-        if architecture.endswith("ForSequenceClassification"):
-            return "classification"
-    return "embedding"
 
 
 def _load_dataset(dataset, evaluator: "_Evaluator", split: str | None) -> tuple[datasets.Dataset, dict]:
@@ -212,7 +198,7 @@ def _load_dataset(dataset, evaluator: "_Evaluator", split: str | None) -> tuple[
         loaded = dataset
         some = dataset if isinstance(dataset, datasets.Dataset) else next(iter(dataset.values()))
         name = some.info.dataset_name or "in-memory dataset"
-        description = {"name": name, "type": name, "source": f"{type(dataset).__name__} passed to p2u_hub.evaluate"}
+        description = {"name": name, "type": name, "source": f"{type(dataset).__name__} passed to p2u_hub.tools.evaluate"}
     else:
         raise TypeError(f"dataset must be a file path, a datasets.Dataset or DatasetDict, or None; got {type(dataset).__name__}")
     if isinstance(loaded, datasets.Dataset):
@@ -310,7 +296,7 @@ class _Evaluator:
 class _Embedding(_Evaluator):
     """Sentence embeddings as sentence-transformers computes them for mean-pooling models."""
 
-    task = "embedding"
+    task = EMBEDDING
     model_class = transformers.AutoModel
     default_data = ("sts_pairs.csv", "p2u-hub STS pairs")
     settings = {"pooling": "mean", "normalize": True}
@@ -354,7 +340,7 @@ class _Embedding(_Evaluator):
 class _CausalLM(_Evaluator):
     """Perplexity: exp of the mean next-token negative log-likelihood over all tokens of all samples."""
 
-    task = "causal-lm"
+    task = CAUSAL_LM
     model_class = transformers.AutoModelForCausalLM
     default_data = ("lm_text.txt", "p2u-hub sample paragraphs")
     batch_size = 4
@@ -391,7 +377,7 @@ class _CausalLM(_Evaluator):
 class _Classification(_Evaluator):
     """Accuracy against gold labels, and agreement with the original's predictions."""
 
-    task = "classification"
+    task = CLASSIFICATION
     model_class = transformers.AutoModelForSequenceClassification
 
     def inputs(self, data: datasets.Dataset, text_column, label_column) -> _Inputs:

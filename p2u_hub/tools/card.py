@@ -19,11 +19,12 @@ from urllib.parse import quote
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
-from . import format as fmt
-from .extras import require
-from .evaluate import read_eval, resolve_task
-from .release import Release
-from .summary import summarize
+from ..core import format as fmt
+from ..extras import require
+from ..core.tasks import AUTO, CAUSAL_LM, CLASSIFICATION, EMBEDDING, resolve_task
+from .evaluate import read_eval
+from ..core.release import Release
+from ..core.summary import summarize
 
 CARRIED_METADATA = ("license", "license_name", "license_link", "language", "datasets", "library_name", "pipeline_tag")
 """Metadata of the source card that still holds for a quantized copy (unlike its tags or widget): a
@@ -31,8 +32,8 @@ sentence-transformers model stays one, its base loading with ``SentenceTransform
 DEFAULT_LIBRARY = "transformers"
 SENTENCE_TRANSFORMERS = "sentence-transformers"
 NOT_EVALUATED = "not evaluated (run `p2u eval`)"
-HUB_TASKS = {"embedding": "sentence-similarity", "causal-lm": "text-generation", "classification": "text-classification"}
-AUTO_CLASSES = {"embedding": "AutoModel", "causal-lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification"}
+HUB_TASKS = {EMBEDDING: "sentence-similarity", CAUSAL_LM: "text-generation", CLASSIFICATION: "text-classification"}
+AUTO_CLASSES = {EMBEDDING: "AutoModel", CAUSAL_LM: "AutoModelForCausalLM", CLASSIFICATION: "AutoModelForSequenceClassification"}
 TAGS = ["p2u", "progressive-precision"]
 
 
@@ -97,7 +98,7 @@ class _CardContext:
         self.config = fmt.read_json(release.base_dir / fmt.CONFIG_FILE)
         self.carried = _source_metadata(release.base_dir / fmt.SOURCE_README_FILE)
         self.carried.setdefault("library_name", DEFAULT_LIBRARY)
-        self.task = self.report["task"] if self.report else resolve_task("auto", self.config.get("architectures"))
+        self.task = self.report["task"] if self.report else resolve_task(AUTO, self.config.get("architectures"))
         self.carried.setdefault("pipeline_tag", HUB_TASKS[self.task])
         self.bits = release.qconfig.bits
         self.title = (base_model or release.base_dir.resolve().parent.name).split("/")[-1]

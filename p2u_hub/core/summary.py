@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import format as fmt
@@ -24,13 +25,13 @@ def summarize(path: str | os.PathLike, *, token: str | bool | None = None) -> di
         "bytes", "bits_per_weight", "cumulative_bytes", "fraction_of_source"}], "total_bytes",
         "total_fraction", "widths"}``, the base first. ``widths`` is ``{"method", "average_bits",
         "tensors": {name: {"bits", "weights", "sensitivity"}}}``: each stored quantized tensor's
-        base width and, when split measured it, its loss at that width (``p2u_hub.allocation``).
+        base width and, when split measured it, its loss at that width (``p2u_hub.core.allocation``).
     """
     release = Release.open(path, token=token)
     manifest = release.manifest
     source_bytes = manifest.source_bytes()
     parameters = sum(math.prod(entry.shape) for entry in manifest.tensors.values())
-    folders = [(fmt.BASE_DIR, "base", release.qconfig.bits, release.base_dir, fmt.BASE_WEIGHTS_NAME, fmt.MANIFEST_FILE)]
+    folders: list[tuple[str, str, int | None, Path, str, str]] = [(fmt.BASE_DIR, "base", release.qconfig.bits, release.base_dir, fmt.BASE_WEIGHTS_NAME, fmt.MANIFEST_FILE)]
     for entry in release.qconfig.stages:
         folder = release.stage_dir(entry.index)
         folders.append((entry.name, entry.kind, entry.bits, folder, fmt.DELTA_WEIGHTS_NAME, fmt.STAGE_FILE))
@@ -92,7 +93,7 @@ def format_table(summary: dict) -> str:
     return "\n".join([*text_table(rows), "", heading, *text_table(tensor_rows)])
 
 
-def text_table(rows: list[tuple[str, ...]]) -> list[str]:
+def text_table(rows: Sequence[Sequence[str]]) -> list[str]:
     """Lines of a plain-text table: the first row is the header, first column left-aligned, others right."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(width) if column else cell.ljust(width) for column, (cell, width) in enumerate(zip(row, widths))) for row in rows]

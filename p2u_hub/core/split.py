@@ -11,15 +11,17 @@ import fnmatch
 import math
 import os
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from huggingface_hub.utils import tqdm
 
 from . import allocation
 from . import format as fmt
-from .codecs import progressive
+from ..codecs import progressive
 from .storage import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TensorReader, atomic_output_dir, safetensors_header, visible_files
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -47,7 +49,7 @@ def split(
             an optional ``@revision`` (downloaded with ``snapshot_download``).
         output: the release folder to create.
         bits: the base's budget: it takes at most the bytes of a uniform ``bits``-wide base
-            (2-8), spread over the tensors by sensitivity (``p2u_hub.allocation``); with
+            (2-8), spread over the tensors by sensitivity (``p2u_hub.core.allocation``); with
             ``uniform`` every tensor is ``bits`` wide.
         group_size: weights per float16 scale (a multiple of 8).
         stages: widths of the intermediate integer stages; a final lossless stage is always added.
@@ -82,6 +84,9 @@ def split(
     weight_files, index_file, index_metadata = source_weight_files(source_dir)
     reader = TensorReader(weight_files)
     tensors, source_files = _plan(reader, keep, group_size)
+    if not _uniform_widths(tensors, uniform, sensitivity):
+        _find_copies(reader, tensors)  # the allocation must know which tensors are stored once
+    copies: dict[tuple, str] = {_content_key(entry): name for name, entry in tensors.items() if entry.sha256 and entry.alias_of is None}
     widths, allocation_record = _choose_widths(source_dir, reader, tensors, spec, uniform, sensitivity)
     with atomic_output_dir(output, overwrite=overwrite, is_replaceable=fmt.is_release_folder) as work:
         base_dir = work / fmt.BASE_DIR
@@ -96,6 +101,10 @@ def split(
             if entry.alias_of is not None:
                 continue
             tensor = reader.get(name)
+            if not entry.sha256:  # read here for the first time: the one read of this tensor
+                entry.sha256 = fmt.tensor_sha256(tensor)
+                if _mark_copy(name, entry, copies):
+                    continue
             if entry.codec == fmt.CODEC_EXACT:
                 base.add(name, tensor)
                 base_sha256[name] = entry.sha256
@@ -130,23 +139,56 @@ def split(
 
 
 def _plan(reader: TensorReader, keep: Sequence[str], group_size: int) -> tuple[dict[str, fmt.TensorEntry], dict[str, fmt.SourceFile]]:
-    """Every source tensor's manifest entry (codec, checksum, alias) and the source file layout, in file order."""
+    """Every source tensor's manifest entry (codec, dtype, shape) and the source file layout, in file order.
+
+    Read from the safetensors headers alone: checksums (and so aliases) come when a tensor's bytes
+    are read, by ``_find_copies`` or by the encoding pass, so that each tensor is read once.
+    """
     tensors: dict[str, fmt.TensorEntry] = {}
     source_files: dict[str, fmt.SourceFile] = {}
-    stored_by_content: dict[tuple, str] = {}
-    for name in tqdm(list(reader.locations), desc="p2u split: reading", unit="tensor"):
-        tensor = reader.get(name)
-        file = reader.locations[name]
-        source_files.setdefault(file.name, fmt.SourceFile(_file_metadata(file), [])).tensors.append(name)
-        entry = _describe(name, tensor, file, keep, group_size)
-        content_key = (entry.sha256, entry.dtype, tuple(entry.shape))
-        if entry.codec == fmt.CODEC_LADDER:
-            if content_key in stored_by_content:
-                entry.alias_of = stored_by_content[content_key]
-            else:
-                stored_by_content[content_key] = name
-        tensors[name] = entry
+    for name, file in reader.locations.items():
+        if file.name not in source_files:
+            source_files[file.name] = fmt.SourceFile(_file_metadata(file), [])
+        source_files[file.name].tensors.append(name)
+        tensors[name] = _describe(name, cast(dict, reader.header(name)), file, keep, group_size)  # listed: it has a header
     return tensors, source_files
+
+
+def _uniform_widths(tensors: dict[str, fmt.TensorEntry], uniform: bool, method: str) -> bool:
+    """Whether every tensor gets the same width whatever tensors turn out to be copies (then none need reading first).
+
+    "auto" counts copies not yet found as tensors of their own: above the calibration bound with
+    them, it gives uniform widths (a checkpoint with duplicated tensors just at the bound may get
+    uniform widths where it was calibrated when copies were found first).
+    """
+    quantized = sum(entry.numel for entry in tensors.values() if entry.codec == fmt.CODEC_LADDER)
+    return uniform or (method == "auto" and quantized > allocation.CALIBRATION_MAX_PARAMETERS)
+
+
+def _find_copies(reader: TensorReader, tensors: dict[str, fmt.TensorEntry]) -> None:
+    """Hash the ladder tensors that could be copies of one another (same dtype and shape) and mark copies ``alias_of``."""
+    shapes = Counter((entry.dtype, tuple(entry.shape)) for entry in tensors.values() if entry.codec == fmt.CODEC_LADDER)
+    candidates = [
+        name for name, entry in tensors.items() if entry.codec == fmt.CODEC_LADDER and shapes[entry.dtype, tuple(entry.shape)] > 1
+    ]
+    copies: dict[tuple, str] = {}
+    for name in tqdm(candidates, desc="p2u split: finding copies", unit="tensor"):
+        tensors[name].sha256 = fmt.tensor_sha256(reader.get(name))
+        _mark_copy(name, tensors[name], copies)
+
+
+def _content_key(entry: fmt.TensorEntry) -> tuple:
+    return entry.sha256, entry.dtype, tuple(entry.shape)
+
+
+def _mark_copy(name: str, entry: fmt.TensorEntry, copies: dict[tuple, str]) -> bool:
+    """Mark a ladder tensor with the bytes of one met before as its alias (stored once); record it otherwise."""
+    if entry.codec != fmt.CODEC_LADDER:
+        return False
+    owner = copies.setdefault(_content_key(entry), name)
+    if owner != name:
+        entry.alias_of = owner
+    return owner != name
 
 
 def _choose_widths(
@@ -194,24 +236,22 @@ def _choose_widths(
     return chosen, record
 
 
-def _describe(name: str, tensor: torch.Tensor, file: Path, keep: Sequence[str], group_size: int) -> fmt.TensorEntry:
-    """Decide the codec of one tensor: weight matrices are quantized, the rest kept exact."""
-    dtype_name = fmt.DTYPE_NAMES.get(tensor.dtype)
-    if dtype_name is None:
-        raise fmt.P2UFormatError(f"{file}: tensor {name!r} has unsupported dtype {tensor.dtype}")
-    is_matrix = tensor.ndim >= 2 and tensor.numel() >= group_size
-    if tensor.is_floating_point() and tensor.dtype not in fmt.SUPPORTED_FLOAT_DTYPES and is_matrix:
+def _describe(name: str, header: dict, file: Path, keep: Sequence[str], group_size: int) -> fmt.TensorEntry:
+    """Decide the codec of one tensor from its header entry: weight matrices are quantized, the rest kept exact.
+
+    The checksum is left empty, to be filled when the tensor is read.
+    """
+    dtype_name, shape = header["dtype"], list(header["shape"])
+    dtype = fmt.SAFETENSORS_DTYPES[dtype_name]  # the header is validated: its dtype is known
+    is_matrix = len(shape) >= 2 and math.prod(shape) >= group_size
+    if dtype.is_floating_point and dtype not in fmt.SUPPORTED_FLOAT_DTYPES and is_matrix:
         raise fmt.P2UFormatError(
             f"{file}: tensor {name!r} is {dtype_name}; p2u quantizes float32, float16 and bfloat16 weights "
             f"(convert the checkpoint, or keep this tensor exact with --keep '{name}')"
         )
-    quantize = (
-        tensor.dtype in fmt.SUPPORTED_FLOAT_DTYPES
-        and is_matrix
-        and not any(fnmatch.fnmatchcase(name, pattern) for pattern in keep)
-    )
+    quantize = dtype in fmt.SUPPORTED_FLOAT_DTYPES and is_matrix and not any(fnmatch.fnmatchcase(name, pattern) for pattern in keep)
     codec = fmt.CODEC_LADDER if quantize else fmt.CODEC_EXACT
-    return fmt.TensorEntry(list(tensor.shape), dtype_name, codec, fmt.tensor_sha256(tensor))
+    return fmt.TensorEntry(shape, dtype_name, codec, "")
 
 
 def _file_metadata(path: Path) -> dict[str, str] | None:

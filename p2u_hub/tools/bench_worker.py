@@ -3,7 +3,7 @@
 Each job runs in its own process so that its wall time includes nothing another job left
 warm (imported modules aside, which every job pays alike before its clock starts) and so
 that its peak resident memory is that job's alone. The parent starts
-``python -m p2u_hub.bench_worker '<json job>'`` and reads one JSON object from the last line
+``python -m p2u_hub.tools.bench_worker '<json job>'`` and reads one JSON object from the last line
 of stdout.
 
 Jobs (``"task"`` key):
@@ -49,7 +49,7 @@ def _proc_status_mb(field: str) -> float:
 
 
 def run_split(job: dict) -> dict:
-    from .split import split
+    from ..core.split import split
 
     start = time.perf_counter()
     split(job["source"], job["output"], bits=job["bits"])
@@ -57,7 +57,7 @@ def run_split(job: dict) -> dict:
 
 
 def run_merge(job: dict) -> dict:
-    from .merge import merge
+    from ..core.merge import merge
 
     start = time.perf_counter()
     merge(job["release"], job["output"], stage="full")  # merge checks every tensor's sha256 at the last stage
@@ -78,7 +78,7 @@ def run_publish(job: dict) -> dict:
 
 def run_load(job: dict) -> dict:
     """Time download + ``from_pretrained`` (+ upgrade) + first answer; nothing is downloaded before the clock starts."""
-    from .upgrade import upgrade
+    from ..integrations.upgrade import upgrade
 
     model_class = model_class_for(job["source"])
     start = time.perf_counter()
@@ -125,9 +125,9 @@ def matches_source(model: torch.nn.Module, source: str | Path) -> bool:
     Source tensors the model has no slot for (e.g. a stale ``position_ids`` buffer) are ignored, as
     ``from_pretrained`` of the original ignores them.
     """
-    from . import format as fmt
-    from .split import source_weight_files
-    from .storage import TensorReader
+    from ..core import format as fmt
+    from ..core.split import source_weight_files
+    from ..core.storage import TensorReader
 
     prefix = model.base_model_prefix + "."
     reader = TensorReader(source_weight_files(Path(source))[0])

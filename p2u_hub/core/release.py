@@ -6,21 +6,30 @@ so there is one implementation of "base + deltas -> tensor" and of its checks.
 
 from __future__ import annotations
 
+import copy
+import functools
+import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from huggingface_hub.utils import tqdm
 
 from . import format as fmt
-from .codecs import ladder as ladder_codec
-from .codecs import progressive
-from .codecs.entropy import CorruptStreamError
+from ..codecs import ladder as ladder_codec
+from ..codecs import progressive
+from ..codecs.entropy import CorruptStreamError
+from ..codecs.progressive import Ladder
 from .hub import cached_repo_id, check_repo_id, download_stage
 from .storage import TensorReader
 
+logger = logging.getLogger(__name__)
+
 StageSpec = int | str
 """A stage: its index (0 = the base, 1..N = after that delta), ``"base"`` or ``"full"``."""
+StoredCodes = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+"""How the base stores a ladder tensor: packed codes, float16 scales, packed offsets (None before format 3)."""
 
 
 class Release:
@@ -34,15 +43,24 @@ class Release:
             of older releases is still found). Read from
             the HF cache path when not given.
         token: Hub token for private stage repos; never stored beyond this object.
+        qconfig: the base's quantization_config, when the caller has parsed it already (the
+            transformers loader has); read from the base's config.json otherwise.
     """
 
-    def __init__(self, base_dir: str | os.PathLike, *, repo_id: str | None = None, token: str | bool | None = None):
+    def __init__(
+        self,
+        base_dir: str | os.PathLike,
+        *,
+        repo_id: str | None = None,
+        token: str | bool | None = None,
+        qconfig: fmt.QuantizationConfig | None = None,
+    ):
         self.base_dir = Path(base_dir)
         self.repo_id = repo_id or cached_repo_id(self.base_dir)
         if self.repo_id is not None:
             check_repo_id(self.repo_id, str(self.base_dir))
         self.token = token
-        self.qconfig = fmt.read_quantization_config(self.base_dir)
+        self.qconfig = qconfig if qconfig is not None else fmt.read_quantization_config(self.base_dir)
         self.manifest = fmt.read_manifest(self.base_dir)  # validated as it is parsed; a newer version is named first
         manifest_path = fmt.release_file(self.base_dir, fmt.MANIFEST_FILE)
         if fmt.sha256_bytes(manifest_path.read_bytes()) != self.qconfig.manifest_sha256:
@@ -51,6 +69,18 @@ class Release:
                 f"{self.base_dir / fmt.CONFIG_FILE}"
             )
         self.qconfig.check_ladder(self.manifest.ladder, str(self.base_dir / fmt.CONFIG_FILE))
+        self._stages: dict[int, tuple[Path, fmt.StageRecord]] = {}  # checked stages: each record is read once
+
+    def reopened(self, token: str | bool | None) -> Release:
+        """This release with its config and manifest as parsed, its stages looked up afresh and fetched with ``token``.
+
+        The base is checked once, when loaded; stages are read again, so that a retry sees a stage
+        repaired (or downloaded) since an earlier attempt.
+        """
+        release = copy.copy(self)
+        release.token = token
+        release._stages = {}
+        return release
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, token: str | bool | None = None) -> Release:
@@ -95,6 +125,15 @@ class Release:
 
     def stage_dir(self, index: int) -> Path:
         """The local folder of stage ``index`` (downloading it from the Hub if needed), validated."""
+        return self.stage(index)[0]
+
+    def stage(self, index: int) -> tuple[Path, fmt.StageRecord]:
+        """The local folder of stage ``index`` (downloading it if needed) and its record, checked against this base.
+
+        The record is read and checked once per release; later calls return it as it was.
+        """
+        if index in self._stages:
+            return self._stages[index]
         entry = self.qconfig.stages[index - 1]
         local = self._local_stage(entry)
         if local is not None and (local / fmt.STAGE_FILE).is_file():
@@ -116,7 +155,8 @@ class Release:
                 f"{folder}: expected {entry.name} ({entry.bits or 'lossless'}), found stage {record.index} "
                 f"({record.bits or 'lossless'})"
             )
-        return folder
+        self._stages[index] = folder, record
+        return folder, record
 
     def _local_stage(self, entry: fmt.StageEntry) -> Path | None:
         """The folder of a stage given by ``path`` (``../stage-k`` or a subfolder), kept inside the release folder."""
@@ -126,8 +166,9 @@ class Release:
         return fmt.release_file(root, entry.path.removeprefix("../"), f"{self.base_dir / fmt.CONFIG_FILE}: {entry.name} path")
 
     def rebuilder(self, stage: StageSpec) -> TensorRebuilder:
+        """A ``TensorRebuilder`` at ``stage``, every stage up to it fetched and checked against this base."""
         index = self.stage_index(stage)
-        return TensorRebuilder(self, index, [self.stage_dir(k) for k in range(1, index + 1)])
+        return TensorRebuilder(self, index, [self.stage(k) for k in range(1, index + 1)])
 
 
 def verify(path: str | os.PathLike, *, token: str | bool | None = None) -> Release:
@@ -158,25 +199,27 @@ class TensorRebuilder:
     """Rebuild source tensors at one stage from the base weights and the stage payloads.
 
     Every payload is checked against its stage record's sha256; at the last stage every
-    rebuilt tensor is checked against the manifest's sha256 of the source bytes.
+    rebuilt tensor is checked against the manifest's sha256 of the source bytes. Each payload
+    is read and hashed once: ``verify_payloads`` may keep the ones it checked for ``tensor``.
     """
 
-    def __init__(self, release: Release, index: int, stage_dirs: list[Path]):
+    def __init__(self, release: Release, index: int, stages: list[tuple[Path, fmt.StageRecord]]):
         self.release = release
         self.index = index
         self.full = index == release.stage_count
-        self._base = TensorReader(fmt.weight_files(release.base_dir, fmt.BASE_WEIGHTS_NAME))
         self._stages = [
-            (folder, fmt.read_stage_record(folder), TensorReader(fmt.weight_files(folder, fmt.DELTA_WEIGHTS_NAME)))
-            for folder in stage_dirs
+            (folder, record, TensorReader(fmt.weight_files(folder, fmt.DELTA_WEIGHTS_NAME))) for folder, record in stages
         ]
+        self._verified: dict[tuple[int, str], bytes] = {}  # (stage position, tensor) -> payload checked by verify_payloads
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, stored: StoredCodes | None = None) -> torch.Tensor:
         """Tensor ``name`` at this stage, in its source dtype and shape.
 
         Every base tensor read is checked against the manifest's ``base_sha256`` (format 2) and
         every payload against its stage record, and declared sizes against stored ones, before
         anything is decoded: a corrupt or crafted release fails here with the file and tensor named.
+        ``stored`` gives the base codes, scales and offsets already in memory, checked when they
+        were loaded (a loaded model holds them): they are then not read from disk again.
         """
         manifest = self.release.manifest
         entry = manifest.tensors.get(name)
@@ -188,13 +231,8 @@ class TensorRebuilder:
             self._check_source_bytes(name, tensor, entry, always=True)
             return tensor
         spec = manifest.tensor_ladder(stored_name)
-        groups = ladder_codec.group_count(entry.numel, spec.group_size)
-        codes = self._base_tensor(stored_name, "U8", [groups * spec.group_size * spec.base_bits // 8])
-        scales = self._base_tensor(fmt.scales_key(stored_name), fmt.DTYPE_NAMES[ladder_codec.SCALE_DTYPE], [groups])
-        offsets = None
-        if manifest.has_offsets:
-            offsets = self._base_tensor(fmt.offsets_key(stored_name), "U8", [ladder_codec.offsets_bytes(groups, spec.base_bits)])
-        deltas = [self._payload(folder, record, reader, stored_name) for folder, record, reader in self._stages]
+        codes, scales, offsets = stored if stored is not None else self._stored_codes(stored_name, entry, spec)
+        deltas = [self._payload(position, stored_name) for position in range(len(self._stages))]
         try:
             tensor = progressive.decode(codes, scales, offsets, deltas, spec, tuple(entry.shape), entry.torch_dtype)
         except CorruptStreamError as error:
@@ -203,11 +241,46 @@ class TensorRebuilder:
         self._check_source_bytes(name, tensor, entry)
         return tensor
 
-    def verify_payloads(self) -> None:
-        """Check every payload of every stage against its sha256: lets a caller fail before changing anything."""
-        for folder, record, reader in self._stages:
+    def largest_stage_shard(self) -> int:
+        """Bytes of the largest stage weight file read: the memory an upgrade may hold beyond its final model."""
+        return max((path.stat().st_size for *_, reader in self._stages for path in set(reader.locations.values())), default=0)
+
+    def verify_payloads(self, keep: Collection[str] = (), keep_bytes: int = 0) -> None:
+        """Check every payload of every stage against its sha256: lets a caller fail before changing anything.
+
+        The payloads of tensors in ``keep`` are kept for ``tensor`` (which then neither reads nor
+        hashes them again) while they total at most ``keep_bytes``; the others are dropped once
+        checked, and read and checked again when decoded, so memory stays bounded for any release.
+        """
+        kept = dropped = 0
+        for position, (_, record, _) in enumerate(self._stages):
             for name in record.payloads:
-                self._payload(folder, record, reader, name)
+                payload = self._payload(position, name)
+                if name in keep and kept + len(payload) <= keep_bytes:
+                    self._verified[position, name] = payload
+                    kept += len(payload)
+                elif name in keep:
+                    dropped += len(payload)
+        if dropped:
+            logger.info(
+                "%s: %.1f MB of payloads beyond the %.1f MB kept in memory are read and checked again when decoded",
+                self.release.base_dir, dropped / 1e6, keep_bytes / 1e6,
+            )  # fmt: skip
+
+    def _stored_codes(self, name: str, entry: fmt.TensorEntry, spec: Ladder) -> StoredCodes:
+        """The codes, scales and offsets (None before format 3) of ladder tensor ``name``, read from the base and checked."""
+        groups = ladder_codec.group_count(entry.numel, spec.group_size)
+        codes = self._base_tensor(name, "U8", [groups * spec.group_size * spec.base_bits // 8])
+        scales = self._base_tensor(fmt.scales_key(name), fmt.DTYPE_NAMES[ladder_codec.SCALE_DTYPE], [groups])
+        offsets = None
+        if self.release.manifest.has_offsets:
+            offsets = self._base_tensor(fmt.offsets_key(name), "U8", [ladder_codec.offsets_bytes(groups, spec.base_bits)])
+        return codes, scales, offsets
+
+    @functools.cached_property
+    def _base(self) -> TensorReader:
+        """The base weights, opened at the first tensor read from them (an upgrade of a loaded model reads none)."""
+        return TensorReader(fmt.weight_files(self.release.base_dir, fmt.BASE_WEIGHTS_NAME))
 
     def _base_tensor(self, name: str, dtype: str, shape: list[int]) -> torch.Tensor:
         """A tensor of the base weights, refused unless its dtype, shape and sha256 are the ones recorded."""
@@ -223,7 +296,12 @@ class TensorRebuilder:
             raise fmt.ChecksumError(f"{self._base.locations[name]}: tensor {name!r} fails its base_sha256 check (corrupt file?)")
         return tensor
 
-    def _payload(self, folder: Path, record: fmt.StageRecord, reader: TensorReader, name: str) -> bytes:
+    def _payload(self, position: int, name: str) -> bytes:
+        """The payload of tensor ``name`` in the stage at ``position``: kept by ``verify_payloads``, else read and checked."""
+        kept = self._verified.pop((position, name), None)
+        if kept is not None:
+            return kept
+        folder, record, reader = self._stages[position]
         expected = record.payloads.get(name)
         if expected is None:
             raise fmt.P2UFormatError(f"{folder / fmt.STAGE_FILE}: no payload listed for tensor {name!r}")

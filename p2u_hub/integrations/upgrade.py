@@ -16,31 +16,48 @@ Every stage is fetched, must name this base as its parent and come in order, and
 must match its sha256; a stage that is unreachable (``StageUnavailableError``), from another base
 (``StageMismatchError``) or corrupt (``ChecksumError``) leaves the model exactly as it was. Then each
 layer's tensors are rebuilt (at ``"full"``, each checked against the source's sha256) before that
-layer is swapped. A failure there (a payload whose sha256 matches but which does not decode, base
-weights changed on disk after loading) stops the upgrade with the error: swapped layers hold
+layer is swapped, from the codes the model holds (checked when it loaded) or, for a layer already
+dense, from the base weights on disk, checked again. A failure there (a payload whose sha256
+matches but which does not decode, base weights changed on disk after loading) stops the upgrade
+with the error: swapped layers hold
 checked weights of the new stage, the others keep theirs, the model still answers, and the stage
 of every layer is recorded (``quantizer.layer_stages``), so calling ``upgrade`` again resumes with
 the layers still below the target and never lowers one that is above it.
 
 Memory: layers are rebuilt and swapped one by one and the packed codes of a swapped layer are
-freed at once, so the peak stays near the final model size plus one layer being rebuilt.
+freed at once, so the peak stays near the final model size plus one layer being rebuilt. The
+payloads checked before the first swap are kept for decoding, and freed as it goes, while they
+total at most what the model grows by plus one stage shard; so each payload is read and hashed
+once, and a payload beyond that bound is read and checked again when its layer is rebuilt.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar, overload
 
 import torch
 from huggingface_hub.utils import tqdm
 
-from .release import Release, StageSpec, TensorRebuilder
+from ..core.release import StageSpec, TensorRebuilder
+
+if TYPE_CHECKING:
+    from .transformers import P2UHfQuantizer, PackedParameter
+
+logger = logging.getLogger(__name__)
+
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+"""The model handed to ``upgrade``: a transformers ``PreTrainedModel``, or a peft ``PeftModel`` wrapping one."""
 
 _ONE_AT_A_TIME = threading.Lock()
 """Upgrades run one after the other: two on one model must not interleave, and each one keeps the CPU busy anyway."""
 
 
-class UpgradeHandle:
+class UpgradeHandle(Generic[ModelT]):
     """An upgrade running in a background thread while the model keeps answering.
 
     Each layer swaps atomically, so a forward pass running meanwhile sees every layer either at
@@ -48,7 +65,7 @@ class UpgradeHandle:
     """
 
     def __init__(self) -> None:
-        self._future: Future = Future()
+        self._future: Future[ModelT] = Future()
         self._layers_done = 0
         self._layers_total = 0
 
@@ -56,7 +73,7 @@ class UpgradeHandle:
         """Whether the upgrade has finished, successfully or not."""
         return self._future.done()
 
-    def result(self, timeout: float | None = None):
+    def result(self, timeout: float | None = None) -> ModelT:
         """Wait for the upgrade and return the model; re-raises the upgrade's error.
 
         Raises:
@@ -75,7 +92,13 @@ class UpgradeHandle:
         self._layers_done, self._layers_total = done, total
 
 
-def upgrade(model, stage: StageSpec = "full", *, background: bool = False, token: str | bool | None = None):
+@overload
+def upgrade(model: ModelT, stage: StageSpec = ..., *, background: Literal[False] = ..., token: str | bool | None = ...) -> ModelT: ...
+@overload
+def upgrade(model: ModelT, stage: StageSpec = ..., *, background: Literal[True], token: str | bool | None = ...) -> UpgradeHandle[ModelT]: ...
+def upgrade(
+    model: ModelT, stage: StageSpec = "full", *, background: bool = False, token: str | bool | None = None
+) -> ModelT | UpgradeHandle[ModelT]:
     """Raise ``model``, loaded from a p2u base with ``from_pretrained``, to ``stage`` in place.
 
     Args:
@@ -95,7 +118,7 @@ def upgrade(model, stage: StageSpec = "full", *, background: bool = False, token
         StageMismatchError: a stage belongs to another base or is out of order (unchanged).
         ChecksumError: a stage payload or a rebuilt tensor fails its sha256 check.
     """
-    from .integrations.transformers import P2UHfQuantizer  # transformers is loaded already: the model came from it
+    from .transformers import P2UHfQuantizer  # transformers is loaded already: the model came from it
 
     quantizer = getattr(model, "hf_quantizer", None)
     if not isinstance(quantizer, P2UHfQuantizer):
@@ -103,16 +126,16 @@ def upgrade(model, stage: StageSpec = "full", *, background: bool = False, token
             f"{type(model).__name__} has no p2u quantizer: it was not loaded from a p2u base, or it is already "
             "at full precision (then it is a plain transformers model)"
         )
-    wrapper, model = model, _transformers_model(model)
+    inner = _transformers_model(model)
     if not background:
-        _upgrade(model, quantizer, stage, token, on_layer=None)
-        return wrapper
-    handle = UpgradeHandle()
+        _upgrade(inner, quantizer, stage, token, on_layer=None)
+        return model
+    handle: UpgradeHandle[ModelT] = UpgradeHandle()
 
     def run() -> None:
         try:
-            _upgrade(model, quantizer, stage, token, on_layer=handle._report)
-            handle._future.set_result(wrapper)
+            _upgrade(inner, quantizer, stage, token, on_layer=handle._report)
+            handle._future.set_result(model)
         except BaseException as error:  # handed to the caller through result()
             handle._future.set_exception(error)
 
@@ -121,19 +144,25 @@ def upgrade(model, stage: StageSpec = "full", *, background: bool = False, token
     return handle
 
 
-def _transformers_model(model):
+def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a peft ``PeftModel`` (whose module names are prefixed), else ``model``."""
     get_base_model = getattr(model, "get_base_model", None)
     return model if get_base_model is None else get_base_model()
 
 
-def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
-    from .integrations.transformers import install_expanded, placement
+def _upgrade(
+    model: torch.nn.Module,
+    quantizer: P2UHfQuantizer,
+    stage: StageSpec,
+    token: str | bool | None,
+    on_layer: Callable[[int, int], None] | None,
+) -> torch.nn.Module:
+    from .transformers import install_expanded, loaded_codes, placement
 
     with _ONE_AT_A_TIME, torch.no_grad():
         if getattr(model, "hf_quantizer", None) is not quantizer:
             return model  # an upgrade queued before this one reached full precision
-        release = Release(quantizer.base_dir, repo_id=quantizer.repo_id, token=token)
+        release = quantizer.release.reopened(token)  # config and manifest as parsed and checked at load
         index = release.stage_index(stage)
         if index < quantizer.stage:
             raise ValueError(f"the model is at stage {quantizer.stage}; upgrade cannot lower it to stage {index}")
@@ -141,14 +170,17 @@ def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
         todo = {name: packed for name, packed in quantizer.parameters.items() if stages.get(name, 0) < index}
         if not todo and index <= quantizer.stage:
             return model
-        folders = [release.stage_dir(k) for k in range(1, index + 1)]
-        rebuilder = TensorRebuilder(release, index, folders)
-        rebuilder.verify_payloads()
+        rebuilder = release.rebuilder(index)
+        rebuilder.verify_payloads(keep={packed.tensor for packed in todo.values()}, keep_bytes=_payload_budget(model, todo, rebuilder))
         bars: list[tqdm] = []  # opened at the first layer, when the total is known (no empty bar before it)
 
-        def rebuild(packed) -> torch.Tensor:
+        def rebuild(packed: PackedParameter) -> torch.Tensor:
             device, dtype = placement(model, packed)
-            return rebuilder.tensor(packed.tensor).to(device=device, dtype=dtype)
+            stored = loaded_codes(model, packed)  # checked at load; None once the layer is dense
+            if stored is not None:
+                codes, scales, offsets = stored
+                stored = codes.cpu(), scales.cpu(), None if offsets is None else offsets.cpu()
+            return rebuilder.tensor(packed.tensor, stored).to(device=device, dtype=dtype)
 
         def layer_done(done: int, total: int, names: list[str]) -> None:
             stages.update(dict.fromkeys(names, index))
@@ -164,12 +196,31 @@ def _upgrade(model, quantizer, stage: StageSpec, token, on_layer):
             for bar in bars:
                 bar.close()
             quantizer.stage = min((stages.get(name, 0) for name in quantizer.parameters), default=index)
+        logger.info("%s: %d quantized weights at %s", release.base_dir, len(todo), release.stage_label(index))
         if quantizer.stage == release.stage_count:
             _make_plain(model, quantizer)
     return model
 
 
-def _make_plain(model, quantizer) -> None:
+def _payload_budget(model: torch.nn.Module, todo: dict[str, PackedParameter], rebuilder: TensorRebuilder) -> int:
+    """Bytes of checked payloads the upgrade may keep until it decodes them: what the model grows by, plus one shard.
+
+    Kept payloads are freed as their layers are rebuilt while the model grows from packed codes
+    to dense weights, so keeping that much holds the peak near the final model plus one shard,
+    the bound the upgrade promises; beyond it payloads are read (and checked) a second time.
+    """
+    from .transformers import loaded_codes, placement
+
+    growth = 0
+    for packed in todo.values():
+        stored = loaded_codes(model, packed) if packed.owner is None else None
+        if stored is not None:  # a dense layer (an intermediate stage) keeps its size
+            dense = math.prod(packed.layout.shape) * placement(model, packed)[1].itemsize
+            growth += dense - sum(tensor.numel() * tensor.element_size() for tensor in stored if tensor is not None)
+    return max(growth, 0) + rebuilder.largest_stage_shard()
+
+
+def _make_plain(model: torch.nn.Module, quantizer: P2UHfQuantizer) -> None:
     """Forget the quantization, as a model loaded from the source checkpoint never had it."""
     from transformers import PreTrainedModel
 

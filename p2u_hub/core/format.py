@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .codecs.progressive import Ladder
-from .errors import ChecksumError, P2UFormatError, StageMismatchError, UnsafePathError  # noqa: F401  (Checksum-, StageMismatchError: re-exported)
+from ..codecs.progressive import Ladder
+from ..errors import ChecksumError, P2UFormatError, StageMismatchError, UnsafePathError  # noqa: F401  (Checksum-, StageMismatchError: re-exported)
 
 # The errors above are re-exported: format.py was their home before errors.py, and callers import them from here.
 
@@ -243,7 +243,7 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]  # numpy arrays are buffers
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -281,7 +281,7 @@ class TensorEntry:
     bits: int | None = None  # base width of a stored ladder tensor (None: the ladder's base_bits, format < 3)
 
     def to_json(self) -> dict:
-        entry = {"shape": self.shape, "dtype": self.dtype, "codec": self.codec, "sha256": self.sha256}
+        entry: dict[str, Any] = {"shape": self.shape, "dtype": self.dtype, "codec": self.codec, "sha256": self.sha256}
         if self.alias_of is not None:
             entry["alias_of"] = self.alias_of
         if self.bits is not None:

@@ -38,10 +38,11 @@ from pathlib import Path
 
 import torch
 
-from . import format as fmt
-from .extras import install_hint, is_installed, require
-from .storage import ShardedWriter, TensorReader, atomic_output_dir
-from .summary import text_table
+from ..core import format as fmt
+from ..codecs import progressive
+from ..extras import install_hint, is_installed, require
+from ..core.storage import ShardedWriter, TensorReader, atomic_output_dir
+from ..core.summary import text_table
 
 DEFAULT_BANDWIDTHS = (20.0, 100.0)
 ZSTD_LEVEL = 3
@@ -91,9 +92,9 @@ def bench(
         RuntimeError: a child process failed (its stderr tail is in the message), or the upgraded
             model does not match the source bit for bit.
     """
-    from .hub import resolve_source
-    from .summary import summarize
-    from .testing import LocalHub
+    from ..core.hub import resolve_source
+    from ..core.summary import summarize
+    from ..testing import LocalHub
 
     if json_path is not None:
         require("matplotlib", "bench", purpose="the plot of p2u bench --json")
@@ -376,7 +377,7 @@ def _run_worker(job: dict, env: dict[str, str] | None = None) -> dict:
     """Run one ``bench_worker`` job in a fresh interpreter and return its JSON result."""
     env = env or {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     process = subprocess.run(
-        [sys.executable, "-m", "p2u_hub.bench_worker", json.dumps(job)], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "p2u_hub.tools.bench_worker", json.dumps(job)], env=env, capture_output=True, text=True,
     )  # fmt: skip
     if process.returncode != 0:
         raise RuntimeError(f"p2u bench: {job['task']} job failed (exit {process.returncode}):\n{process.stderr[-3000:]}")
@@ -434,7 +435,7 @@ def zipnn_reference(files: Sequence[Path]) -> dict:
         if tensor.dtype not in names:
             compressed += len(raw)
             continue
-        codec = codecs.setdefault(tensor.dtype, zipnn.ZipNN(input_format="byte", bytearray_dtype=names[tensor.dtype], threads=os.cpu_count()))
+        codec = codecs.setdefault(tensor.dtype, zipnn.ZipNN(input_format="byte", bytearray_dtype=names[tensor.dtype], threads=progressive.codec_threads()))  # as many as ours
         expected = fmt.sha256_bytes(raw)  # taken first: ZipNN reorders the bytes of its input in place
         start = time.perf_counter()
         packed = codec.compress(raw)

@@ -268,6 +268,7 @@ class ShardedWriter:
         self.total_bytes += size
 
     def _finish_shard(self) -> None:
+        assert self._current is not None
         self._current.close()
         self._current = None
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .extras import require
+from ..extras import require
 
 SENTENCES = [
     "The weather is lovely today.",
@@ -53,9 +53,9 @@ def run_demo(*, rate_mbps: float = 20.0, workdir: str | os.PathLike | None = Non
 
     from .bench import RELEASE_REPO, StepLog, bench
     from .bench_worker import matches_source
-    from .testing import LocalHub
-    from .testing.client import local_hub_client
-    from .upgrade import upgrade
+    from ..testing import LocalHub
+    from ..testing.client import local_hub_client
+    from ..integrations.upgrade import upgrade
 
     source = bundled_minilm()
     with tempfile.TemporaryDirectory(prefix="p2u-demo-") as temporary:

@@ -11,9 +11,11 @@ import argparse
 import json
 import sys
 
+from ..core.tasks import AUTO, TASKS
+
 
 def _split(args: argparse.Namespace) -> None:
-    from .split import split
+    from ..core.split import split
 
     output = split(
         args.source, args.output, bits=args.bits, group_size=args.group_size, stages=args.stages,
@@ -24,7 +26,7 @@ def _split(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from .merge import merge
+    from ..core.merge import merge
 
     print(merge(args.source, args.destination, stage=args.stage, overwrite=args.overwrite))
 
@@ -34,14 +36,14 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _print_summary(path, *, as_json: bool) -> None:
-    from .summary import format_table, summarize
+    from ..core.summary import format_table, summarize
 
     summary = summarize(path)
     print(json.dumps(summary, indent=2) if as_json else format_table(summary))
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from .release import verify
+    from ..core.release import verify
 
     release = verify(args.path)
     print(f"{release.base_dir}: all {len(release.manifest.tensors)} tensors rebuild bit-exact at full precision")
@@ -105,7 +107,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _serve_hub(args: argparse.Namespace) -> None:
-    from .testing import serve
+    from ..testing import serve
 
     serve(args.root, port=args.port, rate_mbps=args.rate, token=args.token)
 
@@ -174,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="quality of the original, the base and every stage on a dataset")
     evaluate.add_argument("release", help="release folder from p2u split")
-    evaluate.add_argument("--task", choices=("auto", "embedding", "causal-lm", "classification"), default="auto")
+    evaluate.add_argument("--task", choices=(AUTO, *TASKS), default=AUTO)
     evaluate.add_argument("--dataset", default=None, help="csv / json / jsonl / parquet / txt file (default: bundled set)")
     evaluate.add_argument("--split", default=None, help="dataset split (default: the first)")
     evaluate.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many samples")
@@ -243,8 +245,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .errors import P2UError
-    from .extras import MissingExtraError
+    from ..errors import P2UError
+    from ..extras import MissingExtraError
 
     return (P2UError, MissingExtraError, FileExistsError, FileNotFoundError, ValueError, HfHubHTTPError)
 

@@ -23,7 +23,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from . import format as fmt
-from .errors import HubError, PushRefusedError, StageUnavailableError, UnsafePathError  # noqa: F401  (PushRefusedError: its old home)
+from ..errors import HubError, PushRefusedError, StageUnavailableError, UnsafePathError  # noqa: F401  (PushRefusedError: its old home)
 
 OTHER_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.ot", "*.gguf"]
 
@@ -101,6 +101,8 @@ def download_stage(entry: fmt.StageEntry, *, default_repo_id: str | None, token:
 def check_repo_id(repo_id: object, origin: str) -> str:
     """A Hub repo id as huggingface_hub validates it, before it is joined into a URL or a cache path."""
     try:
+        if not isinstance(repo_id, str):
+            raise TypeError(repo_id)
         validate_repo_id(repo_id)
     except (HFValidationError, TypeError):
         raise UnsafePathError(f"{origin}: {repo_id!r} is not a valid Hub repo id") from None
