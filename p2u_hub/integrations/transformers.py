@@ -13,7 +13,10 @@ transformers' ordinary loader fills, places and ties them like any other weight.
 
 * ``"packed"`` (the default; the low-memory choice): ``nn.Linear``, ``nn.Embedding`` and GPT-2's
   ``Conv1D`` become the ``Packed*`` layers below, which keep the codes and expand the weight at
-  the start of every forward. A 4-bit base holds about a quarter of a bfloat16 model.
+  the start of every forward. A 4-bit base holds about a quarter of a bfloat16 model. Linear
+  layers of at most 4 bits computing in bfloat16 or float16 on the CPU instead hold their codes in
+  the layout of torch's int4 matmul kernel and multiply on it (``run_on_int4_kernel``): no
+  expansion, faster than a dense bfloat16 layer for generation-sized inputs.
 * ``"dense"`` (the fast-forward choice): every weight is expanded once, after loading, into the
   model's dtype, and the layers are the plain transformers layers again.
 
@@ -55,6 +58,7 @@ from ..codecs import ladder as ladder_codec
 from ..codecs.progressive import Ladder, dequantize_packed
 from ..core.release import Release, StoredCodes
 from ..core.storage import file_tensor_digests, safetensors_header
+from . import cpu_int4
 
 logger = logging.getLogger(__name__)
 
@@ -132,12 +136,16 @@ class P2UConfig(QuantizationConfigMixin):
 @dataclass(frozen=True)
 class PackedLayout:
     """How one packed weight expands: its ladder (own base width), shape, the dtype the model computes in,
-    and whether the base stores grid offsets for it (format version 3 on)."""
+    whether the base stores grid offsets for it (format version 3 on), whether another layer holds the same
+    codes (a tied weight or an alias), and whether the layer holds its codes in the int4 kernel's layout
+    instead of the base's (``int4``, see ``run_on_int4_kernel``)."""
 
     ladder: Ladder
     shape: tuple[int, ...]
     dtype: torch.dtype
     has_offsets: bool = True
+    shares_codes: bool = False
+    int4: bool = False
 
     def stored_sizes(self) -> tuple[tuple[int, torch.dtype], ...]:
         """Element count and dtype of the packed codes, the scales and (if stored) the packed offsets."""
@@ -207,6 +215,9 @@ class PackedLayer:
             return weight if dtype is None else weight.to(dtype)
         dtype = dtype or layout.dtype
         scales, offsets = buffers[fmt.scales_key("weight")], buffers.get(fmt.offsets_key("weight"))
+        if layout.int4:
+            weight = _expand_int4(codes, scales, offsets, layout, dtype)
+            return weight if rows is None else weight[rows]
         if rows is None:
             return dequantize_packed(codes, scales, offsets, layout.ladder, layout.shape, dtype)
         return _expand_rows(codes, scales, offsets, layout, rows, dtype)
@@ -233,14 +244,109 @@ class PackedLayer:
         self._buffers[scales_key] = scales.to(self._buffers[scales_key].device)  # offsets are uint8: never cast
         _mark_logical_shape(self._buffers["weight"], layout.shape)
         self.p2u_layout = replace(layout, dtype=target.dtype)
+        if layout.int4:
+            self._buffers[INT4_GRID] = _int4_grid(self)
+        elif can_run_on_int4_kernel(self):  # the same layers run on the kernel whether loaded in the dtype or moved to it
+            run_on_int4_kernel(self)
         return self
 
 
 class PackedLinear(PackedLayer, nn.Linear):
-    """Computes in the input's dtype, as bitsandbytes' and HQQ's layers do (mixed-precision training feeds float32)."""
+    """Computes in the input's dtype, as bitsandbytes' and HQQ's layers do (mixed-precision training feeds float32).
+
+    On the int4 kernel when the layer was moved onto it and the input suits it (``_int4_matmul``),
+    else on the weight expanded for this call.
+    """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(input, PackedLayer.p2u_weight(self, input.dtype), _cast(self.bias, input.dtype))
+        output = _int4_matmul(self, input)
+        if output is None:
+            return nn.functional.linear(input, PackedLayer.p2u_weight(self, input.dtype), _cast(self.bias, input.dtype))
+        return output if self.bias is None else output.add_(_cast(self.bias, input.dtype))
+
+
+INT4_GRID = "weight_p2u_int4_grid"
+"""Buffer of a layer on the int4 kernel: its groups' ``(scale, zero)`` in the compute dtype, the kernel's order.
+Derived from the scales and offsets at load and on ``.to(dtype)``; never saved (non-persistent)."""
+
+
+def can_run_on_int4_kernel(module: nn.Module) -> bool:
+    """Whether a packed layer's weight fits torch's int4 CPU kernel (see ``cpu_int4``): a linear weight of at
+    most 4 bits on the CPU, computing in bfloat16 or float16, whose rows are whole groups, and whose codes
+    no other layer shares (the kernel's copy would add to the shared codes instead of replacing them)."""
+    layout: PackedLayout | None = module.__dict__.get("p2u_layout")
+    return (
+        type(module) is PackedLinear
+        and layout is not None
+        and not layout.int4
+        and not layout.shares_codes
+        and layout.ladder.base_bits <= 4
+        and module._buffers["weight"].device.type == "cpu"
+        and cpu_int4.usable(layout.shape, layout.ladder.group_size, layout.dtype)
+    )
+
+
+def run_on_int4_kernel(module: PackedLinear) -> None:
+    """Replace the layer's codes by the int4 kernel's packed form and add the kernel's scales and zeros.
+
+    The packed form takes the place of the codes (the same bytes at 4 bits, twice a 2-bit layer's),
+    so no dense copy is kept; scales and offsets stay, and ``_expand_int4`` rebuilds the exact base
+    weight from them, as ``loaded_codes`` rebuilds the stored codes an upgrade decodes.
+    """
+    layout: PackedLayout = module.p2u_layout
+    bits = layout.ladder.base_bits
+    codes, row_bytes = module._buffers["weight"], layout.shape[1] * bits // 8  # whole bytes: rows are whole groups
+
+    def int4_rows(start: int, stop: int) -> torch.Tensor:
+        unsigned = ladder_codec.unpack_unsigned(codes[start * row_bytes : stop * row_bytes], bits)
+        return ladder_codec.to_int4(unsigned, bits).view(stop - start, -1)
+
+    packed = cpu_int4.pack_rows(int4_rows, layout.shape)
+    _mark_logical_shape(packed, layout.shape)
+    module.register_buffer(INT4_GRID, _int4_grid(module), persistent=False)
+    module._buffers["weight"] = packed
+    module.p2u_layout = replace(layout, int4=True)
+
+
+def _int4_grid(module: nn.Module) -> torch.Tensor | None:
+    """The kernel's ``(scale, zero)`` per group for the layer's compute dtype; None for a dtype the kernel lacks."""
+    layout: PackedLayout = module.p2u_layout
+    scales, offsets = module._buffers[fmt.scales_key("weight")], module._buffers.get(fmt.offsets_key("weight"))
+    if layout.dtype not in cpu_int4.COMPUTE_DTYPES or scales.device.type != "cpu":
+        return None
+    bits = layout.ladder.base_bits
+    group_offsets = None if offsets is None else ladder_codec.unpack_offsets(offsets, bits, scales.numel())
+    return cpu_int4.scales_and_zeros(ladder_codec.int4_scales_and_zeros(scales, group_offsets, layout.dtype), layout.shape[0])
+
+
+def _int4_matmul(layer: nn.Module, input: torch.Tensor) -> torch.Tensor | None:
+    """``input @ weight.T`` on the int4 kernel; None where it does not apply (then the caller expands the weight).
+
+    It applies to a layer on the kernel, for a CPU input in the dtype of the kernel's scales (a float32
+    input of a bfloat16 layer, as in mixed-precision training, would lose precision) that needs no
+    gradient (the kernel has no backward) and has at most ``cpu_int4.MAX_ROWS`` rows (generation,
+    small batches; a large batch is faster on the expanded weight). Reads layout, then buffers, as
+    ``PackedLayer`` requires.
+    """
+    layout: PackedLayout | None = layer.__dict__.get("p2u_layout")
+    if layout is None or not layout.int4:
+        return None
+    codes, grid = layer._buffers.get("weight"), layer._buffers.get(INT4_GRID)
+    if codes is None or grid is None or input.dtype != grid.dtype or input.device.type != "cpu":
+        return None
+    if (input.requires_grad and torch.is_grad_enabled()) or input.numel() > cpu_int4.MAX_ROWS * input.shape[-1]:
+        return None
+    return cpu_int4.matmul(input, codes, layout.ladder.group_size, grid)
+
+
+def _expand_int4(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, layout: PackedLayout, dtype: torch.dtype
+) -> torch.Tensor:
+    """The base weight of a layer on the int4 kernel: the same bits as ``dequantize_packed`` of the base's codes."""
+    bits, group_size = layout.ladder.base_bits, layout.ladder.group_size
+    unsigned = ladder_codec.from_int4(cpu_int4.unpack(codes, layout.shape), bits).view(-1, group_size)
+    group_offsets = None if offsets is None else ladder_codec.unpack_offsets(offsets, bits, scales.numel())
+    return ladder_codec.dequantize_unsigned(unsigned, scales, group_offsets, bits).view(layout.shape).to(dtype)
 
 
 class PackedEmbedding(PackedLayer, nn.Embedding):
@@ -397,6 +503,7 @@ class P2UHfQuantizer(HfQuantizer):
         for packed in self.parameters.values():
             self._check_arrived(model, packed)
         buffers: dict[torch.Tensor, torch.Tensor] = {}  # one buffer per loaded tensor (hashed by identity): tied codes stay one object
+        sharing = {packed.owner for packed in self.parameters.values()}  # owners whose codes a follower shares
         for packed in self.parameters.values():
             module = model.get_submodule(packed.module_name)
             if packed.owner is not None:
@@ -406,7 +513,9 @@ class P2UHfQuantizer(HfQuantizer):
                 module.register_buffer(attribute, buffers.setdefault(loaded, loaded.detach()))
             _mark_logical_shape(module._buffers[packed.attribute], packed.layout.shape)
             if isinstance(module, PackedLayer):
-                module.p2u_layout = packed.layout
+                module.p2u_layout = replace(packed.layout, shares_codes=packed.owner is not None or packed.name in sharing)
+                if can_run_on_int4_kernel(module):
+                    run_on_int4_kernel(module)
         for module_name, size in self._follower_bias_sizes.items():
             bias = model.get_submodule(module_name).bias
             if bias.shape[0] != size:
@@ -583,6 +692,9 @@ def plan_parameters(model, manifest: fmt.Manifest) -> dict[str, PackedParameter]
 
 def expand_loaded(model, packed: PackedParameter, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The base weight of ``packed`` expanded from the codes, scales and offsets in memory, in ``dtype`` (default: the layer's)."""
+    module = quantized_layer(model, packed.module_name)
+    if isinstance(module, PackedLayer):
+        return PackedLayer.p2u_weight(module, dtype or placement(model, packed)[1])
     codes, scales, offsets = loaded_codes(model, packed)
     layout = packed.layout
     return dequantize_packed(codes, scales, offsets, layout.ladder, layout.shape, dtype or placement(model, packed)[1])
@@ -592,12 +704,19 @@ def loaded_codes(model, packed: PackedParameter) -> StoredCodes | None:
     """The codes, scales and offsets (None before format 3) of ``packed`` in memory; None once its layer is dense.
 
     Loading checked them against the manifest's ``base_sha256``, so an upgrade rebuilds from
-    these rather than reading and hashing the base weights again.
+    these rather than reading and hashing the base weights again. A layer on the int4 kernel holds
+    its codes in the kernel's layout: the stored ones are re-derived from it, bit for bit.
     """
-    buffers = quantized_layer(model, packed.module_name)._buffers
+    module = quantized_layer(model, packed.module_name)
+    layout: PackedLayout | None = module.__dict__.get("p2u_layout")
+    buffers = module._buffers
     if packed.attribute not in buffers:
         return None
     codes, scales, *offsets = (buffers[attribute] for attribute in packed.attributes)
+    if layout is not None and layout.int4:  # the stored codes, exactly, from the int4 kernel's layout
+        bits = layout.ladder.base_bits
+        unsigned = ladder_codec.from_int4(cpu_int4.unpack(codes, layout.shape), bits)
+        codes = ladder_codec.pack(unsigned.to(torch.int32) - (1 << (bits - 1)), bits)
     return codes, scales, offsets[0] if offsets else None
 
 
@@ -677,7 +796,9 @@ def install_parameters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> N
     }  # a weight coming from the buffers goes first, where the plain layer has it
     module.__dict__["_parameters"] = parameters
     dropped = set(tensors) | {key(attribute) for attribute in tensors for key in (fmt.scales_key, fmt.offsets_key)}
+    dropped |= {INT4_GRID} if "weight" in tensors else set()
     module.__dict__["_buffers"] = {name: buffer for name, buffer in module._buffers.items() if name not in dropped}
+    module._non_persistent_buffers_set.difference_update(dropped)
     if type(module) in PLAIN_LAYERS:
         module.__class__ = PLAIN_LAYERS[type(module)]
         del module.p2u_layout
