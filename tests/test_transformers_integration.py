@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -215,7 +216,17 @@ def test_other_layer_types_and_renamed_keys_load_dense(tmp_path):
     assert_tensors_bit_identical(original.state_dict(), model.state_dict())
 
 
-def test_background_upgrade_while_serving(minilm_dir, minilm_base):
+def test_background_upgrade_while_serving(minilm_dir, minilm_base, monkeypatch):
+    from p2u_hub.integrations.upgrade import UpgradeHandle
+
+    served = threading.Semaphore(0)  # the upgrade swaps its next layer only after a forward pass: they interleave
+    report = UpgradeHandle._report
+
+    def report_then_wait(self, done: int, total: int) -> None:
+        report(self, done, total)
+        served.acquire(timeout=10)
+
+    monkeypatch.setattr(UpgradeHandle, "_report", report_then_wait)
     tokens = transformers.AutoTokenizer.from_pretrained(minilm_dir)(["A cat sits on the mat in the sun."], return_tensors="pt")
 
     def embed(model) -> torch.Tensor:
@@ -230,6 +241,7 @@ def test_background_upgrade_while_serving(minilm_dir, minilm_base):
     while not handle.done():
         progress.append(handle.progress)
         outputs.append(embed(model))
+        served.release()
     assert handle.result(timeout=120) is model and handle.progress == 1.0
     assert len(outputs) > 3 and progress == sorted(progress) and any(0 < p < 1 for p in progress)
     for output in outputs:  # whole layers, each at the base or at full precision: never worse than the base
