@@ -30,6 +30,8 @@ from p2u_hub.evaluate import evaluate
 from p2u_hub.summary import summarize
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIGS = [("uniform", True, False), ("mixed (weights)", False, False), ("uniform --gptq", True, True)]
+"""(name, uniform widths, GPTQ error compensation on the bundled calibration text)."""
 
 
 def smollm2_checkpoint(folder: Path) -> Path:
@@ -47,19 +49,24 @@ def smollm2_checkpoint(folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[4])
+    parser.add_argument("--only", default="", help="run the configurations whose name contains this text (e.g. gptq)")
     args = parser.parse_args()
     disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     print("base | stage | bits | % of original | perplexity")
     print("--- | --- | --- | --- | ---")
+    printed = set()
     with tempfile.TemporaryDirectory() as work:
         source = smollm2_checkpoint(Path(work) / "smollm2")
         for bits in args.bits:
-            for uniform in (True, False):
-                label = f"{'uniform' if uniform else 'mixed (weights)'} {bits}-bit"
-                release = split(source, Path(work) / label.replace(" ", "-"), bits=bits, uniform=uniform, sensitivity="weights")
+            for name, uniform, gptq in CONFIGS:
+                if args.only not in name:
+                    continue
+                label = f"{name} {bits}-bit"
+                release = split(source, Path(work) / label.replace(" ", "-"), bits=bits, uniform=uniform, sensitivity="weights", gptq=gptq)
                 report, summary = evaluate(release), summarize(release)
-                if bits == args.bits[0] and uniform:
+                if "original" not in printed:
+                    printed.add("original")
                     print(f"original | - | F32 | 100.0 | {report['original']['perplexity']:.3f}")
                 for stage, sizes in zip(report["stages"], summary["stages"]):
                     share = 100 * sizes["cumulative_bytes"] / summary["source_bytes"]

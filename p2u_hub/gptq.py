@@ -14,6 +14,8 @@ tied LM heads) keep the plain codes.
 
 The Hessians come from one forward pass of the source model over the bundled calibration text
 (``allocation.calibration_sentences``), every layer seeing the original model's activations.
+Columns go in their natural order: GPTQ's "act order" (largest Hessian diagonal first) gained
+nothing on MiniLM (3-bit budget: cosine 0.9610 against 0.9629) and moved more codes.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import torch
 from . import allocation
 from .codecs import ladder
 
-DAMPING = 0.01
-"""Added to the Hessian's diagonal, as a fraction of its mean: keeps the Cholesky factorisation stable."""
+DAMPING = 0.1
+"""Added to the Hessian's diagonal, as a fraction of its mean. More than GPTQ's usual 0.01: the bundled calibration
+text is ~1,000 tokens, fewer than a wide layer's inputs, and on MiniLM 0.1 gave the better held-out cosine (3-bit
+budget: 0.9643 against 0.9629) while moving fewer codes out of their bins (15% against 24%: a smaller first stage)."""
 BLOCK_COLUMNS = 128
 """Columns updated together (GPTQ's lazy batch): the same result as one column at a time, fewer passes."""
 
