@@ -107,3 +107,28 @@ def test_corrected_tensors_need_format_4():
     assert fmt.Manifest.from_json(manifest | {"format_version": 4}, "manifest").tensor_ladder("w").corrected
     with pytest.raises(fmt.P2UFormatError, match="corrected must be true or false"):
         fmt.Manifest.from_json(manifest | {"format_version": 4, "tensors": {"w": entry | {"corrected": 1}}}, "manifest")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gptq_on_a_causal_lm_spares_the_tied_head_and_eval_reports_perplexity_per_stage(minilm_dir, tmp_path, tied: bool):
+    import transformers
+
+    from p2u_hub.evaluate import evaluate
+
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=30522, max_position_embeddings=128, tie_word_embeddings=tied,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    source = tmp_path / "llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(source)
+    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(source)
+    release = p2u_hub.split(source, tmp_path / "release", bits=3, uniform=True, gptq=True)
+    tensors = json.loads((release / fmt.BASE_DIR / fmt.MANIFEST_FILE).read_text())["tensors"]
+    corrected = {name for name, entry in tensors.items() if entry.get("corrected")}
+    projections = {f"model.layers.0.{kind}_proj.weight" for kind in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "mlp.gate", "mlp.up", "mlp.down")}
+    assert corrected == projections | (set() if tied else {"lm_head.weight"})
+    report = evaluate(release, max_samples=3)
+    assert report["task"] == "causal-lm" and report["dataset"]["calibration_overlap"] == 0
+    perplexities = [stage["metrics"]["perplexity"] for stage in report["stages"]]
+    assert perplexities[-1] == report["original"]["perplexity"] and perplexities[0] != perplexities[-1]
