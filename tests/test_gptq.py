@@ -132,3 +132,6 @@ def test_gptq_on_a_causal_lm_spares_the_tied_head_and_eval_reports_perplexity_pe
     assert report["task"] == "causal-lm" and report["dataset"]["calibration_overlap"] == 0
     perplexities = [stage["metrics"]["perplexity"] for stage in report["stages"]]
     assert perplexities[-1] == report["original"]["perplexity"] and perplexities[0] != perplexities[-1]
+    p2u_hub.write_cards(release)
+    card = (release / fmt.BASE_DIR / fmt.README_FILE).read_text()
+    assert f"The base codes of {len(corrected)} linear-layer tensors were chosen by GPTQ" in card and "held out" in card
