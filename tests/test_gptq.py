@@ -87,7 +87,11 @@ def test_gptq_split_marks_corrected_tensors_loads_and_merges_bit_exactly(calibra
     assert manifest["format_version"] == fmt.CORRECTED_CODES_VERSION
     model = transformers.AutoModel.from_pretrained(release / fmt.BASE_DIR)
     assert model.hf_quantizer.quantization_config.quant_method == "p2u"
-    p2u_hub.merge(release, tmp_path / "merged")  # checks every tensor's sha256
+    merged = p2u_hub.merge(release, tmp_path / "merged")  # checks every tensor's sha256
+    p2u_hub.upgrade(model)
+    source = transformers.AutoModel.from_pretrained(merged).state_dict()
+    upgraded = model.state_dict()
+    assert all(torch.equal(upgraded[name], source[name]) for name in corrected)
 
 
 def test_gptq_is_refused_with_a_fix_when_the_model_cannot_run(random_checkpoint, tmp_path):
