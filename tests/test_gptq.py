@@ -32,7 +32,11 @@ def test_corrected_codes_lower_the_output_error_on_the_same_grid(bits: int):
     assert codes.shape == weight.shape and codes.min() >= -(1 << (bits - 1)) and codes.max() < 1 << (bits - 1)
     moved = (codes.reshape(-1, 64) != plain).float().mean()
     assert 0 < moved < 0.6
-    output_error = lambda c: float(((ladder.dequantize(c.reshape(-1, 64), scales, offsets, bits, bits).view_as(weight) - weight) @ inputs.T).square().sum())
+
+    def output_error(codes: torch.Tensor) -> float:
+        reconstruction = ladder.dequantize(codes.reshape(-1, 64), scales, offsets, bits, bits).view_as(weight)
+        return float(((reconstruction - weight) @ inputs.T).square().sum())
+
     assert output_error(codes) < 0.8 * output_error(plain)
 
 
@@ -64,13 +68,17 @@ def test_a_tensor_with_chosen_base_codes_decodes_bit_exactly(stage_bits: tuple[i
     encoded = progressive.encode(weight, spec, codes)
     assert torch.equal(ladder.unpack(encoded.packed_codes, 3)[: weight.numel()], codes.reshape(-1))
     for stage in range(spec.stage_count + 1):
-        rebuilt = progressive.decode(encoded.packed_codes, encoded.scales, encoded.offsets, encoded.deltas[:stage], spec, tuple(weight.shape), weight.dtype)
+        rebuilt = progressive.decode(
+            encoded.packed_codes, encoded.scales, encoded.offsets, encoded.deltas[:stage], spec, tuple(weight.shape), weight.dtype
+        )
         if stage == spec.stage_count:
             assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
         elif stage:
             plain_spec = progressive.Ladder(3, stage_bits, 64)
             plain = progressive.encode(weight, plain_spec)
-            plain_rebuilt = progressive.decode(plain.packed_codes, plain.scales, plain.offsets, plain.deltas[:stage], plain_spec, tuple(weight.shape), weight.dtype)
+            plain_rebuilt = progressive.decode(
+                plain.packed_codes, plain.scales, plain.offsets, plain.deltas[:stage], plain_spec, tuple(weight.shape), weight.dtype
+            )
             assert torch.equal(rebuilt, plain_rebuilt)  # an integer stage holds the weight's own codes again
     with pytest.raises(ValueError, match="exactly when the ladder is corrected"):
         progressive.encode(weight, progressive.Ladder(3, stage_bits, 64), codes)
@@ -130,7 +138,10 @@ def test_gptq_on_a_causal_lm_spares_the_tied_head_and_eval_reports_perplexity_pe
     release = p2u_hub.split(source, tmp_path / "release", bits=3, uniform=True, gptq=True)
     tensors = json.loads((release / fmt.BASE_DIR / fmt.MANIFEST_FILE).read_text())["tensors"]
     corrected = {name for name, entry in tensors.items() if entry.get("corrected")}
-    projections = {f"model.layers.0.{kind}_proj.weight" for kind in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "mlp.gate", "mlp.up", "mlp.down")}
+    projections = {
+        f"model.layers.0.{kind}_proj.weight"
+        for kind in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "mlp.gate", "mlp.up", "mlp.down")
+    }
     assert corrected == projections | (set() if tied else {"lm_head.weight"})
     report = evaluate(release, max_samples=3)
     assert report["task"] == "causal-lm" and report["dataset"]["calibration_overlap"] == 0
