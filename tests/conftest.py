@@ -63,3 +63,16 @@ def random_checkpoint(tmp_path: Path):
         return save_random_model(tmp_path / f"{architecture}-{str(dtype).split('.')[-1]}", architecture, dtype, max_shard_size)
 
     return make
+
+
+@pytest.fixture
+def calibratable_bert(minilm_dir: Path, tmp_path: Path) -> Path:
+    """A tiny random-init BERT with MiniLM's tokenizer: small, yet it runs on the bundled calibration text."""
+    import transformers
+
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=30522)
+    torch.manual_seed(0)
+    source = tmp_path / "bert"
+    transformers.BertModel(config).save_pretrained(source)
+    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(source)
+    return source

@@ -9,7 +9,6 @@ import sys
 from importlib import resources
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import p2u_hub
@@ -102,16 +101,9 @@ def test_calibration_text_is_disjoint_from_the_evaluation_sets():
     assert calibration_overlap(held_out) == 0 and calibration_overlap(["x " + calibration[3]]) == 1
 
 
-def test_calibrated_split_measures_through_the_model(minilm_dir, tmp_path):
+def test_calibrated_split_measures_through_the_model(calibratable_bert, tmp_path):
     """A tiny BERT with MiniLM's tokenizer runs on the calibration text; its widths come from output error."""
-    import transformers
-
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=30522)
-    torch.manual_seed(0)
-    source = tmp_path / "bert"
-    transformers.BertModel(config).save_pretrained(source)
-    transformers.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(source)
-    release = p2u_hub.split(source, tmp_path / "release", bits=3, sensitivity="calibration")
+    release = p2u_hub.split(calibratable_bert, tmp_path / "release", bits=3, sensitivity="calibration")
     record = json.loads((release / "base" / fmt.ALLOCATION_FILE).read_text())
     assert record["method"] == "calibration" and record["measured_widths"] == [1, 2, 3, 4]
     losses = record["sensitivity"]["encoder.layer.0.attention.self.value.weight"]

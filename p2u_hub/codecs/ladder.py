@@ -156,7 +156,7 @@ def clamp_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.clamp(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
 
 
-def refinement(fine: torch.Tensor, coarse: torch.Tensor, from_bits: int, to_bits: int) -> torch.Tensor:
+def refinement(fine: torch.Tensor, coarse: torch.Tensor, from_bits: int, to_bits: int, corrected: bool = False) -> torch.Tensor:
     """What raises ``coarse`` codes to ``fine`` ones: ``d = fine - (coarse << k)``, ``k = to_bits - from_bits``.
 
     Inside the coarse grid ``d`` is the ``k`` low bits of ``fine`` (``0 <= d < 2**k``). A weight the
@@ -164,16 +164,28 @@ def refinement(fine: torch.Tensor, coarse: torch.Tensor, from_bits: int, to_bits
     whose coarse code is ``-2**(from_bits-1)``); a negative ``d`` is sent as ``2**k - 1 - d``, which
     only the bottom bin can hold, so every value is a non-negative integer and the low-bit case is
     unchanged.
+
+    ``corrected`` coarse codes were chosen by error compensation (``p2u_hub.core.gptq``) and may lie in
+    any bin, so ``d`` outside ``[0, 2**k)`` can have either sign in every bin: it is sent
+    interleaved, ``2**k + 2*(d - 2**k)`` above and ``2**k + 2*(-1 - d) + 1`` below.
     """
     step = to_bits - from_bits
     difference = fine - (coarse << step)
+    if corrected:
+        above = ((difference - (1 << step)) << 1) + (1 << step)
+        below = ((-1 - difference) << 1) + (1 << step) + 1
+        return torch.where(difference < 0, below, torch.where(difference >= (1 << step), above, difference))
     return torch.where(difference < 0, (1 << step) - 1 - difference, difference)
 
 
-def refine(coarse: torch.Tensor, refinements: torch.Tensor, from_bits: int, to_bits: int) -> torch.Tensor:
+def refine(coarse: torch.Tensor, refinements: torch.Tensor, from_bits: int, to_bits: int, corrected: bool = False) -> torch.Tensor:
     """Inverse of ``refinement``: the fine codes."""
     step = to_bits - from_bits
     refinements = refinements.to(coarse.dtype)
+    if corrected:
+        beyond = refinements - (1 << step)
+        outside = torch.where(beyond & 1 == 0, (beyond >> 1) + (1 << step), -1 - (beyond >> 1))
+        return (coarse << step) + torch.where(refinements >= (1 << step), outside, refinements)
     below = (refinements >= (1 << step)) & (coarse == -(1 << (from_bits - 1)))
     return (coarse << step) + torch.where(below, (1 << step) - 1 - refinements, refinements)
 

@@ -100,12 +100,15 @@ class Ladder:
     """The precision ladder of a release: base width, intermediate widths, group size.
 
     The last stage is always the lossless one; ``stage_bits`` are the integer stages
-    before it, strictly increasing and above ``base_bits``.
+    before it, strictly increasing and above ``base_bits``. ``corrected``: the base codes were
+    chosen by error compensation and need not be the weight's own bins, so the first stage codes
+    signed corrections (``ladder.refinement``).
     """
 
     base_bits: int
     stage_bits: tuple[int, ...]
     group_size: int
+    corrected: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.base_bits <= 8:
@@ -138,12 +141,25 @@ class EncodedTensor:
     deltas: tuple[bytes, ...]  # one per stage, the lossless one last
 
 
-def encode(weight: torch.Tensor, spec: Ladder) -> EncodedTensor:
-    """Quantize ``weight`` onto the ladder and code every stage's delta, block by block."""
+def encode(weight: torch.Tensor, spec: Ladder, base_codes: torch.Tensor | None = None) -> EncodedTensor:
+    """Quantize ``weight`` onto the ladder and code every stage's delta, block by block.
+
+    ``base_codes`` (int32, one per element of ``weight``, only with ``spec.corrected``) replace the
+    weight's own base bins: codes chosen by error compensation (``p2u_hub.core.gptq.corrected_codes``) on
+    the grid ``ladder.base_grid`` picks. The stages above still carry the weight's own codes.
+    """
+    if (base_codes is not None) != spec.corrected:
+        raise ValueError("base codes are given exactly when the ladder is corrected")
     flat = weight.detach().reshape(-1)
+    codes = None if base_codes is None else base_codes.reshape(-1)
     ranges = _block_ranges(flat.numel(), spec.group_size)
+
+    def encode_block(index: int):
+        start, stop = ranges[index]
+        return _encode_block(flat[start:stop], spec, None if codes is None else codes[start:stop])
+
     with _one_torch_thread():
-        blocks = _map_blocks(lambda index: _encode_block(flat[ranges[index][0] : ranges[index][1]], spec), len(ranges))
+        blocks = _map_blocks(encode_block, len(ranges))
         stage_streams = [[deltas[stage] for *_, deltas in blocks] for stage in range(spec.stage_count)]
         offsets = ladder.pack_offsets(torch.cat([offsets for _, _, offsets, _ in blocks]), spec.base_bits)
         return EncodedTensor(
@@ -182,7 +198,7 @@ def decode(
     def decode_block(index: int) -> None:
         start, stop = ranges[index]
         first, last = start // spec.group_size, ladder.group_count(stop, spec.group_size)
-        if _native_decodes(dtype, scales[first:last]):
+        if _native_decodes(dtype, scales[first:last], spec):
             _decode_block_native(
                 output[start:stop], packed_codes[first * bytes_per_group : last * bytes_per_group], scales[first:last],
                 group_offsets[first:last], [blocks[index] for blocks in block_deltas], spec,
@@ -238,26 +254,40 @@ def _group_offsets(offsets: torch.Tensor | None, spec: Ladder, groups: int) -> t
     return ladder.unpack_offsets(offsets, spec.base_bits, groups)
 
 
-def _encode_block(weight: torch.Tensor, spec: Ladder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bytes]]:
+def _encode_block(
+    weight: torch.Tensor, spec: Ladder, chosen: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bytes]]:
     """Base codes, scales, offsets (unpacked) and stage deltas of one block (a 1-D run of whole groups)."""
     groups = ladder.to_groups(weight, spec.group_size)
     scales, offsets = ladder.base_grid(groups, spec.base_bits)
     top_bits = spec.top_bits
     headroom = TOP_HEADROOM if spec.stage_bits else 0
-    top_codes = ladder.quantize(groups, scales, offsets, spec.base_bits, top_bits, headroom)
-    base_codes = ladder.clamp_codes(ladder.coarsen(top_codes, top_bits, spec.base_bits), spec.base_bits)
+    if chosen is not None and not spec.stage_bits:  # the base is the top level: its codes are the chosen ones
+        top_codes = _padded_codes(chosen, spec.group_size)
+    else:
+        top_codes = ladder.quantize(groups, scales, offsets, spec.base_bits, top_bits, headroom)
+    if chosen is None:
+        base_codes = ladder.clamp_codes(ladder.coarsen(top_codes, top_bits, spec.base_bits), spec.base_bits)
+    else:
+        base_codes = _padded_codes(chosen, spec.group_size)
     widths = spec.widths()
     deltas = []
     coarse = base_codes
     for low, high in zip(widths, widths[1:]):
         fine = ladder.coarsen(top_codes, top_bits, high)
-        refinements = ladder.refinement(fine, coarse, low, high)
+        refinements = ladder.refinement(fine, coarse, low, high, spec.corrected and low == spec.base_bits)
         deltas.append(entropy.encode(refinements.to(torch.int64), _refinement_contexts(coarse, low)))
         coarse = fine
     reconstruction = _reconstruct(top_codes, scales, offsets, spec, top_bits, weight)
     residual = lossless.residual(weight.contiguous(), reconstruction)
     deltas.append(entropy.encode(residual, _lossless_contexts(reconstruction, scales, spec, weight)))
     return ladder.pack(base_codes, spec.base_bits), scales, offsets, deltas
+
+
+def _padded_codes(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Chosen base codes of one block as ``(groups, group_size)`` int32, the padding at code 0."""
+    padding = -codes.numel() % group_size
+    return torch.nn.functional.pad(codes.to(torch.int32), (0, padding)).view(-1, group_size)
 
 
 def _decode_block(
@@ -269,7 +299,7 @@ def _decode_block(
     reached = spec.base_bits
     for (low, high), delta in zip(zip(widths, widths[1:]), deltas):
         refinements = entropy.decode(delta, _refinement_contexts(codes, low))
-        codes = ladder.refine(codes, refinements, low, high)
+        codes = ladder.refine(codes, refinements, low, high, spec.corrected and low == spec.base_bits)
         reached = high
     template = torch.empty(numel, dtype=dtype, device="meta")
     reconstruction = _reconstruct(codes, scales, offsets, spec, reached, template)
@@ -283,13 +313,16 @@ _NATIVE_DTYPES = {torch.float32: (0, torch.int32), torch.bfloat16: (1, torch.int
 """Source dtypes the C block decoder writes: its dtype code and the same-width integer type of the output's bits."""
 
 
-def _native_decodes(dtype: torch.dtype, scales: torch.Tensor) -> bool:
-    """Whether ``_decode_block_native`` decodes this block: C loops on, a float dtype it knows, finite scales.
+def _native_decodes(dtype: torch.dtype, scales: torch.Tensor, spec: Ladder) -> bool:
+    """Whether ``_decode_block_native`` decodes this block: C loops on, a float dtype it knows, finite scales,
+    and a plain ladder.
 
     Non-finite scales (a release no ``split`` writes) stay on the torch path, whose casts of NaN
     differ between its own scalar and vector loops; the C decoder assumes finite reconstructions.
+    A corrected ladder (``split --gptq``: signed first-stage refinements, ``ladder.refine``) has no
+    C loop yet and decodes on the torch path too.
     """
-    return entropy.native_enabled() and dtype in _NATIVE_DTYPES and bool(torch.isfinite(scales).all())
+    return not spec.corrected and entropy.native_enabled() and dtype in _NATIVE_DTYPES and bool(torch.isfinite(scales).all())
 
 
 def _decode_block_native(

@@ -115,23 +115,13 @@ def calibration_sensitivity(
     """Output error of the source model with each tensor alone quantized at each of ``widths``, or None
     when the model cannot be run here (no tokenizer, unknown architecture, a tensor it has no parameter for).
     """
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(source_dir)
-        causal = resolve_task(AUTO, config.architectures) == CAUSAL_LM
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source_dir)
-        model_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        model = model_class.from_pretrained(source_dir, dtype=torch.float32).eval()
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        logger.warning(f"p2u split: {source_dir} cannot be run for calibration ({error}); using the data-free sensitivity")
+    loaded = calibration_model(source_dir)
+    if loaded is None:
         return None
-    parameters = _parameters_by_tensor(model, names)
+    model, batch, causal = loaded
+    parameters = parameters_by_tensor(model, names)
     if parameters is None:
         return None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    batch = dict(tokenizer(calibration_sentences(), padding=True, truncation=True, max_length=CALIBRATION_MAX_TOKENS, return_tensors="pt"))
     mask = batch["attention_mask"].bool()
 
     def output() -> torch.Tensor:
@@ -161,7 +151,27 @@ def calibration_sensitivity(
     return sensitivity
 
 
-def _parameters_by_tensor(model, names: Iterable[str]) -> dict[str, torch.Tensor] | None:
+def calibration_model(source_dir: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, torch.Tensor], bool] | None:
+    """The source model in float32 (eval mode), the tokenized calibration text, and whether it is a causal LM;
+    None (with a warning) when the model cannot be loaded here (no tokenizer, unknown architecture)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(source_dir)
+        causal = resolve_task(AUTO, config.architectures) == CAUSAL_LM
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source_dir)
+        model_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        model = model_class.from_pretrained(source_dir, dtype=torch.float32).eval()
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning(f"p2u split: {source_dir} cannot be run for calibration ({error}); using the data-free sensitivity")
+        return None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = dict(tokenizer(calibration_sentences(), padding=True, truncation=True, max_length=CALIBRATION_MAX_TOKENS, return_tensors="pt"))
+    return model, batch, causal
+
+
+def parameters_by_tensor(model, names: Iterable[str]) -> dict[str, torch.Tensor] | None:
     """The model parameter of every checkpoint tensor (with or without the base model prefix), or None if one has none."""
     parameters = dict(model.named_parameters())
     prefix = model.base_model_prefix + "."

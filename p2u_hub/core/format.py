@@ -26,11 +26,14 @@ from ..errors import ChecksumError, P2UFormatError, StageMismatchError, UnsafePa
 
 # The errors above are re-exported: format.py was their home before errors.py, and callers import them from here.
 
-FORMAT_VERSION = 3
-"""2 adds ``base_sha256`` to the manifest; 3 adds per-group grid offsets and per-tensor base widths.
+FORMAT_VERSION = 4
+"""2 adds ``base_sha256`` to the manifest; 3 adds per-group grid offsets and per-tensor base widths; 4 adds
+``corrected`` tensors (base codes chosen by error compensation, signed first-stage refinements).
 Every older version is still read: version 1 without the checksum, versions 1-2 with offsets 0 and one width."""
 GRID_OFFSETS_VERSION = 3
 """First format version with per-group grid offsets and per-tensor base widths."""
+CORRECTED_CODES_VERSION = 4
+"""First format version whose ladder tensors may be ``corrected`` (``p2u split --gptq``)."""
 MIN_FORMAT_VERSION = 1
 QUANT_METHOD = "p2u"
 
@@ -279,6 +282,7 @@ class TensorEntry:
     sha256: str  # of the source bytes
     alias_of: str | None = None  # a tied/shared tensor: stored once, under this name
     bits: int | None = None  # base width of a stored ladder tensor (None: the ladder's base_bits, format < 3)
+    corrected: bool = False  # base codes chosen by error compensation (format 4+): the first stage's refinements are signed
 
     def to_json(self) -> dict:
         entry: dict[str, Any] = {"shape": self.shape, "dtype": self.dtype, "codec": self.codec, "sha256": self.sha256}
@@ -286,6 +290,8 @@ class TensorEntry:
             entry["alias_of"] = self.alias_of
         if self.bits is not None:
             entry["bits"] = self.bits
+        if self.corrected:
+            entry["corrected"] = True
         return entry
 
     @property
@@ -317,7 +323,10 @@ class TensorEntry:
         bits = data.get("bits")
         if bits is not None:
             bits = _integer(bits, origin, "bits", 1, 8)
-        return cls(shape, dtype, codec, _sha256(data.get("sha256"), origin, "sha256"), alias_of, bits)
+        corrected = data.get("corrected", False)
+        if not isinstance(corrected, bool):
+            raise P2UFormatError(f"{origin}: corrected must be true or false, got {corrected!r}")
+        return cls(shape, dtype, codec, _sha256(data.get("sha256"), origin, "sha256"), alias_of, bits, corrected)
 
 
 @dataclass
@@ -476,6 +485,8 @@ class Manifest:
                     raise P2UFormatError(f"{origin}: tensor {name!r} has a base width, which only ladder tensors of format {GRID_OFFSETS_VERSION}+ have")
                 if ladder.stage_bits and entry.bits >= ladder.stage_bits[0]:
                     raise P2UFormatError(f"{origin}: tensor {name!r} has base width {entry.bits}, not below the first stage's {ladder.stage_bits[0]} bits")
+            if entry.corrected and (version < CORRECTED_CODES_VERSION or entry.bits is None or entry.alias_of is not None):
+                raise P2UFormatError(f"{origin}: tensor {name!r} is corrected, which only stored ladder tensors with a base width of format {CORRECTED_CODES_VERSION}+ are")
         return cls(
             ladder, tensors, files, index_file, index_metadata, source.get("repo_id"), source.get("revision"),
             base_sha256, version,
@@ -488,10 +499,10 @@ class Manifest:
 
     def tensor_ladder(self, name: str) -> Ladder:
         """The ladder of stored tensor ``name``: its own base width, the release's stages and group size."""
-        bits = self.tensors[name].bits
-        if bits is None:
+        entry = self.tensors[name]
+        if entry.bits is None:
             return self.ladder
-        return Ladder(bits, self.ladder.stage_bits, self.ladder.group_size)
+        return Ladder(entry.bits, self.ladder.stage_bits, self.ladder.group_size, entry.corrected)
 
     def stored_tensors(self) -> dict[str, TensorEntry]:
         """Tensors stored under their own name (aliases point at one of these)."""

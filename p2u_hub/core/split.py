@@ -12,16 +12,18 @@ import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import cast
 
 import torch
 from huggingface_hub.utils import tqdm
 
+from ..codecs import progressive
 from . import allocation
 from . import format as fmt
-from ..codecs import progressive
+from .gptq import corrected_codes as gptq_codes
+from .gptq import input_hessians
 from .storage import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TensorReader, atomic_output_dir, safetensors_header, visible_files
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -38,6 +40,7 @@ def split(
     keep: Sequence[str] = (),
     uniform: bool = False,
     sensitivity: str = "auto",
+    gptq: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     token: str | bool | None = None,
@@ -61,6 +64,8 @@ def split(
             (calibration when the model can be run here and has at most
             ``allocation.CALIBRATION_MAX_PARAMETERS`` quantized weights, else uniform widths:
             the data-free allocation can be worse than one width, e.g. for a tied LM head).
+        gptq: choose the base codes of linear layers by GPTQ error compensation on the bundled
+            calibration text (``p2u_hub.core.gptq``): a better base for a larger first stage.
         max_shard_bytes: largest safetensors shard written.
         overwrite: replace ``output`` if it exists.
         token: Hub token for a private source repo (default: the usual HF_TOKEN / login).
@@ -71,7 +76,7 @@ def split(
     Raises:
         P2UFormatError: the source is not a safetensors checkpoint, a file is corrupt or a
             tensor has an unsupported dtype (the message names the file or tensor), or
-            ``sensitivity="calibration"`` and the model cannot be run.
+            ``sensitivity="calibration"`` or ``gptq`` and the model cannot be run.
     """
     from .hub import resolve_source
 
@@ -88,6 +93,7 @@ def split(
         _find_copies(reader, tensors)  # the allocation must know which tensors are stored once
     copies: dict[tuple, str] = {_content_key(entry): name for name, entry in tensors.items() if entry.sha256 and entry.alias_of is None}
     widths, allocation_record = _choose_widths(source_dir, reader, tensors, spec, uniform, sensitivity)
+    hessians = _input_hessians(source_dir, widths) if gptq else {}
     with atomic_output_dir(output, overwrite=overwrite, is_replaceable=fmt.is_release_folder) as work:
         base_dir = work / fmt.BASE_DIR
         base = ShardedWriter(base_dir, fmt.BASE_WEIGHTS_NAME, max_shard_bytes)
@@ -110,7 +116,9 @@ def split(
                 base_sha256[name] = entry.sha256
                 continue
             entry.bits = widths[name]
-            encoded = progressive.encode(tensor, progressive.Ladder(entry.bits, spec.stage_bits, group_size))
+            codes = None if name not in hessians else gptq_codes(tensor, hessians.pop(name), entry.bits, group_size)
+            entry.corrected = codes is not None
+            encoded = progressive.encode(tensor, progressive.Ladder(entry.bits, spec.stage_bits, group_size, entry.corrected), codes)
             base.add(name, encoded.packed_codes)
             base.add(fmt.scales_key(name), encoded.scales)
             base_sha256[name] = fmt.tensor_sha256(encoded.packed_codes)
@@ -136,6 +144,14 @@ def split(
         qconfig = fmt.QuantizationConfig(bits, group_size, manifest.sha256, stage_entries)
         fmt.write_quantization_config(base_dir, qconfig)
     return Path(output)
+
+
+def _input_hessians(source_dir: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The calibration Hessians of the linear layers among ``names``; refuses a model it cannot run."""
+    hessians = input_hessians(source_dir, names)
+    if not hessians:
+        raise fmt.P2UFormatError(f"{source_dir}: cannot run this model's linear layers on the calibration text; split without --gptq")
+    return hessians
 
 
 def _plan(reader: TensorReader, keep: Sequence[str], group_size: int) -> tuple[dict[str, fmt.TensorEntry], dict[str, fmt.SourceFile]]:

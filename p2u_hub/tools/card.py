@@ -257,6 +257,12 @@ class _CardContext:
         for name, t in tensors.items():
             loss = f"{t['sensitivity']:.3g}" if "sensitivity" in t else "-"
             details.append(f"| `{name}` | {t['weights']:,} | {t['bits']} | {loss} |")
+        corrected = sum(entry.corrected for entry in self.release.manifest.tensors.values())
+        if corrected:
+            how += (
+                f" The base codes of {corrected} linear-layer tensors were chosen by GPTQ error compensation on the same "
+                "sentences (`p2u split --gptq`): a better base, whose first stage also carries the corrections."
+            )
         return (
             f"{how} On average {widths['average_bits']:.2f} bits per quantized weight, plus a float16 scale and an "
             "offset per group.\n\n" + "\n".join(lines)

@@ -19,7 +19,7 @@ def _split(args: argparse.Namespace) -> None:
 
     output = split(
         args.source, args.output, bits=args.bits, group_size=args.group_size, stages=args.stages,
-        keep=args.keep, uniform=args.uniform, sensitivity=args.sensitivity,
+        keep=args.keep, uniform=args.uniform, sensitivity=args.sensitivity, gptq=args.gptq,
         max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite,
     )  # fmt: skip
     _print_summary(output, as_json=False)
@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sensitivity", choices=("auto", "calibration", "weights"), default="auto",
         help="how tensors are measured for the allocation: run the model on the bundled calibration text, the data-free "
         "weight error, or auto (calibration when the model runs here, default)",
+    )  # fmt: skip
+    split.add_argument(
+        "--gptq", action="store_true",
+        help="choose the linear layers' base codes by GPTQ error compensation on the bundled calibration text: "
+        "a better base, a larger first stage",
     )  # fmt: skip
     split.add_argument("--group-size", type=int, default=64, help="weights per scale (default 64)")
     split.add_argument(
