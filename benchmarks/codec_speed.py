@@ -6,7 +6,9 @@ Every measurement runs in a fresh interpreter (``--worker``), ``--runs`` times; 
 medians. MB/s are of *output* (decode: the rebuilt source-dtype tensors; encode and ZipNN
 compress: the source bytes in), per wall second and per CPU second (the machine is shared, so
 CPU time is the steadier figure). "decode to stage k" decodes from the base through stage k,
-which is what ``upgrade`` to stage k does; encode codes every stage at once, as ``split`` does.
+which is what ``upgrade`` to stage k does; encode codes every stage at once, as ``split`` does. The
+"tensors on threads" row decodes several tensors at once on ``codec_threads()`` threads, as
+``merge`` / ``upgrade`` / ``verify`` do (most tensors are one coding block, so blocks alone leave cores idle).
 ZipNN runs with one thread on the same tensors' raw bytes. ``--profile`` adds the top functions by
 CPU time of one decode and one encode. The machine load (``uptime``) is printed before and after.
 Set ``P2U_NO_NATIVE=1`` to measure the pure-Python fallback, ``P2U_CODEC_THREADS`` for the threads.
@@ -23,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -60,6 +63,12 @@ def measure(dtype: torch.dtype) -> dict[str, tuple[float, float, float]]:
             progressive.decode(e.packed_codes, e.scales, e.offsets, e.deltas[:stage], SPEC, tuple(t.shape), t.dtype)
             for e, t in zip(encoded, tensors)
         ]))  # fmt: skip
+    with ThreadPoolExecutor(progressive.codec_threads()) as pool:  # what merge / upgrade do (release.TensorPrefetch)
+        rows[f"p2u decode to stage {SPEC.stage_count}, tensors on threads"] = (megabytes, *timed(lambda: list(pool.map(
+            lambda pair: progressive.decode(pair[0].packed_codes, pair[0].scales, pair[0].offsets, pair[0].deltas, SPEC,
+                                            tuple(pair[1].shape), pair[1].dtype),
+            zip(encoded, tensors),
+        ))))  # fmt: skip
     import zipnn
 
     codec = zipnn.ZipNN(input_format="byte", bytearray_dtype=str(dtype).removeprefix("torch."), threads=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2u_hub.codecs import entropy, progressive
+from p2u_hub.codecs import entropy, ladder, lossless, progressive
 
 pytestmark = pytest.mark.skipif(entropy._native is None, reason="the C extension p2u_hub.codecs._native is not built")
 
@@ -59,3 +59,45 @@ def test_entropy_paths_agree_on_wide_symbols_and_every_context(monkeypatch):
     assert torch.equal(entropy.decode(stream, contexts), symbols)
     with pytest.raises(entropy.CorruptStreamError, match="trailing"):
         entropy.decode(stream + b"\x00", contexts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_reconstruction_rounds_like_torch_over_every_scale_magnitude(dtype):
+    """The C dequantize + cast gives torch's bits, float16 overflow to inf and subnormals included."""
+    generator = torch.Generator().manual_seed(5)
+    groups, group_size = 4096, 64
+    scales = torch.arange(0, 0x7C00, 0x7C00 // groups, dtype=torch.int32)[:groups].to(torch.int16).view(torch.float16)
+    codes = torch.randint(-(1 << 14), 1 << 14, (groups, group_size), dtype=torch.int32, generator=generator)
+    offsets = torch.randint(-8, 8, (groups,), dtype=torch.int32, generator=generator)
+    expected = ladder.dequantize(codes, scales, offsets, 4, 12).reshape(-1).to(dtype)
+    dtype_code, bits_dtype = progressive._NATIVE_DTYPES[dtype]
+    rebuilt = torch.empty_like(expected)
+    contexts = torch.empty(expected.numel(), dtype=torch.uint8)
+    entropy._native.reconstruct(
+        codes.numpy(), scales.view(torch.int16).numpy(), offsets.numpy(), 4, 12, 12, group_size, dtype_code,
+        rebuilt.view(bits_dtype).numpy(), contexts.numpy(), lossless.CONTEXT_MIN, lossless.CONTEXT_MAX,
+    )  # fmt: skip
+    assert torch.equal(rebuilt.view(bits_dtype), expected.view(bits_dtype))
+    step = ladder.level_scales(scales, 4, 12).unsqueeze(1).expand(-1, group_size).reshape(-1)
+    assert torch.equal(contexts, lossless.contexts(expected, step))
+    if dtype == torch.float16:
+        assert torch.isinf(expected).any() and (expected.abs() < torch.finfo(dtype).tiny).any()
+
+
+def test_non_finite_scales_decode_on_the_torch_path_with_the_same_bits(monkeypatch):
+    spec = progressive.Ladder(4, (8,), 64)
+    weight = _weights(torch.bfloat16, (64, 256), seed=6)
+    encoded = progressive.encode(weight, spec)
+    scales = encoded.scales.clone()
+    scales[3] = float("inf")
+    scales[5] = float("nan")
+    decoded = {}
+    for native in ("", "1"):  # the base and the 8-bit stage (the lossless contexts change with the scales)
+        monkeypatch.setenv("P2U_NO_NATIVE", native)
+        decoded[native] = [
+            progressive.decode(encoded.packed_codes, scales, encoded.offsets, encoded.deltas[:stage], spec, (64, 256), torch.bfloat16)
+            for stage in (0, 1)
+        ]
+    for native, fallback in zip(decoded[""], decoded["1"]):
+        assert torch.equal(native.view(torch.int16), fallback.view(torch.int16))
+        assert torch.isnan(native).any() and torch.isinf(native).any()

@@ -134,6 +134,167 @@ done:
     return result;
 }
 
+/* Collect each present context's plane pointers from a list of bytes (stream order), checking
+ * that there are exactly as many planes as plane_counts says, each of counts[c] bytes. */
+static int collect_planes(PyObject *plane_list, const int64_t *counts, const uint8_t *width, int max_width,
+                          Py_ssize_t n, const uint8_t *plane_at[CONTEXTS][8]) {
+    Py_ssize_t next = 0;
+    int64_t total = 0;
+    for (int c = 0; c < CONTEXTS; c++) {
+        total += counts[c];
+        if (!counts[c]) continue;
+        if (width[c] > max_width) {
+            PyErr_Format(PyExc_ValueError, "context %d has %d planes, symbols hold %d bytes", c, width[c], max_width);
+            return 0;
+        }
+        for (int p = 0; p < width[c]; p++, next++) {
+            PyObject *plane = next < PyList_GET_SIZE(plane_list) ? PyList_GET_ITEM(plane_list, next) : NULL;
+            if (!plane || !PyBytes_Check(plane) || PyBytes_GET_SIZE(plane) != counts[c]) {
+                PyErr_Format(PyExc_ValueError, "plane %zd is missing or not %lld bytes", next, (long long)counts[c]);
+                return 0;
+            }
+            plane_at[c][p] = (const uint8_t *)PyBytes_AS_STRING(plane);
+        }
+    }
+    if (total != n || next != PyList_GET_SIZE(plane_list)) {
+        PyErr_Format(PyExc_ValueError, "%zd planes for %lld symbols given, %zd planes for %zd expected",
+                     PyList_GET_SIZE(plane_list), (long long)total, next, n);
+        return 0;
+    }
+    return 1;
+}
+
+/* Symbol k of a context from its planes (least significant first). */
+static inline uint64_t gather_symbol(const uint8_t *const *planes, int width, int64_t k) {
+    uint64_t symbol = 0;
+    switch (width) {
+    case 8: symbol |= (uint64_t)planes[7][k] << 56; /* fall through */
+    case 7: symbol |= (uint64_t)planes[6][k] << 48; /* fall through */
+    case 6: symbol |= (uint64_t)planes[5][k] << 40; /* fall through */
+    case 5: symbol |= (uint64_t)planes[4][k] << 32; /* fall through */
+    case 4: symbol |= (uint64_t)planes[3][k] << 24; /* fall through */
+    case 3: symbol |= (uint64_t)planes[2][k] << 16; /* fall through */
+    case 2: symbol |= (uint64_t)planes[1][k] << 8; /* fall through */
+    case 1: symbol |= planes[0][k]; /* fall through */
+    default: break;
+    }
+    return symbol;
+}
+
+static int check_counts(Py_buffer *counts, Py_buffer *plane_counts) {
+    if (plane_counts->len != CONTEXTS || counts->len != CONTEXTS * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "counts and plane_counts must hold 256 entries");
+        return 0;
+    }
+    return 1;
+}
+
+/* Reading symbols straight from their byte planes in element order, for the fused decoders:
+ * element i takes the next symbol of its context's run, assembled from that context's planes.
+ *
+ * That loop carries a cursor per context through memory: when neighbours share a context, each
+ * read waits for the previous store. So the block is cut into LANES stretches read side by side,
+ * each with its own cursors (starting where the stretches before it leave each context):
+ * independent chains the CPU overlaps. And a symbol is assembled from a fixed number of planes
+ * (the block's widest context, a constant per loop), narrower contexts reading a zero byte for
+ * the planes they lack (index mask 0): no branch on data. */
+#define LANES 4
+
+typedef struct {
+    const uint8_t *plane[CONTEXTS][8];
+    int64_t mask[CONTEXTS][8];
+    int64_t cursor[LANES][CONTEXTS];
+    int max_width;
+} symbol_reader;
+
+static const uint8_t zero_byte = 0;
+
+/* A reader of the planes for `items` elements of `contexts` (a new one, for free()); NULL with an
+ * exception set when the buffers do not fit: the planes are checked (collect_planes), and the
+ * contexts' histogram must be `counts`, so that no cursor leaves its run. */
+static symbol_reader *open_reader(PyObject *plane_list, Py_buffer *count_buffer, Py_buffer *plane_counts, Py_buffer *contexts,
+                                  Py_ssize_t items) {
+    const uint8_t *plane_at[CONTEXTS][8];
+    const int64_t *counts = count_buffer->buf;
+    const uint8_t *width = plane_counts->buf, *ctx = contexts->buf;
+    Py_ssize_t n = contexts->len;
+    if (!check_counts(count_buffer, plane_counts) || !check_same_length(items, n) ||
+        !collect_planes(plane_list, counts, width, 8, n, plane_at))
+        return NULL;
+    symbol_reader *reader = malloc(sizeof(symbol_reader));
+    if (!reader) return (symbol_reader *)PyErr_NoMemory();
+    reader->max_width = 0;
+    for (int c = 0; c < CONTEXTS; c++) {
+        int present = counts[c] ? width[c] : 0;
+        if (present > reader->max_width) reader->max_width = present;
+        for (int p = 0; p < 8; p++) {
+            reader->plane[c][p] = p < present ? plane_at[c][p] : &zero_byte;
+            reader->mask[c][p] = p < present ? -1 : 0;
+        }
+    }
+    Py_ssize_t lane = n / LANES;
+    int64_t seen[CONTEXTS] = {0}, lane_counts[CONTEXTS];
+    Py_BEGIN_ALLOW_THREADS
+    for (int j = 0; j < LANES; j++) {
+        Py_ssize_t start = j * lane, stop = j == LANES - 1 ? n : start + lane;
+        count_contexts(ctx + start, stop - start, lane_counts);
+        for (int c = 0; c < CONTEXTS; c++) {
+            reader->cursor[j][c] = seen[c];
+            seen[c] += lane_counts[c];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (memcmp(seen, counts, sizeof(seen))) {
+        free(reader);
+        PyErr_SetString(PyExc_ValueError, "the contexts' histogram is not the counts given");
+        return NULL;
+    }
+    return reader;
+}
+
+static void release_planes_call(symbol_reader *reader, Py_buffer *target, Py_buffer *contexts, Py_buffer *count_buffer,
+                                Py_buffer *plane_counts) {
+    free(reader);
+    PyBuffer_Release(target);
+    PyBuffer_Release(contexts);
+    PyBuffer_Release(count_buffer);
+    PyBuffer_Release(plane_counts);
+}
+
+static inline uint64_t read_symbol(symbol_reader *reader, int lane, int c, int width) {
+    int64_t k = reader->cursor[lane][c]++;
+    uint64_t symbol = 0;
+    for (int p = 0; p < width; p++) symbol |= (uint64_t)reader->plane[c][p][k & reader->mask[c][p]] << (8 * p);
+    return symbol;
+}
+
+/* Run BODY (which reads `i` and `symbol`) for every element, symbols read WIDTH planes wide. */
+#define EACH_SYMBOL_OF_WIDTH(WIDTH, BODY)                                                        \
+    {                                                                                            \
+        Py_ssize_t lane_ = n / LANES;                                                            \
+        for (Py_ssize_t k_ = 0; k_ < lane_; k_++) {                                              \
+            for (int j_ = 0; j_ < LANES; j_++) {                                                 \
+                Py_ssize_t i = j_ * lane_ + k_;                                                  \
+                uint64_t symbol = read_symbol(reader, j_, ctx[i], WIDTH);                        \
+                BODY                                                                             \
+            }                                                                                    \
+        }                                                                                        \
+        for (Py_ssize_t i = LANES * lane_; i < n; i++) {                                         \
+            uint64_t symbol = read_symbol(reader, LANES - 1, ctx[i], WIDTH);                     \
+            BODY                                                                                 \
+        }                                                                                        \
+    }
+
+#define EACH_SYMBOL(BODY)                                                                        \
+    switch (reader->max_width) {                                                                 \
+    case 0: EACH_SYMBOL_OF_WIDTH(0, BODY) break;                                                 \
+    case 1: EACH_SYMBOL_OF_WIDTH(1, BODY) break;                                                 \
+    case 2: EACH_SYMBOL_OF_WIDTH(2, BODY) break;                                                 \
+    case 3: EACH_SYMBOL_OF_WIDTH(3, BODY) break;                                                 \
+    case 4: EACH_SYMBOL_OF_WIDTH(4, BODY) break;                                                 \
+    default: EACH_SYMBOL_OF_WIDTH(8, BODY) break;                                                \
+    }
+
 /* Assemble each context's run from its planes (sequential), then scatter the runs back to
  * element order (a stable counting sort), in symbols of type T. */
 #define JOIN(T)                                                                                  \
@@ -172,39 +333,14 @@ static PyObject *join_planes(PyObject *self, PyObject *args) {
     const int64_t *counts = count_buffer.buf;
     const uint8_t *plane_at[CONTEXTS][8];
     int64_t first[CONTEXTS], cursor[CONTEXTS];
-    if (plane_counts.len != CONTEXTS || count_buffer.len != CONTEXTS * (Py_ssize_t)sizeof(int64_t)) {
-        PyErr_SetString(PyExc_ValueError, "counts and plane_counts must hold 256 entries");
-        goto done;
-    }
+    if (!check_counts(&count_buffer, &plane_counts)) goto done;
     if (itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8) {
         PyErr_Format(PyExc_ValueError, "symbol width must be 1, 2, 4 or 8 bytes, got %d", itemsize);
         goto done;
     }
     if (!check_same_length(out.len / itemsize, n)) goto done;
-    Py_ssize_t next = 0;
-    int64_t total = 0;
-    for (int c = 0; c < CONTEXTS; c++) {
-        first[c] = total;
-        total += counts[c];
-        if (!counts[c]) continue;
-        if (width[c] > itemsize) {
-            PyErr_Format(PyExc_ValueError, "context %d has %d planes, symbols hold %d bytes", c, width[c], itemsize);
-            goto done;
-        }
-        for (int p = 0; p < width[c]; p++, next++) {
-            PyObject *plane = next < PyList_GET_SIZE(plane_list) ? PyList_GET_ITEM(plane_list, next) : NULL;
-            if (!plane || !PyBytes_Check(plane) || PyBytes_GET_SIZE(plane) != counts[c]) {
-                PyErr_Format(PyExc_ValueError, "plane %zd is missing or not %lld bytes", next, (long long)counts[c]);
-                goto done;
-            }
-            plane_at[c][p] = (const uint8_t *)PyBytes_AS_STRING(plane);
-        }
-    }
-    if (total != n || next != PyList_GET_SIZE(plane_list)) {
-        PyErr_Format(PyExc_ValueError, "%zd planes for %lld symbols given, %zd planes for %zd expected",
-                     PyList_GET_SIZE(plane_list), (long long)total, next, n);
-        goto done;
-    }
+    if (!collect_planes(plane_list, counts, width, itemsize, n, plane_at)) goto done;
+    for (int c = 0; c < CONTEXTS; c++) first[c] = c ? first[c - 1] + counts[c - 1] : 0;
     ordered = malloc((n ? n : 1) * itemsize);
     if (!ordered) {
         PyErr_NoMemory();
@@ -363,6 +499,314 @@ done:
     return result;
 }
 
+
+/* ---- Fused block decoding (progressive.py, docs/format.md "The ladder", "Lossless residual") ----
+ *
+ * Why: decoding a block through numpy/torch makes a dozen full passes (unpack, contexts,
+ * argsort-free join, scatter, refine, dequantize, cast, contexts, join, restore), each
+ * allocating a temporary. These functions fuse them into three passes over the block
+ * (codes, one per refinement stage, reconstruction with the lossless contexts, restore),
+ * reading each symbol straight from its inflated byte planes. Inflating stays in Python
+ * (zlib or ISA-L, bounded), between the passes, because a stage's plane sizes are the
+ * histogram of contexts that only the previous pass knows. The arithmetic is the one the
+ * torch path does, operation by operation (float32, round-to-nearest-even casts), so the
+ * tensors are the same bits; tests/test_native_codec.py checks it. */
+
+/* unpack_codes(packed, bits, out) -> None: signed int32 codes from ladder.pack's bit stream
+ * (code i in stream bits [i*bits, (i+1)*bits), stored as v + 2**(bits-1)); out holds len(packed)*8/bits. */
+static PyObject *unpack_codes(PyObject *self, PyObject *args) {
+    Py_buffer packed, out;
+    int bits;
+    if (!PyArg_ParseTuple(args, "y*iw*", &packed, &bits, &out)) return NULL;
+    PyObject *result = NULL;
+    if (bits < 1 || bits > 8) {
+        PyErr_Format(PyExc_ValueError, "code width must be 1 to 8 bits, got %d", bits);
+        goto done;
+    }
+    Py_ssize_t n = out.len / 4;
+    if (!check_same_length(packed.len * 8 / bits, n) || packed.len * 8 % bits) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "packed codes are not whole codes");
+        goto done;
+    }
+    const uint8_t *in = packed.buf;
+    int32_t *codes = out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    const uint32_t mask = (1u << bits) - 1, zero = 1u << (bits - 1);
+    if (bits == 4) {
+        for (Py_ssize_t j = 0; j < n / 2; j++) {
+            codes[2 * j] = (int32_t)(in[j] & 15) - 8;
+            codes[2 * j + 1] = (int32_t)(in[j] >> 4) - 8;
+        }
+    } else if (bits == 8) {
+        for (Py_ssize_t i = 0; i < n; i++) codes[i] = (int32_t)in[i] - 128;
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_ssize_t bit = i * bits, byte = bit >> 3;
+            uint32_t window = in[byte] | (byte + 1 < packed.len ? (uint32_t)in[byte + 1] << 8 : 0);
+            codes[i] = (int32_t)((window >> (bit & 7)) & mask) - (int32_t)zero;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* refinement_contexts(codes, bits, out) -> counts: progressive._refinement_contexts of int32 coarse
+ * codes of width `bits` into uint8 out, and their histogram (256 native int64). */
+static PyObject *refinement_contexts(PyObject *self, PyObject *args) {
+    Py_buffer codes, out;
+    int bits;
+    if (!PyArg_ParseTuple(args, "y*iw*", &codes, &bits, &out)) return NULL;
+    PyObject *result = NULL;
+    int64_t counts[CONTEXTS];
+    Py_ssize_t n = out.len;
+    if (bits < 1 || bits > 16) {
+        PyErr_Format(PyExc_ValueError, "code width must be 1 to 16 bits, got %d", bits);
+        goto done;
+    }
+    if (!check_same_length(codes.len / 4, n)) goto done;
+    const int32_t *v = codes.buf;
+    uint8_t *c = out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (bits <= 8) {
+        const int32_t zero = 1 << (bits - 1), top = (1 << bits) - 1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t context = (int64_t)v[i] + zero;
+            c[i] = (uint8_t)(context < 0 ? 0 : context > top ? top : context);
+        }
+    } else { /* the magnitude class: frexp(float32(|v| folded) + 1).exponent, from the float's bits */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int32_t magnitude = v[i] < 0 ? -(v[i] + 1) : v[i];
+            float value = (float)magnitude + 1.0f;
+            uint32_t pattern;
+            memcpy(&pattern, &value, 4);
+            c[i] = (uint8_t)(((pattern >> 23) & 0xFF) - 126);
+        }
+    }
+    count_contexts(c, n, counts);
+    Py_END_ALLOW_THREADS
+    result = PyBytes_FromStringAndSize((const char *)counts, sizeof(counts));
+done:
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* refine(codes, contexts, counts, plane_counts, planes, from_bits, to_bits) -> None
+ *
+ * In place, ladder.refine of int32 coarse codes by the refinements the planes hold (grouped by
+ * contexts, in element order within each context, as join_planes reads them): the symbol is
+ * cast to int32 (as the torch path does), and the fine code is (coarse << k) + d, with d
+ * folded back below the bottom bin of the coarse grid. */
+static PyObject *refine(PyObject *self, PyObject *args) {
+    PyObject *plane_list;
+    Py_buffer codes, contexts, count_buffer, plane_counts;
+    int from_bits, to_bits;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*O!ii", &codes, &contexts, &count_buffer, &plane_counts, &PyList_Type, &plane_list,
+                          &from_bits, &to_bits))
+        return NULL;
+    PyObject *result = NULL;
+    symbol_reader *reader = NULL;
+    Py_ssize_t n = contexts.len;
+    const uint8_t *ctx = contexts.buf;
+    if (from_bits < 1 || to_bits <= from_bits || to_bits > 16) {
+        PyErr_Format(PyExc_ValueError, "cannot refine %d-bit codes to %d bits", from_bits, to_bits);
+        goto done;
+    }
+    if (!(reader = open_reader(plane_list, &count_buffer, &plane_counts, &contexts, codes.len / 4))) goto done;
+    int32_t *v = codes.buf;
+    const int step = to_bits - from_bits;
+    const int32_t span = 1 << step, bottom = -(1 << (from_bits - 1));
+    Py_BEGIN_ALLOW_THREADS
+    EACH_SYMBOL({
+        int32_t d = (int32_t)(uint32_t)symbol;
+        if (d >= span && v[i] == bottom) d = (int32_t)((uint32_t)span - 1u - (uint32_t)d);
+        v[i] = (int32_t)(((uint32_t)v[i] << step) + (uint32_t)d);
+    })
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    release_planes_call(reader, &codes, &contexts, &count_buffer, &plane_counts);
+    return result;
+}
+
+static inline float float_of(uint32_t pattern) {
+    float value;
+    memcpy(&value, &pattern, 4);
+    return value;
+}
+
+static inline uint32_t pattern_of(float value) {
+    uint32_t pattern;
+    memcpy(&pattern, &value, 4);
+    return pattern;
+}
+
+/* IEEE binary16 -> binary32 (exact). */
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    if (exponent == 0x1F) return float_of(sign | 0x7F800000 | (mantissa << 13));
+    if (exponent) return float_of(sign | ((exponent + 112) << 23) | (mantissa << 13));
+    float magnitude = (float)mantissa * (1.0f / 16777216.0f); /* subnormal: mantissa * 2**-24, exact */
+    return sign ? -magnitude : magnitude;
+}
+
+/* binary32 -> binary16, round to nearest even, overflow to infinity (finite inputs). */
+static uint16_t float_to_half(uint32_t x) {
+    uint32_t sign = (x >> 16) & 0x8000, magnitude = x & 0x7FFFFFFF;
+    if (magnitude >= 0x477FF000) return (uint16_t)(sign | 0x7C00); /* >= 65520: rounds past 65504 */
+    if (magnitude >= 0x38800000) { /* normal half */
+        uint32_t rounded = magnitude + 0xFFF + ((magnitude >> 13) & 1);
+        return (uint16_t)(sign | ((rounded - 0x38000000) >> 13));
+    }
+    if (magnitude <= 0x33000000) return (uint16_t)sign; /* <= 2**-25: rounds to zero */
+    uint32_t exponent = magnitude >> 23, mantissa = (magnitude & 0x7FFFFF) | 0x800000;
+    int shift = 126 - (int)exponent; /* 14..24: units of 2**-24 */
+    uint32_t quotient = mantissa >> shift, rest = mantissa & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (quotient & 1))) quotient++;
+    return (uint16_t)(sign | quotient);
+}
+
+/* binary32 -> bfloat16, round to nearest even (finite inputs). */
+static inline uint16_t float_to_bfloat(uint32_t x) { return (uint16_t)((x + 0x7FFF + ((x >> 16) & 1)) >> 16); }
+
+enum { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
+
+/* reconstruct(codes, scales, offsets, base_bits, bits, top_bits, group_size, dtype, out, contexts) -> counts or None
+ *
+ * out[i] = cast((float32(v_i - o_g * 2**(bits-b)) + 0.5) * s_g * 2**(b-bits)) for the first len(out)
+ * codes (ladder.dequantize, then the cast to the source dtype: 0 float32, 1 bfloat16, 2 float16,
+ * written as bit patterns). scales: float16 bit patterns, offsets: int32, one per group; scales
+ * must be finite (the caller checks). When `contexts` is a writable buffer (not None), it also
+ * gets lossless.contexts of out against the top level's step s_g * 2**(b-top_bits), clamped to
+ * [CONTEXT_MIN, CONTEXT_MAX] given as `low`/`high`, and the call returns their histogram. */
+static PyObject *reconstruct(PyObject *self, PyObject *args) {
+    Py_buffer codes, scales, offsets, out;
+    PyObject *context_object;
+    int base_bits, bits, top_bits, group_size, dtype, low, high;
+    if (!PyArg_ParseTuple(args, "y*y*y*iiiiiw*Oii", &codes, &scales, &offsets, &base_bits, &bits, &top_bits, &group_size, &dtype,
+                          &out, &context_object, &low, &high))
+        return NULL;
+    PyObject *result = NULL;
+    Py_buffer contexts = {0};
+    int have_contexts = 0;
+    int64_t counts[CONTEXTS];
+    int width = dtype == FLOAT32 ? 4 : 2;
+    Py_ssize_t n = out.len / width;
+    if (dtype < FLOAT32 || dtype > FLOAT16 || base_bits < 1 || bits < base_bits || top_bits < bits || top_bits > 16 ||
+        group_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "unsupported dtype, widths or group size");
+        goto done;
+    }
+    Py_ssize_t groups = scales.len / 2;
+    if (!check_same_length(offsets.len / 4, groups)) goto done;
+    if (n > codes.len / 4 || n > groups * (Py_ssize_t)group_size) {
+        PyErr_Format(PyExc_ValueError, "%zd outputs, %zd codes and %zd groups given", n, codes.len / 4, groups);
+        goto done;
+    }
+    if (context_object != Py_None) {
+        if (PyObject_GetBuffer(context_object, &contexts, PyBUF_WRITABLE) < 0) goto done;
+        have_contexts = 1;
+        if (!check_same_length(contexts.len, n)) goto done;
+    }
+    const int32_t *v = codes.buf;
+    const uint16_t *s = scales.buf;
+    const int32_t *o = offsets.buf;
+    uint8_t *ctx = have_contexts ? contexts.buf : NULL;
+    const float level = float_of((uint32_t)(127 + base_bits - bits) << 23), top_level = float_of((uint32_t)(127 + base_bits - top_bits) << 23);
+    Py_BEGIN_ALLOW_THREADS
+    /* One loop per output type and with/without contexts, with the group's constants hoisted,
+     * so each inner loop is straight-line code the compiler can vectorise. */
+#define RECONSTRUCT(T, CAST, MANTISSA, BIAS, FIELD, WITH_CONTEXTS)                                    \
+    for (Py_ssize_t start = 0, g = 0; start < n; start += group_size, g++) {                         \
+        const float scale = half_to_float(s[g]), step = scale * level;                               \
+        const uint32_t offset = (uint32_t)o[g] << (bits - base_bits);                                \
+        const int floor_ = low + (int)((pattern_of(scale * top_level) >> 23) & 0xFF) - 127 + (BIAS); \
+        Py_ssize_t stop = start + group_size < n ? start + group_size : n;                           \
+        T *x = (T *)out.buf;                                                                         \
+        for (Py_ssize_t i = start; i < stop; i++) {                                                  \
+            float value = (float)(int32_t)((uint32_t)v[i] - offset) + 0.5f;                         \
+            value = value * step;                                                                    \
+            uint32_t stored = CAST(pattern_of(value));                                               \
+            x[i] = (T)stored;                                                                        \
+            if (WITH_CONTEXTS) {                                                                     \
+                int relative = (int)((stored >> (MANTISSA)) & (FIELD)) - floor_;                     \
+                ctx[i] = (uint8_t)(relative < 0 ? 0 : relative > high - low ? high - low : relative); \
+            }                                                                                        \
+        }                                                                                            \
+    }
+#define RECONSTRUCT_TYPE(T, CAST, MANTISSA, BIAS, FIELD)                                              \
+    if (ctx) RECONSTRUCT(T, CAST, MANTISSA, BIAS, FIELD, 1) else RECONSTRUCT(T, CAST, MANTISSA, BIAS, FIELD, 0)
+    if (dtype == FLOAT32) RECONSTRUCT_TYPE(uint32_t, (uint32_t), 23, 127, 0xFF)
+    else if (dtype == BFLOAT16) RECONSTRUCT_TYPE(uint16_t, float_to_bfloat, 7, 127, 0xFF)
+    else RECONSTRUCT_TYPE(uint16_t, float_to_half, 10, 15, 0x1F)
+#undef RECONSTRUCT_TYPE
+#undef RECONSTRUCT
+    if (ctx) count_contexts(ctx, n, counts);
+    Py_END_ALLOW_THREADS
+    if (have_contexts)
+        result = PyBytes_FromStringAndSize((const char *)counts, sizeof(counts));
+    else {
+        result = Py_None;
+        Py_INCREF(result);
+    }
+done:
+    if (have_contexts) PyBuffer_Release(&contexts);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* restore_planes(values, contexts, counts, plane_counts, planes, width) -> None
+ *
+ * In place: the float bit patterns `values` (width 2 or 4 bytes, the reconstruction) become the
+ * originals, each adding the zigzag residual its planes hold (restore of join_planes, fused). */
+static PyObject *restore_planes(PyObject *self, PyObject *args) {
+    PyObject *plane_list;
+    Py_buffer values, contexts, count_buffer, plane_counts;
+    int width;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*O!i", &values, &contexts, &count_buffer, &plane_counts, &PyList_Type, &plane_list, &width))
+        return NULL;
+    PyObject *result = NULL;
+    symbol_reader *reader = NULL;
+    Py_ssize_t n = contexts.len;
+    const uint8_t *ctx = contexts.buf;
+    if (width != 2 && width != 4) {
+        PyErr_Format(PyExc_ValueError, "float width must be 2 or 4 bytes, got %d", width);
+        goto done;
+    }
+    if (!(reader = open_reader(plane_list, &count_buffer, &plane_counts, &contexts, values.len / width))) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    if (width == 2) {
+        int16_t *x = values.buf;
+        EACH_SYMBOL({
+            int64_t d = (int64_t)(symbol >> 1) ^ -(int64_t)(symbol & 1);
+            int16_t bits = (int16_t)(uint16_t)(uint64_t)(ordered16(x[i]) + d);
+            x[i] = bits < 0 ? (int16_t)(bits ^ 0x7FFF) : bits;
+        })
+    } else {
+        int32_t *x = values.buf;
+        EACH_SYMBOL({
+            int64_t d = (int64_t)(symbol >> 1) ^ -(int64_t)(symbol & 1);
+            int32_t bits = (int32_t)(uint32_t)(uint64_t)(ordered32(x[i]) + d);
+            x[i] = bits < 0 ? (int32_t)(bits ^ 0x7FFFFFFF) : bits;
+        })
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    release_planes_call(reader, &values, &contexts, &count_buffer, &plane_counts);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"histogram", histogram, METH_VARARGS, "Counts of each uint8 context: bytes of 256 native int64."},
     {"split_planes", split_planes, METH_VARARGS, "Group symbols by context and split them into byte planes."},
@@ -370,6 +814,11 @@ static PyMethodDef methods[] = {
     {"residual", residual, METH_VARARGS, "Zigzag-coded ordered-integer residual of float bit patterns."},
     {"restore", restore, METH_VARARGS, "Inverse of residual: the original float bit patterns."},
     {"contexts", contexts, METH_VARARGS, "Lossless coding context: relative exponent of reconstruction and step, clamped."},
+    {"unpack_codes", unpack_codes, METH_VARARGS, "Signed int32 codes from ladder.pack's bit stream."},
+    {"refinement_contexts", refinement_contexts, METH_VARARGS, "Refinement contexts of coarse codes, and their histogram."},
+    {"refine", refine, METH_VARARGS, "Raise coarse codes in place by the refinements their byte planes hold."},
+    {"reconstruct", reconstruct, METH_VARARGS, "Dequantize codes to the source dtype, optionally with lossless contexts."},
+    {"restore_planes", restore_planes, METH_VARARGS, "Add the residuals their byte planes hold to float bit patterns, in place."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -158,6 +158,18 @@ def decode(stream: bytes, contexts: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(symbols).reshape(contexts.shape)
 
 
+def inflate_planes(stream: bytes, counts: bytes) -> tuple[bytes, list[bytes]]:
+    """Each context's plane count (256 bytes) and its inflated planes in stream order, for the C loops.
+
+    ``counts`` is the histogram of the decoder's contexts as the C loops return it (256 native
+    int64): it bounds every plane's inflated size. ISA-L inflates when installed.
+
+    Raises:
+        CorruptStreamError: the stream does not parse or a plane does not hold its context's count.
+    """
+    return _read_stream(stream, np.frombuffer(counts, dtype=np.int64), _isal_zlib or zlib)
+
+
 def _symbol_dtype(plane_count: int) -> np.dtype:
     """uint8 up to one byte plane, int32 up to three, else int64 (the type torch handles for each)."""
     return np.dtype(np.uint8 if plane_count <= 1 else np.int32 if plane_count <= 3 else np.int64)

@@ -15,6 +15,7 @@ blocks' streams in order.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import struct
@@ -181,6 +182,12 @@ def decode(
     def decode_block(index: int) -> None:
         start, stop = ranges[index]
         first, last = start // spec.group_size, ladder.group_count(stop, spec.group_size)
+        if _native_decodes(dtype, scales[first:last]):
+            _decode_block_native(
+                output[start:stop], packed_codes[first * bytes_per_group : last * bytes_per_group], scales[first:last],
+                group_offsets[first:last], [blocks[index] for blocks in block_deltas], spec,
+            )  # fmt: skip
+            return
         output[start:stop] = _decode_block(
             packed_codes[first * bytes_per_group : last * bytes_per_group], scales[first:last],
             group_offsets[first:last], [blocks[index] for blocks in block_deltas], spec, stop - start, dtype,
@@ -224,6 +231,10 @@ def _group_offsets(offsets: torch.Tensor | None, spec: Ladder, groups: int) -> t
     """The int32 offset of every group (all 0 for a base without offsets)."""
     if offsets is None:
         return torch.zeros(groups, dtype=torch.int32)
+    if entropy.native_enabled():  # the same codes as ladder.unpack, without its int64 temporaries
+        unpacked = torch.empty(offsets.numel() * 8 // spec.base_bits, dtype=torch.int32)
+        entropy._native.unpack_codes(offsets.numpy(), spec.base_bits, unpacked.numpy())
+        return unpacked[:groups]
     return ladder.unpack_offsets(offsets, spec.base_bits, groups)
 
 
@@ -266,6 +277,50 @@ def _decode_block(
         return reconstruction
     contexts = _lossless_contexts(reconstruction, scales, spec, template)
     return lossless.restore(reconstruction, entropy.decode(deltas[-1], contexts))
+
+
+_NATIVE_DTYPES = {torch.float32: (0, torch.int32), torch.bfloat16: (1, torch.int16), torch.float16: (2, torch.int16)}
+"""Source dtypes the C block decoder writes: its dtype code and the same-width integer type of the output's bits."""
+
+
+def _native_decodes(dtype: torch.dtype, scales: torch.Tensor) -> bool:
+    """Whether ``_decode_block_native`` decodes this block: C loops on, a float dtype it knows, finite scales.
+
+    Non-finite scales (a release no ``split`` writes) stay on the torch path, whose casts of NaN
+    differ between its own scalar and vector loops; the C decoder assumes finite reconstructions.
+    """
+    return entropy.native_enabled() and dtype in _NATIVE_DTYPES and bool(torch.isfinite(scales).all())
+
+
+def _decode_block_native(
+    output: torch.Tensor, packed_codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, deltas: list[bytes], spec: Ladder
+) -> None:
+    """``_decode_block`` in the C loops, written into ``output`` (the block's slice of the tensor): the same bits.
+
+    One pass unpacks the base codes, one per refinement stage reads each refinement straight from
+    its inflated planes and raises the codes in place, one dequantizes into ``output`` while it
+    computes the lossless contexts and their histogram, and the last adds the residuals in place:
+    no argsort, no scatter, no int64 temporaries (memory: int32 codes and uint8 contexts per block).
+    """
+    native = entropy._native
+    dtype_code, bits_dtype = _NATIVE_DTYPES[output.dtype]
+    codes = torch.empty(scales.numel() * spec.group_size, dtype=torch.int32).numpy()
+    native.unpack_codes(packed_codes.numpy(), spec.base_bits, codes)
+    contexts = torch.empty(codes.size, dtype=torch.uint8).numpy()
+    widths = spec.widths()
+    reached = spec.base_bits
+    for (low, high), delta in zip(itertools.pairwise(widths), deltas):
+        counts = native.refinement_contexts(codes, low, contexts)
+        native.refine(codes, contexts, counts, *entropy.inflate_planes(delta, counts), low, high)
+        reached = high
+    values = output.view(bits_dtype).numpy()
+    lossless_contexts = contexts[: output.numel()] if len(deltas) == spec.stage_count else None
+    counts = native.reconstruct(
+        codes, scales.view(torch.int16).numpy(), offsets.contiguous().numpy(), spec.base_bits, reached, spec.top_bits,
+        spec.group_size, dtype_code, values, lossless_contexts, lossless.CONTEXT_MIN, lossless.CONTEXT_MAX,
+    )  # fmt: skip
+    if lossless_contexts is not None:
+        native.restore_planes(values, lossless_contexts, counts, *entropy.inflate_planes(deltas[-1], counts), output.element_size())
 
 
 def dequantize_packed(

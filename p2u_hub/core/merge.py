@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import closing
 from pathlib import Path
 
 from huggingface_hub.utils import tqdm
 
 from . import format as fmt
-from .release import Release, StageSpec
+from .release import Release, StageSpec, TensorPrefetch
 from .storage import StreamingSafetensorsWriter, atomic_output_dir, visible_files
 
 
@@ -56,11 +57,13 @@ def merge(
         return all(relative.as_posix() in own_names for relative in visible_files(folder))
 
     with atomic_output_dir(destination, overwrite=overwrite, is_replaceable=is_earlier_merge) as work:
-        for file_name, source_file in tqdm(manifest.source_files.items(), desc="p2u merge", unit="file", disable=not progress):
-            writer = StreamingSafetensorsWriter(work / file_name, source_file.metadata)
-            for name in source_file.tensors:
-                writer.add(name, rebuilder.tensor(name))
-            writer.close()
+        order = [name for source_file in manifest.source_files.values() for name in source_file.tensors]
+        with closing(TensorPrefetch(rebuilder, order)) as ahead:
+            for file_name, source_file in tqdm(manifest.source_files.items(), desc="p2u merge", unit="file", disable=not progress):
+                writer = StreamingSafetensorsWriter(work / file_name, source_file.metadata)
+                for name in source_file.tensors:
+                    writer.add(name, ahead.get(name))
+                writer.close()
         if manifest.source_index_file is not None:
             weight_map = {name: file for file, f in manifest.source_files.items() for name in f.tensors}
             index = {"metadata": manifest.source_index_metadata or {}, "weight_map": weight_map}

@@ -24,9 +24,10 @@ checked weights of the new stage, the others keep theirs, the model still answer
 of every layer is recorded (``quantizer.layer_stages``), so calling ``upgrade`` again resumes with
 the layers still below the target and never lowers one that is above it.
 
-Memory: layers are rebuilt and swapped one by one and the packed codes of a swapped layer are
-freed at once, so the peak stays near the final model size plus one layer being rebuilt. The
-payloads checked before the first swap are kept for decoding, and freed as it goes, while they
+Memory: layers are swapped one by one and the packed codes of a swapped layer are freed at once;
+the next layers are rebuilt ahead on the codec threads (``release.TensorPrefetch``, at most
+``PREFETCH_BYTES`` waiting), so the peak stays near the final model size plus those few layers.
+The payloads checked before the first swap are kept for decoding, and freed as it goes, while they
 total at most what the model grows by plus one stage shard; so each payload is read and hashed
 once, and a payload beyond that bound is read and checked again when its layer is rebuilt.
 """
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Generic, Literal, TypeVar, overload
 import torch
 from huggingface_hub.utils import tqdm
 
-from ..core.release import StageSpec, TensorRebuilder
+from ..core.release import StageSpec, StoredCodes, TensorPrefetch, TensorRebuilder
 
 if TYPE_CHECKING:
     from .transformers import P2UHfQuantizer, PackedParameter
@@ -173,14 +174,21 @@ def _upgrade(
         rebuilder = release.rebuilder(index)
         rebuilder.verify_payloads(keep={packed.tensor for packed in todo.values()}, keep_bytes=_payload_budget(model, todo, rebuilder))
         bars: list[tqdm] = []  # opened at the first layer, when the total is known (no empty bar before it)
+        holders = {packed.tensor: packed for packed in reversed(todo.values())}  # owners win: listed before their aliases
+
+        def stored_codes(tensor: str) -> StoredCodes | None:
+            """The base codes of ``tensor`` in the model, checked at load (None once its layer is dense)."""
+            stored = loaded_codes(model, holders[tensor]) if tensor in holders else None
+            if stored is None:
+                return None
+            codes, scales, offsets = stored
+            return codes.cpu(), scales.cpu(), None if offsets is None else offsets.cpu()
+
+        ahead = TensorPrefetch(rebuilder, _expansion_order(todo), stored=stored_codes)
 
         def rebuild(packed: PackedParameter) -> torch.Tensor:
             device, dtype = placement(model, packed)
-            stored = loaded_codes(model, packed)  # checked at load; None once the layer is dense
-            if stored is not None:
-                codes, scales, offsets = stored
-                stored = codes.cpu(), scales.cpu(), None if offsets is None else offsets.cpu()
-            return rebuilder.tensor(packed.tensor, stored).to(device=device, dtype=dtype)
+            return ahead.get(packed.tensor).to(device=device, dtype=dtype)
 
         def layer_done(done: int, total: int, names: list[str]) -> None:
             stages.update(dict.fromkeys(names, index))
@@ -193,6 +201,7 @@ def _upgrade(
         try:
             install_expanded(model, todo, rebuild, on_module=layer_done)
         finally:
+            ahead.close()
             for bar in bars:
                 bar.close()
             quantizer.stage = min((stages.get(name, 0) for name in quantizer.parameters), default=index)
@@ -200,6 +209,13 @@ def _upgrade(
         if quantizer.stage == release.stage_count:
             _make_plain(model, quantizer)
     return model
+
+
+def _expansion_order(todo: dict) -> list[str]:
+    """The tensors ``install_expanded`` will rebuild, in about its order: owners' modules first, then
+    aliases whose owner it does not swap (tied followers and aliases of swapped owners reuse those)."""
+    expanded = [packed for packed in todo.values() if packed.owner is None or (packed.owner not in todo and not packed.tied)]
+    return [packed.tensor for packed in sorted(expanded, key=lambda packed: packed.owner is not None)]
 
 
 def _payload_budget(model: torch.nn.Module, todo: dict[str, PackedParameter], rebuilder: TensorRebuilder) -> int:
