@@ -107,12 +107,16 @@ def table(rows: list[dict]) -> str:
     lines = [header]
     for row in rows:
         dense = next((r for r in rows if r["source"] == row["source"] and r["mode"] == "dense"), None)
-        ratio = lambda key: "-" if dense is None else f"{row[key] / dense[key]:.2f}"
         lines.append((
-            row["source"], row["mode"], f"{row['seconds']:.3f}", ratio("seconds"), f"{row['weight_mb']:,.0f}",
-            ratio("weight_mb"), f"{row['on_kernel']:.0%}", f"{row['peak_mb']:,.0f}",
+            row["source"], row["mode"], f"{row['seconds']:.3f}", _ratio(row, dense, "seconds"), f"{row['weight_mb']:,.0f}",
+            _ratio(row, dense, "weight_mb"), f"{row['on_kernel']:.0%}", f"{row['peak_mb']:,.0f}",
         ))  # fmt: skip
     return "\n".join(text_table(lines))
+
+
+def _ratio(row: dict, dense: dict | None, key: str) -> str:
+    """``row[key]`` as a multiple of the dense row's; "-" when that row was not measured (``--modes``)."""
+    return "-" if dense is None else f"{row[key] / dense[key]:.2f}"
 
 
 def main() -> None:

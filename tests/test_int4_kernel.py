@@ -50,6 +50,13 @@ def test_pack_and_unpack_round_trip(monkeypatch):
     assert len(runs) == 3 and sum(runs) == 192
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_packing_unsigned_codes_gives_the_stored_bytes(bits):
+    codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (4096,), generator=torch.Generator().manual_seed(bits))
+    unsigned = (codes + (1 << (bits - 1))).to(torch.uint8)
+    assert torch.equal(ladder.pack_unsigned(unsigned, bits), ladder.pack(codes, bits))
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_int4_grid_gives_the_ladder_weights_exactly_in_float32(bits):
     generator = torch.Generator().manual_seed(bits)

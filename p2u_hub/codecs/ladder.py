@@ -203,6 +203,23 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.from_numpy(np.packbits(bit_matrix.reshape(-1), bitorder="little"))
 
 
+def pack_unsigned(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
+    """``pack`` of stored unsigned codes ``u = v + 2**(bits-1)`` (uint8, a multiple of 8 of them): the same bytes.
+
+    Byte-wide torch ops when ``bits`` divides 8 (the inverse of ``unpack_unsigned``'s fast path: over 10x
+    faster than ``pack`` on 4-bit codes), which is how a layer gives back the codes it holds in another
+    layout; other widths go through ``pack``.
+    """
+    if 8 % bits:
+        return pack(unsigned.reshape(-1).to(torch.int32) - (1 << (bits - 1)), bits)
+    per_byte = 8 // bits
+    fields = unsigned.reshape(-1, per_byte).to(torch.uint8)
+    packed = fields[:, 0].clone()
+    for index in range(1, per_byte):
+        packed |= fields[:, index] << (index * bits)
+    return packed
+
+
 def pack_offsets(offsets: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack one offset per group like codes of width ``bits``, zero-padded to a multiple of 8 offsets."""
     padding = -offsets.numel() % 8

@@ -715,8 +715,7 @@ def loaded_codes(model, packed: PackedParameter) -> StoredCodes | None:
     codes, scales, *offsets = (buffers[attribute] for attribute in packed.attributes)
     if layout is not None and layout.int4:  # the stored codes, exactly, from the int4 kernel's layout
         bits = layout.ladder.base_bits
-        unsigned = ladder_codec.from_int4(cpu_int4.unpack(codes, layout.shape), bits)
-        codes = ladder_codec.pack(unsigned.to(torch.int32) - (1 << (bits - 1)), bits)
+        codes = ladder_codec.pack_unsigned(ladder_codec.from_int4(cpu_int4.unpack(codes, layout.shape), bits), bits)
     return codes, scales, offsets[0] if offsets else None
 
 
