@@ -75,12 +75,18 @@ def measure(job: dict) -> dict:
     if job["source"] == "minilm":
         auto = transformers.AutoModel
         tokens = torch.randint(1000, 20000, (64, 32))
-        run = lambda model: model(input_ids=tokens).last_hidden_state
+
+        def run(model):
+            return model(input_ids=tokens).last_hidden_state
+
     else:
         auto = transformers.AutoModelForCausalLM
         tokens = torch.randint(1, 32000, (1, 8))
         generate = {"max_new_tokens": 32, "min_new_tokens": 32, "do_sample": False, "pad_token_id": 0}
-        run = lambda model: model.generate(tokens, **generate)
+
+        def run(model):
+            return model.generate(tokens, **generate)
+
     if job["mode"] == "original":
         model = auto.from_pretrained(job["source_dir"], dtype="auto")
     else:

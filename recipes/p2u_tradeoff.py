@@ -109,7 +109,7 @@ def upgrade_seconds(base: Path, stage_count: int) -> tuple[float, list[float]]:
     load = median_seconds(lambda: transformers.ViTForImageClassification.from_pretrained(base))
     steps = []
     for stage in range(1, stage_count + 1):
-        def step():  # time only the upgrade to ``stage``, starting from a model at ``stage - 1``
+        def step(stage: int = stage) -> float:  # time only the upgrade to ``stage``, starting from a model at ``stage - 1``
             model = transformers.ViTForImageClassification.from_pretrained(base)
             if stage > 1:
                 p2u_hub.upgrade(model, stage=stage - 1)

@@ -93,7 +93,10 @@ def test_calibration_text_is_disjoint_from_the_evaluation_sets():
     with (data / "sts_pairs.csv").open() as file:
         held_out = [sentence for row in csv.DictReader(file) for sentence in (row["sentence1"], row["sentence2"])]
     paragraphs = (data / "lm_text.txt").read_text()
-    words = lambda text: {" ".join(text.lower().split()[i : i + 6]) for i in range(max(1, len(text.split()) - 5))}
+
+    def words(text: str) -> set[str]:
+        return {" ".join(text.lower().split()[i : i + 6]) for i in range(max(1, len(text.split()) - 5))}
+
     evaluation_phrases = set().union(*(words(s) for s in held_out), words(paragraphs))
     assert not any(words(sentence) & evaluation_phrases for sentence in calibration)
     from p2u_hub.tools.evaluate import calibration_overlap

@@ -187,7 +187,10 @@ def test_existing_output_is_not_overwritten(release, random_checkpoint):
 @pytest.mark.slow
 def test_cli_split_inspect_merge(random_checkpoint, tmp_path):
     source = random_checkpoint("gpt2")
-    run = lambda *args: subprocess.run([sys.executable, "-m", "p2u_hub.tools.cli", *args], capture_output=True, text=True)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "p2u_hub.tools.cli", *args], capture_output=True, text=True)
+
     assert run("split", str(source), str(tmp_path / "out"), "--bits", "3", "--stages").returncode == 0
     inspected = run("inspect", str(tmp_path / "out"), "--json")
     summary = json.loads(inspected.stdout)
