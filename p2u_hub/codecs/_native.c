@@ -164,23 +164,6 @@ static int collect_planes(PyObject *plane_list, const int64_t *counts, const uin
     return 1;
 }
 
-/* Symbol k of a context from its planes (least significant first). */
-static inline uint64_t gather_symbol(const uint8_t *const *planes, int width, int64_t k) {
-    uint64_t symbol = 0;
-    switch (width) {
-    case 8: symbol |= (uint64_t)planes[7][k] << 56; /* fall through */
-    case 7: symbol |= (uint64_t)planes[6][k] << 48; /* fall through */
-    case 6: symbol |= (uint64_t)planes[5][k] << 40; /* fall through */
-    case 5: symbol |= (uint64_t)planes[4][k] << 32; /* fall through */
-    case 4: symbol |= (uint64_t)planes[3][k] << 24; /* fall through */
-    case 3: symbol |= (uint64_t)planes[2][k] << 16; /* fall through */
-    case 2: symbol |= (uint64_t)planes[1][k] << 8; /* fall through */
-    case 1: symbol |= planes[0][k]; /* fall through */
-    default: break;
-    }
-    return symbol;
-}
-
 static int check_counts(Py_buffer *counts, Py_buffer *plane_counts) {
     if (plane_counts->len != CONTEXTS || counts->len != CONTEXTS * (Py_ssize_t)sizeof(int64_t)) {
         PyErr_SetString(PyExc_ValueError, "counts and plane_counts must hold 256 entries");
@@ -190,20 +173,16 @@ static int check_counts(Py_buffer *counts, Py_buffer *plane_counts) {
 }
 
 /* Reading symbols straight from their byte planes in element order, for the fused decoders:
- * element i takes the next symbol of its context's run, assembled from that context's planes.
- *
- * That loop carries a cursor per context through memory: when neighbours share a context, each
- * read waits for the previous store. So the block is cut into LANES stretches read side by side,
- * each with its own cursors (starting where the stretches before it leave each context):
- * independent chains the CPU overlaps. And a symbol is assembled from a fixed number of planes
- * (the block's widest context, a constant per loop), narrower contexts reading a zero byte for
- * the planes they lack (index mask 0): no branch on data. */
-#define LANES 4
-
+ * element i takes the next symbol of its context's run. A symbol is assembled from a fixed
+ * number of planes (the block's widest context, a constant per loop), narrower contexts reading
+ * a zero byte for the planes they lack (index mask 0), so the loop has no branch on the data:
+ * with a branch on each context's width it mispredicts, ~1.5x slower on float32 residuals.
+ * (Cutting the block into stretches read side by side, to overlap the per-context cursor
+ * updates, measured slower: twice the plane streams for the caches to follow.) */
 typedef struct {
     const uint8_t *plane[CONTEXTS][8];
     int64_t mask[CONTEXTS][8];
-    int64_t cursor[LANES][CONTEXTS];
+    int64_t cursor[CONTEXTS];
     int max_width;
 } symbol_reader;
 
@@ -232,18 +211,11 @@ static symbol_reader *open_reader(PyObject *plane_list, Py_buffer *count_buffer,
             reader->mask[c][p] = p < present ? -1 : 0;
         }
     }
-    Py_ssize_t lane = n / LANES;
-    int64_t seen[CONTEXTS] = {0}, lane_counts[CONTEXTS];
+    int64_t seen[CONTEXTS];
     Py_BEGIN_ALLOW_THREADS
-    for (int j = 0; j < LANES; j++) {
-        Py_ssize_t start = j * lane, stop = j == LANES - 1 ? n : start + lane;
-        count_contexts(ctx + start, stop - start, lane_counts);
-        for (int c = 0; c < CONTEXTS; c++) {
-            reader->cursor[j][c] = seen[c];
-            seen[c] += lane_counts[c];
-        }
-    }
+    count_contexts(ctx, n, seen);
     Py_END_ALLOW_THREADS
+    memset(reader->cursor, 0, sizeof(reader->cursor));
     if (memcmp(seen, counts, sizeof(seen))) {
         free(reader);
         PyErr_SetString(PyExc_ValueError, "the contexts' histogram is not the counts given");
@@ -261,8 +233,8 @@ static void release_planes_call(symbol_reader *reader, Py_buffer *target, Py_buf
     PyBuffer_Release(plane_counts);
 }
 
-static inline uint64_t read_symbol(symbol_reader *reader, int lane, int c, int width) {
-    int64_t k = reader->cursor[lane][c]++;
+static inline uint64_t read_symbol(symbol_reader *reader, int c, int width) {
+    int64_t k = reader->cursor[c]++;
     uint64_t symbol = 0;
     for (int p = 0; p < width; p++) symbol |= (uint64_t)reader->plane[c][p][k & reader->mask[c][p]] << (8 * p);
     return symbol;
@@ -270,19 +242,9 @@ static inline uint64_t read_symbol(symbol_reader *reader, int lane, int c, int w
 
 /* Run BODY (which reads `i` and `symbol`) for every element, symbols read WIDTH planes wide. */
 #define EACH_SYMBOL_OF_WIDTH(WIDTH, BODY)                                                        \
-    {                                                                                            \
-        Py_ssize_t lane_ = n / LANES;                                                            \
-        for (Py_ssize_t k_ = 0; k_ < lane_; k_++) {                                              \
-            for (int j_ = 0; j_ < LANES; j_++) {                                                 \
-                Py_ssize_t i = j_ * lane_ + k_;                                                  \
-                uint64_t symbol = read_symbol(reader, j_, ctx[i], WIDTH);                        \
-                BODY                                                                             \
-            }                                                                                    \
-        }                                                                                        \
-        for (Py_ssize_t i = LANES * lane_; i < n; i++) {                                         \
-            uint64_t symbol = read_symbol(reader, LANES - 1, ctx[i], WIDTH);                     \
-            BODY                                                                                 \
-        }                                                                                        \
+    for (Py_ssize_t i = 0; i < n; i++) {                                                         \
+        uint64_t symbol = read_symbol(reader, ctx[i], WIDTH);                                    \
+        BODY                                                                                     \
     }
 
 #define EACH_SYMBOL(BODY)                                                                        \
