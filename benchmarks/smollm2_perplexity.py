@@ -10,8 +10,8 @@ paragraphs (``p2u_hub/data/lm_text.txt``, none of which is in the calibration te
 Measured: original 48.1, uniform 4-bit base 107.1, data-free mixed 4-bit base 663.7 (its tied
 embedding, also the LM head, is starved), 8-bit stage 47.8 / 48.4; hence ``split``'s "auto"
 keeps one width when it cannot calibrate. ``--gptq`` (uniform 4-bit, linear layers' codes chosen by GPTQ
-on the bundled calibration text; the tied embedding keeps plain codes): base 68.3 against 107.1, the 8-bit
-stage 14.1% of the source's bytes against 12.8%, the same 47.8 after it (it holds the weights' own codes).
+on the bundled calibration text; the tied embedding keeps plain codes): base 75.9 against 107.1, the 8-bit
+stage 13.4% of the source's bytes against 12.8%, the same 47.8 after it (it holds the weights' own codes).
 
     python benchmarks/smollm2_perplexity.py [--bits 4 3]
 """
