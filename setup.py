@@ -34,5 +34,7 @@ class BuildPyWithStartUpFile(build_py):
 
 setup(
     cmdclass={"build_py": BuildPyWithStartUpFile},
-    ext_modules=[Extension("p2u_hub.codecs._native", ["p2u_hub/codecs/_native.c"], extra_compile_args=["-O3", "-ffp-contract=off"], optional=True)],
+    ext_modules=[
+        Extension("p2u_hub.codecs._native", ["p2u_hub/codecs/_native.c"], extra_compile_args=["-O3", "-ffp-contract=off"], optional=True)
+    ],
 )

@@ -27,10 +27,10 @@ from pathlib import Path
 import transformers
 from huggingface_hub.utils import disable_progress_bars
 
-from p2u_hub.core import format as fmt
 from p2u_hub import split
-from p2u_hub.tools.evaluate import evaluate
+from p2u_hub.core import format as fmt
 from p2u_hub.core.summary import summarize
+from p2u_hub.tools.evaluate import evaluate
 
 CONFIGS = [  # (label, bits, group size, uniform, gptq)
     *((f"uniform {bits}-bit g{group}", bits, group, True, False) for bits in (2, 3, 4) for group in (64, 128)),
@@ -86,7 +86,10 @@ def main() -> None:
                 flush=True,
             )
     if args.json is not None:
-        args.json.write_text(json.dumps({k: {f: v for f, v in r.items() if f not in ("manifest", "allocation")} for k, r in results.items()}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({k: {f: v for f, v in r.items() if f not in ("manifest", "allocation")} for k, r in results.items()}, indent=2)
+            + "\n"
+        )
     table = f"mixed {TENSOR_TABLE_BITS}-bit budget g64 (default)"
     if table not in results:
         return

@@ -29,11 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from p2u_hub.core import format as fmt
 from p2u_hub.codecs import progressive
-from p2u_hub.tools.demo import bundled_minilm
+from p2u_hub.core import format as fmt
 from p2u_hub.core.storage import TensorReader
 from p2u_hub.core.summary import text_table
+from p2u_hub.tools.demo import bundled_minilm
 
 SPEC = progressive.Ladder(4, progressive.default_stage_bits(4), 64)
 

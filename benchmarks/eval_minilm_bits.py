@@ -22,11 +22,11 @@ from pathlib import Path
 import transformers
 from huggingface_hub.utils import disable_progress_bars
 
-from p2u_hub.core import format as fmt
 from p2u_hub import split
+from p2u_hub.core import format as fmt
+from p2u_hub.core.summary import summarize
 from p2u_hub.tools.card import write_cards
 from p2u_hub.tools.evaluate import evaluate
-from p2u_hub.core.summary import summarize
 
 SOURCE_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 BASE_BITS = (2, 3, 4, 8)

@@ -28,8 +28,8 @@ import transformers
 from huggingface_hub.utils import disable_progress_bars
 
 from p2u_hub import split
-from p2u_hub.tools.evaluate import evaluate
 from p2u_hub.core.summary import summarize
+from p2u_hub.tools.evaluate import evaluate
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIGS = [("uniform", True, False), ("mixed (weights)", False, False), ("uniform --gptq", True, True)]
@@ -72,7 +72,10 @@ def main() -> None:
                     print(f"original | - | F32 | 100.0 | {report['original']['perplexity']:.3f}")
                 for stage, sizes in zip(report["stages"], summary["stages"]):
                     share = 100 * sizes["cumulative_bytes"] / summary["source_bytes"]
-                    print(f"{label} | {stage['name']} | {stage['bits'] or 'lossless'} | {share:.1f} | {stage['metrics']['perplexity']:.3f}", flush=True)
+                    print(
+                        f"{label} | {stage['name']} | {stage['bits'] or 'lossless'} | {share:.1f} | {stage['metrics']['perplexity']:.3f}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

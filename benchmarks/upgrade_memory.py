@@ -31,5 +31,7 @@ final = manifest.source_bytes() / 1e6
 peak = peak_rss_mb()
 print(f"transformers {transformers.__version__}; final model {final:,.0f} MB, largest shard {largest_shard:,.0f} MB")
 print(f"peak RSS: after imports {interpreter:,.0f} MB, after loading the base {loaded:,.0f} MB, after upgrade {peak:,.0f} MB")
-print(f"upgrade {seconds:.1f} s ({final / seconds:.1f} MB/s of source); peak - imports = {peak - interpreter:,.0f} MB "
-      f"vs final + one shard = {final + largest_shard:,.0f} MB")
+print(
+    f"upgrade {seconds:.1f} s ({final / seconds:.1f} MB/s of source); peak - imports = {peak - interpreter:,.0f} MB "
+    f"vs final + one shard = {final + largest_shard:,.0f} MB"
+)

@@ -130,7 +130,9 @@ def main() -> None:
         model = transformers.AutoModel.from_pretrained(base)
         _, base_embeddings = sentence_embeddings(model, batch)
         cosine = torch.nn.functional.cosine_similarity(base_embeddings, original_embeddings)
-        print(f"base vs original, mean-pooled embeddings of {len(SENTENCES)} sentences: cosine mean {cosine.mean():.4f}, min {cosine.min():.4f}")
+        print(
+            f"base vs original, mean-pooled embeddings of {len(SENTENCES)} sentences: cosine mean {cosine.mean():.4f}, min {cosine.min():.4f}"
+        )
 
         p2u_hub.upgrade(model)
         hidden, _ = sentence_embeddings(model, batch)

@@ -39,9 +39,7 @@ def require(module: str, extra: str, *, purpose: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         package = DISTRIBUTIONS.get(module.split(".")[0], module)
-        raise MissingExtraError(
-            f"{purpose} needs the package {package!r} from the {extra!r} extra: {install_hint(extra)}"
-        ) from None
+        raise MissingExtraError(f"{purpose} needs the package {package!r} from the {extra!r} extra: {install_hint(extra)}") from None
 
 
 def is_installed(module: str) -> bool:

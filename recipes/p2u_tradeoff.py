@@ -109,6 +109,7 @@ def upgrade_seconds(base: Path, stage_count: int) -> tuple[float, list[float]]:
     load = median_seconds(lambda: transformers.ViTForImageClassification.from_pretrained(base))
     steps = []
     for stage in range(1, stage_count + 1):
+
         def step(stage: int = stage) -> float:  # time only the upgrade to ``stage``, starting from a model at ``stage - 1``
             model = transformers.ViTForImageClassification.from_pretrained(base)
             if stage > 1:
@@ -174,14 +175,21 @@ def markdown(original: dict, rows: list[dict], bandwidths: list[float], command:
         "Computed, not timed over a network: bytes / bandwidth + the measured local time to load the base with "
         f"`from_pretrained` and to apply each stage with `p2u_hub.upgrade` (median of {REPEATS}; loads of the "
         f"original likewise). Load times: original {original['load_s']:.3f} s; "
-        + ", ".join(f"{row['bits']}-bit base {row['load_s']:.3f} s" for row in rows) + ".",
+        + ", ".join(f"{row['bits']}-bit base {row['load_s']:.3f} s" for row in rows)
+        + ".",
         "",
         "| what is sent | bytes | accuracy when usable | final accuracy | "
-        + " | ".join(f"usable @{mbps:g} MB/s | final @{mbps:g} MB/s" for mbps in bandwidths) + " |",
+        + " | ".join(f"usable @{mbps:g} MB/s | final @{mbps:g} MB/s" for mbps in bandwidths)
+        + " |",
         "|---|---|---|---|" + "---|---|" * len(bandwidths),
     ]
-    times = " | ".join(f"{source_bytes / (mbps * 1e6) + original['load_s']:.2f} s | {source_bytes / (mbps * 1e6) + original['load_s']:.2f} s" for mbps in bandwidths)
-    lines.append(f"| original (float32) | {source_bytes:,} | {100 * original['accuracy']:.1f}% | {100 * original['accuracy']:.1f}% | {times} |")
+    times = " | ".join(
+        f"{source_bytes / (mbps * 1e6) + original['load_s']:.2f} s | {source_bytes / (mbps * 1e6) + original['load_s']:.2f} s"
+        for mbps in bandwidths
+    )
+    lines.append(
+        f"| original (float32) | {source_bytes:,} | {100 * original['accuracy']:.1f}% | {100 * original['accuracy']:.1f}% | {times} |"
+    )
     for row in rows:
         base_times = " | ".join(f"{seconds_at(row, 0, mbps):.2f} s | {seconds_at(row, 0, mbps):.2f} s" for mbps in bandwidths)
         lines.append(
@@ -211,10 +219,21 @@ def plot(original: dict, rows: list[dict], mbps: float, path: Path) -> None:
         label = "p2u " + " → ".join(map(str, row["ladder"]))
         by_bytes.plot([b / 1e3 for b in row["cumulative_bytes"]], [100 * a for a in row["accuracy"]], marker="o", label=label)
         times = [seconds_at(row, stage, mbps) for stage in range(len(row["accuracy"]))]
-        by_time.step([0, *times, times[-1] * 1.5], [0, *(100 * a for a in row["accuracy"]), 100 * row["accuracy"][-1]], where="post", label=label)
+        by_time.step(
+            [0, *times, times[-1] * 1.5], [0, *(100 * a for a in row["accuracy"]), 100 * row["accuracy"][-1]], where="post", label=label
+        )
     original_time = original["bytes"] / (mbps * 1e6) + original["load_s"]
-    by_bytes.plot([original["bytes"] / 1e3], [100 * original["accuracy"]], marker="*", markersize=12, color="black", linestyle="", label="original")
-    by_time.step([0, original_time, original_time * 1.5], [0, 100 * original["accuracy"], 100 * original["accuracy"]], where="post", color="black", linestyle="--", label="original")
+    by_bytes.plot(
+        [original["bytes"] / 1e3], [100 * original["accuracy"]], marker="*", markersize=12, color="black", linestyle="", label="original"
+    )
+    by_time.step(
+        [0, original_time, original_time * 1.5],
+        [0, 100 * original["accuracy"], 100 * original["accuracy"]],
+        where="post",
+        color="black",
+        linestyle="--",
+        label="original",
+    )
     by_bytes.set_xlabel("kB received (cumulative)")
     by_time.set_xlabel(f"seconds at {mbps:g} MB/s (bytes / bandwidth + load + upgrades)")
     for axes in (by_bytes, by_time):
@@ -253,7 +272,9 @@ def main() -> None:
             "test_samples": len(data["test"]),
             "load_s": median_seconds(lambda: transformers.ViTForImageClassification.from_pretrained(work / "original")),
         }
-    command = "python recipes/p2u_tradeoff.py " + " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items())
+    command = "python recipes/p2u_tradeoff.py " + " ".join(
+        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
+    )
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "p2u_tradeoff.md").write_text(markdown(original, rows, args.bandwidths, command))
     plot(original, rows, min(args.bandwidths), args.docs / "p2u_tradeoff.png")

@@ -26,7 +26,11 @@ def minilm_bf16_dir(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     folder = tmp_path_factory.mktemp("minilm") / "bf16"
     shutil.copytree(minilm_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
     tensors = load_file(minilm_dir / "model.safetensors")
-    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()},
+        folder / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     return folder
 
 

@@ -20,8 +20,8 @@ from p2u_hub.core.summary import summarize
 def test_allocation_spends_the_budget_where_the_loss_falls_most():
     numels = {"sensitive": 4096, "insensitive": 4096}
     sensitivity = {
-        "sensitive": {bits: 4.0 ** -bits for bits in range(1, 8)},
-        "insensitive": {bits: 1e-3 * 4.0 ** -bits for bits in range(1, 8)},
+        "sensitive": {bits: 4.0**-bits for bits in range(1, 8)},
+        "insensitive": {bits: 1e-3 * 4.0**-bits for bits in range(1, 8)},
     }
     budget = allocation.uniform_budget(numels.values(), 4, 64)
     widths = allocation.allocate(sensitivity | {"unused": dict.fromkeys(range(1, 8), 0.0)}, numels | {"unused": 64}, budget, 64, 4)
@@ -75,10 +75,19 @@ def test_default_split_allocates_per_tensor_widths_within_the_uniform_budget(ran
         assert {entry.bits for entry in fmt.read_manifest(uniform / "base").quantized_tensors().values()} == {3}
         assert fmt.read_json(uniform / "base" / fmt.ALLOCATION_FILE) == {"method": "uniform", "bits": 3}
     summary = summarize(release)
-    assert summary["widths"]["method"] == "weights" and summary["widths"]["tensors"]["model.layers.0.mlp.up_proj.weight"]["bits"] == widths["model.layers.0.mlp.up_proj.weight"]
-    result = subprocess.run([sys.executable, "-m", "p2u_hub.tools.cli", "inspect", str(release)], capture_output=True, text=True, check=True)
+    assert (
+        summary["widths"]["method"] == "weights"
+        and summary["widths"]["tensors"]["model.layers.0.mlp.up_proj.weight"]["bits"] == widths["model.layers.0.mlp.up_proj.weight"]
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "p2u_hub.tools.cli", "inspect", str(release)], capture_output=True, text=True, check=True
+    )
     assert "base widths (weights;" in result.stdout
-    assert any(line.split()[:1] == ["model.layers.1.self_attn.v_proj.weight"] and line.split()[2] == str(widths["model.layers.1.self_attn.v_proj.weight"]) for line in result.stdout.splitlines())
+    assert any(
+        line.split()[:1] == ["model.layers.1.self_attn.v_proj.weight"]
+        and line.split()[2] == str(widths["model.layers.1.self_attn.v_proj.weight"])
+        for line in result.stdout.splitlines()
+    )
 
 
 def test_calibration_is_refused_with_a_fix_when_the_model_cannot_run(random_checkpoint, tmp_path):

@@ -12,12 +12,12 @@ from safetensors.torch import load_file, save_file
 
 import p2u_hub
 from p2u_hub.core import format as fmt
+from p2u_hub.core.summary import summarize
+from p2u_hub.extras import MissingExtraError
+from p2u_hub.testing import LocalHub
 from p2u_hub.tools.bench import zipnn_reference, zstd_reference
 from p2u_hub.tools.demo import bundled_minilm
-from p2u_hub.extras import MissingExtraError
 from p2u_hub.tools.publish import push
-from p2u_hub.core.summary import summarize
-from p2u_hub.testing import LocalHub
 
 
 def p2u(*args: str, prelude: str = "") -> subprocess.CompletedProcess:

@@ -162,7 +162,15 @@ def test_intermediate_stages_reduce_error():
     spec = progressive.Ladder(3, (5, 8), 64)
     encoded = progressive.encode(weight, spec)
     errors = [
-        (progressive.decode(encoded.packed_codes, encoded.scales, encoded.offsets, encoded.deltas[:k], spec, tuple(weight.shape), weight.dtype) - weight).abs().mean().item()
+        (
+            progressive.decode(
+                encoded.packed_codes, encoded.scales, encoded.offsets, encoded.deltas[:k], spec, tuple(weight.shape), weight.dtype
+            )
+            - weight
+        )
+        .abs()
+        .mean()
+        .item()
         for k in range(3)
     ]
     assert errors[0] > errors[1] > errors[2] > 0
@@ -188,10 +196,14 @@ def test_multi_block_tensor_round_trips_and_frames_are_checked():
     weight = _weights(torch.bfloat16, (1100, 1000))  # 1.1M elements: two blocks of 10922 groups of 96, the last one short
     encoded = progressive.encode(weight, spec)
     assert int.from_bytes(encoded.deltas[0][:4], "little") == 2
-    rebuilt = progressive.decode(encoded.packed_codes, encoded.scales, encoded.offsets, encoded.deltas, spec, tuple(weight.shape), weight.dtype)
+    rebuilt = progressive.decode(
+        encoded.packed_codes, encoded.scales, encoded.offsets, encoded.deltas, spec, tuple(weight.shape), weight.dtype
+    )
     assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
     with pytest.raises(entropy.CorruptStreamError, match="header says"):
-        progressive.decode(encoded.packed_codes, encoded.scales, encoded.offsets, [encoded.deltas[0][:-1]], spec, tuple(weight.shape), weight.dtype)
+        progressive.decode(
+            encoded.packed_codes, encoded.scales, encoded.offsets, [encoded.deltas[0][:-1]], spec, tuple(weight.shape), weight.dtype
+        )
 
 
 def test_block_threads_give_the_same_bytes_and_are_configurable(monkeypatch):

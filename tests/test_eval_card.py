@@ -11,8 +11,8 @@ import torch
 import transformers
 from huggingface_hub import ModelCard
 
-from p2u_hub.core import format as fmt
 from p2u_hub import split
+from p2u_hub.core import format as fmt
 from p2u_hub.tools.card import NOT_EVALUATED, write_cards
 from p2u_hub.tools.cli import main
 from p2u_hub.tools.evaluate import EvalDataError, evaluate, spearman

@@ -105,7 +105,11 @@ def _reseal(release: Path) -> None:
 
 
 def _mutate_json(release: Path, rng: random.Random, escape_root: Path) -> str:
-    files = [release / fmt.BASE_DIR / fmt.MANIFEST_FILE, release / fmt.BASE_DIR / fmt.CONFIG_FILE, *release.glob(f"stage-*/{fmt.STAGE_FILE}")]
+    files = [
+        release / fmt.BASE_DIR / fmt.MANIFEST_FILE,
+        release / fmt.BASE_DIR / fmt.CONFIG_FILE,
+        *release.glob(f"stage-*/{fmt.STAGE_FILE}"),
+    ]
     path = rng.choice(files)
     tree = json.loads(path.read_text())
     if path.name == fmt.CONFIG_FILE:

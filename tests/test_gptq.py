@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import p2u_hub
-from p2u_hub.core import format as fmt
 from p2u_hub.codecs import ladder, progressive
+from p2u_hub.core import format as fmt
 from p2u_hub.core.gptq import corrected_codes
 
 

@@ -99,9 +99,7 @@ def test_branch_upload_leaves_main_alone(published: str, tmp_path: Path) -> None
     assert conflict.value.response.status_code == 409
 
     weights = WEIGHTS[::-1]
-    commit = api.upload_folder(
-        repo_id=REPO, folder_path=write_folder(tmp_path / "stage", weights, "second"), revision=branch
-    ).oid
+    commit = api.upload_folder(repo_id=REPO, folder_path=write_folder(tmp_path / "stage", weights, "second"), revision=branch).oid
     refs = api.list_repo_refs(REPO)
     assert {ref.name: ref.target_commit for ref in refs.branches} == {"main": published, branch: commit}
     assert api.model_info(REPO, revision=branch).sha == commit
@@ -160,9 +158,7 @@ def test_hf_cli_upload_to_branch(local_hub: LocalHub, tmp_path: Path) -> None:
     assert Path(hf_hub_download(REPO, "sub/note.txt", revision="p2u/stage-2")).read_text() == "from the cli"
 
 
-def test_dropped_download_is_resumed(
-    published: str, local_hub: LocalHub, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_dropped_download_is_resumed(published: str, local_hub: LocalHub, caplog: pytest.LogCaptureFixture) -> None:
     """huggingface_hub retries a download cut short, with a Range request for the rest."""
     local_hub.drop_next_downloads(1)
     with caplog.at_level(logging.WARNING, logger="huggingface_hub"):

@@ -63,5 +63,9 @@ def test_imports_only_run_downward():
 
 
 def test_every_module_belongs_to_a_layer():
-    tops = {path.stem if path.suffix == ".py" else path.name for path in PACKAGE.iterdir() if path.suffix == ".py" or (path / "__init__.py").is_file()}
+    tops = {
+        path.stem if path.suffix == ".py" else path.name
+        for path in PACKAGE.iterdir()
+        if path.suffix == ".py" or (path / "__init__.py").is_file()
+    }
     assert tops - {"__init__"} <= set(LAYERS) | APART

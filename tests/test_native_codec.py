@@ -37,9 +37,13 @@ def test_native_and_numpy_paths_write_and_read_the_same_bytes(monkeypatch, dtype
     assert torch.equal(native.packed_codes, fallback.packed_codes) and torch.equal(native.scales, fallback.scales)
     for stage in range(spec.stage_count + 1):
         monkeypatch.setenv("P2U_NO_NATIVE", "1")
-        expected = progressive.decode(native.packed_codes, native.scales, native.offsets, native.deltas[:stage], spec, tuple(weight.shape), dtype)
+        expected = progressive.decode(
+            native.packed_codes, native.scales, native.offsets, native.deltas[:stage], spec, tuple(weight.shape), dtype
+        )
         monkeypatch.setenv("P2U_NO_NATIVE", "")
-        rebuilt = progressive.decode(native.packed_codes, native.scales, native.offsets, native.deltas[:stage], spec, tuple(weight.shape), dtype)
+        rebuilt = progressive.decode(
+            native.packed_codes, native.scales, native.offsets, native.deltas[:stage], spec, tuple(weight.shape), dtype
+        )
         assert torch.equal(rebuilt.view(torch.uint8), expected.view(torch.uint8)), stage
     assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
 

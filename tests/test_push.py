@@ -13,9 +13,9 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 import p2u_hub
 from p2u_hub.core import format as fmt
 from p2u_hub.errors import HubError, PushRefusedError, StageUnavailableError
-from p2u_hub.tools.publish import push
 from p2u_hub.testing import LocalHub
 from p2u_hub.testing.assertions import assert_checkpoints_bit_identical
+from p2u_hub.tools.publish import push
 
 REPO = "local/gpt2-p2u"
 

@@ -19,7 +19,9 @@ from p2u_hub.testing.assertions import assert_checkpoints_bit_identical, checkpo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,base_limit,total_limit", [("fp32", 0.135, 0.86), ("bf16", 0.27, 0.732)])  # base bytes include the manifest with its checksums
+@pytest.mark.parametrize(
+    "variant,base_limit,total_limit", [("fp32", 0.135, 0.86), ("bf16", 0.27, 0.732)]
+)  # base bytes include the manifest with its checksums
 def test_minilm_sizes_and_bit_exact_merge(variant, base_limit, total_limit, minilm_dir, minilm_bf16_dir, tmp_path):
     """The default command (4-bit budget, calibrated widths): base no larger than the uniform 4-bit base of format 1."""
     source = minilm_dir if variant == "fp32" else minilm_bf16_dir
@@ -224,7 +226,9 @@ def test_release_of_format_version_1_still_reads(random_checkpoint, tmp_path, mo
     offsets and per-tensor widths, must rebuild the same base and the source bit for bit."""
     from p2u_hub.codecs import ladder
 
-    monkeypatch.setattr(ladder, "base_grid", lambda groups, bits: (ladder.base_scales(groups, bits), torch.zeros(groups.shape[0], dtype=torch.int32)))
+    monkeypatch.setattr(
+        ladder, "base_grid", lambda groups, bits: (ladder.base_scales(groups, bits), torch.zeros(groups.shape[0], dtype=torch.int32))
+    )
     source = random_checkpoint("llama")
     current = p2u_hub.split(source, tmp_path / "current", bits=3, uniform=True)
     old = tmp_path / "old"
@@ -245,7 +249,9 @@ def test_release_of_format_version_1_still_reads(random_checkpoint, tmp_path, mo
         record.update(parent=digest, format_version=1)
         fmt.write_json(old / stage / fmt.STAGE_FILE, record)
     assert not fmt.read_manifest(old / "base").has_offsets
-    assert_checkpoints_bit_identical(p2u_hub.merge(current, tmp_path / "current-base", stage="base"), p2u_hub.merge(old, tmp_path / "old-base", stage="base"))
+    assert_checkpoints_bit_identical(
+        p2u_hub.merge(current, tmp_path / "current-base", stage="base"), p2u_hub.merge(old, tmp_path / "old-base", stage="base")
+    )
     assert_checkpoints_bit_identical(source, p2u_hub.merge(old, tmp_path / "merged"))
     import transformers
 

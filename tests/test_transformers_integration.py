@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import os
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,10 +21,15 @@ from transformers.quantizers import auto as quantizer_table
 import p2u_hub
 from p2u_hub.core import format as fmt
 from p2u_hub.integrations.transformers import (
-    P2UConfig, P2UHfQuantizer, PackedEmbedding, PackedLayer, PackedLinear, register,
+    P2UConfig,
+    P2UHfQuantizer,
+    PackedEmbedding,
+    PackedLayer,
+    PackedLinear,
+    register,
 )  # fmt: skip
-from p2u_hub.tools.publish import push
 from p2u_hub.testing.assertions import assert_tensors_bit_identical
+from p2u_hub.tools.publish import push
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 1]])
 
@@ -145,7 +150,9 @@ def test_upgrade_stage_by_stage_to_the_source_bits(architecture, dtype, random_c
     assert not hasattr(model, "hf_quantizer") and not hasattr(model.config, "quantization_config")
     model.save_pretrained(tmp_path / "saved")
     assert "quantization_config" not in json.loads((tmp_path / "saved" / fmt.CONFIG_FILE).read_text())
-    assert_tensors_bit_identical(original.state_dict(), _load(tmp_path / "saved", causal=architecture == "llama", dtype="auto").state_dict())
+    assert_tensors_bit_identical(
+        original.state_dict(), _load(tmp_path / "saved", causal=architecture == "llama", dtype="auto").state_dict()
+    )
     with pytest.raises(ValueError, match="no p2u quantizer"):
         p2u_hub.upgrade(model)
 

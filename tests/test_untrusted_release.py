@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import p2u_hub
 from p2u_hub.core import format as fmt
-from p2u_hub.tools.cli import main
 from p2u_hub.integrations.transformers import PackedLayer
+from p2u_hub.tools.cli import main
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 1]])
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any
 import zlib
+from typing import Any
 
 import numpy as np
 import torch

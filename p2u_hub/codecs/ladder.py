@@ -255,9 +255,7 @@ def unpack_unsigned(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ((words >> shifts) & ((1 << bits) - 1)).reshape(-1)
 
 
-def dequantize_packed(
-    packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, bits: int, group_size: int
-) -> torch.Tensor:
+def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
     """``dequantize`` at the base width straight from packed codes: float32, shape ``(groups, group_size)``.
 
     The same bits as ``dequantize(unpack(...))``: ``u - (2**(bits-1) - 0.5 + o)`` equals ``v - o + 0.5``

@@ -102,7 +102,9 @@ def contexts(reconstruction: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         _, mantissa_bits, bias = _layout(reconstruction.dtype)
         out = np.empty(reconstruction.numel(), dtype=np.uint8)
         step_bits = step.to(torch.float32).contiguous().view(torch.int32).numpy()
-        _native.contexts(_bit_patterns(reconstruction), reconstruction.element_size(), mantissa_bits, bias, step_bits, CONTEXT_MIN, CONTEXT_MAX, out)
+        _native.contexts(
+            _bit_patterns(reconstruction), reconstruction.element_size(), mantissa_bits, bias, step_bits, CONTEXT_MIN, CONTEXT_MAX, out
+        )
         return torch.from_numpy(out).reshape(reconstruction.shape)
     relative = exponent(reconstruction) - exponent(step.to(torch.float32))
     return (relative.clamp(CONTEXT_MIN, CONTEXT_MAX) - CONTEXT_MIN).to(torch.uint8)

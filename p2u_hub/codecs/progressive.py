@@ -291,7 +291,12 @@ def _padded_codes(codes: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _decode_block(
-    packed_codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, deltas: list[bytes], spec: Ladder, numel: int,
+    packed_codes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    deltas: list[bytes],
+    spec: Ladder,
+    numel: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     codes = ladder.unpack(packed_codes, spec.base_bits).view(-1, spec.group_size)

@@ -87,8 +87,7 @@ def weight_sensitivity(weight: torch.Tensor, widths: Iterable[int], group_size: 
     reference = weight.to(torch.float32)
     norm = float(reference.square().sum()) or 1.0
     return {
-        bits: float((base_reconstruction(weight, bits, group_size).to(torch.float32) - reference).square().sum()) / norm
-        for bits in widths
+        bits: float((base_reconstruction(weight, bits, group_size).to(torch.float32) - reference).square().sum()) / norm for bits in widths
     }
 
 

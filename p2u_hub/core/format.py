@@ -108,7 +108,13 @@ def plain_name(name: object, origin: str, what: str = "file name") -> str:
 
 def check_revision(revision: object, origin: str) -> str:
     """A Hub revision (branch, tag or commit) that is safe to hand to huggingface_hub: no ``..``, ``\\``, NUL, leading ``/``."""
-    if not isinstance(revision, str) or not _REVISION.fullmatch(revision) or ".." in revision or "//" in revision or revision.endswith(("/", ".lock")):
+    if (
+        not isinstance(revision, str)
+        or not _REVISION.fullmatch(revision)
+        or ".." in revision
+        or "//" in revision
+        or revision.endswith(("/", ".lock"))
+    ):
         raise UnsafePathError(f"{origin}: revision {revision!r} is not a valid branch, tag or commit name")
     return revision
 
@@ -168,7 +174,9 @@ def _mapping(value: object, origin: str, what: str) -> dict:
 def _format_version(value: object, origin: str) -> int:
     version = _integer(value, origin, "format_version", 1)
     if version > FORMAT_VERSION:
-        raise P2UFormatError(f"{origin}: format version {version} is newer than this p2u-hub understands ({FORMAT_VERSION}); upgrade p2u-hub")
+        raise P2UFormatError(
+            f"{origin}: format version {version} is newer than this p2u-hub understands ({FORMAT_VERSION}); upgrade p2u-hub"
+        )
     return version
 
 
@@ -447,8 +455,14 @@ class Manifest:
             tensors[name] = TensorEntry.from_json(entry, f"{origin}: tensor {name!r}")
         for name, entry in tensors.items():
             owner = tensors.get(entry.alias_of) if entry.alias_of is not None else entry
-            if owner is None or owner.alias_of is not None or (owner.shape, owner.dtype, owner.codec) != (entry.shape, entry.dtype, entry.codec):
-                raise P2UFormatError(f"{origin}: tensor {name!r} is an alias of {entry.alias_of!r}, which is no stored tensor of its shape and dtype")
+            if (
+                owner is None
+                or owner.alias_of is not None
+                or (owner.shape, owner.dtype, owner.codec) != (entry.shape, entry.dtype, entry.codec)
+            ):
+                raise P2UFormatError(
+                    f"{origin}: tensor {name!r} is an alias of {entry.alias_of!r}, which is no stored tensor of its shape and dtype"
+                )
         source = _mapping(data.get("source"), origin, "source")
         files: dict[str, SourceFile] = {}
         listed: set[str] = set()
@@ -476,17 +490,26 @@ class Manifest:
                 raise P2UFormatError(f"{origin}: source {key} must be a string")
         base_sha256 = data.get("base_sha256")
         if base_sha256 is not None:
-            base_sha256 = {name: _sha256(digest, origin, f"base_sha256 of {name!r}") for name, digest in _mapping(base_sha256, origin, "base_sha256").items()}
+            base_sha256 = {
+                name: _sha256(digest, origin, f"base_sha256 of {name!r}")
+                for name, digest in _mapping(base_sha256, origin, "base_sha256").items()
+            }
         elif version >= 2:
             raise P2UFormatError(f"{origin}: format version {version} requires base_sha256")
         for name, entry in tensors.items():
             if entry.bits is not None:
                 if version < GRID_OFFSETS_VERSION or entry.codec != CODEC_LADDER:
-                    raise P2UFormatError(f"{origin}: tensor {name!r} has a base width, which only ladder tensors of format {GRID_OFFSETS_VERSION}+ have")
+                    raise P2UFormatError(
+                        f"{origin}: tensor {name!r} has a base width, which only ladder tensors of format {GRID_OFFSETS_VERSION}+ have"
+                    )
                 if ladder.stage_bits and entry.bits >= ladder.stage_bits[0]:
-                    raise P2UFormatError(f"{origin}: tensor {name!r} has base width {entry.bits}, not below the first stage's {ladder.stage_bits[0]} bits")
+                    raise P2UFormatError(
+                        f"{origin}: tensor {name!r} has base width {entry.bits}, not below the first stage's {ladder.stage_bits[0]} bits"
+                    )
             if entry.corrected and (version < CORRECTED_CODES_VERSION or entry.bits is None or entry.alias_of is not None):
-                raise P2UFormatError(f"{origin}: tensor {name!r} is corrected, which only stored ladder tensors with a base width of format {CORRECTED_CODES_VERSION}+ are")
+                raise P2UFormatError(
+                    f"{origin}: tensor {name!r} is corrected, which only stored ladder tensors with a base width of format {CORRECTED_CODES_VERSION}+ are"
+                )
         return cls(
             ladder, tensors, files, index_file, index_metadata, source.get("repo_id"), source.get("revision"),
             base_sha256, version,
@@ -640,7 +663,10 @@ class StageRecord:
         for name, payload in _mapping(data.get("tensors"), origin, "tensors").items():
             where = f"{origin}: payload of tensor {name!r}"
             payload = _mapping(payload, where, "payload")
-            payloads[name] = {"sha256": _sha256(payload.get("sha256"), where, "sha256"), "bytes": _integer(payload.get("bytes"), where, "bytes")}
+            payloads[name] = {
+                "sha256": _sha256(payload.get("sha256"), where, "sha256"),
+                "bytes": _integer(payload.get("bytes"), where, "bytes"),
+            }
         return cls(index, bits, _sha256(data.get("parent"), origin, "parent"), payloads, version)
 
 

@@ -22,8 +22,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from . import format as fmt
 from ..errors import HubError, PushRefusedError, StageUnavailableError, UnsafePathError  # noqa: F401  (PushRefusedError: its old home)
+from . import format as fmt
 
 OTHER_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.ot", "*.gguf"]
 

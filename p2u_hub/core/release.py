@@ -155,8 +155,7 @@ class Release:
             )
         if record.index != index or record.bits != entry.bits:
             raise fmt.StageMismatchError(
-                f"{folder}: expected {entry.name} ({entry.bits or 'lossless'}), found stage {record.index} "
-                f"({record.bits or 'lossless'})"
+                f"{folder}: expected {entry.name} ({entry.bits or 'lossless'}), found stage {record.index} ({record.bits or 'lossless'})"
             )
         self._stages[index] = folder, record
         return folder, record
@@ -211,9 +210,7 @@ class TensorRebuilder:
         self.release = release
         self.index = index
         self.full = index == release.stage_count
-        self._stages = [
-            (folder, record, TensorReader(fmt.weight_files(folder, fmt.DELTA_WEIGHTS_NAME))) for folder, record in stages
-        ]
+        self._stages = [(folder, record, TensorReader(fmt.weight_files(folder, fmt.DELTA_WEIGHTS_NAME))) for folder, record in stages]
         self._verified: dict[tuple[int, str], bytes] = {}  # (stage position, tensor) -> payload checked by verify_payloads
 
     def tensor(self, name: str, stored: StoredCodes | None = None) -> torch.Tensor:

@@ -98,8 +98,7 @@ def split(
         base_dir = work / fmt.BASE_DIR
         base = ShardedWriter(base_dir, fmt.BASE_WEIGHTS_NAME, max_shard_bytes)
         deltas = [
-            ShardedWriter(work / fmt.stage_dir_name(k), fmt.DELTA_WEIGHTS_NAME, max_shard_bytes)
-            for k in range(1, spec.stage_count + 1)
+            ShardedWriter(work / fmt.stage_dir_name(k), fmt.DELTA_WEIGHTS_NAME, max_shard_bytes) for k in range(1, spec.stage_count + 1)
         ]
         payloads: list[dict[str, dict]] = [{} for _ in deltas]
         base_sha256: dict[str, str] = {}
@@ -212,11 +211,7 @@ def _choose_widths(
     uniform: bool, method: str,
 ) -> tuple[dict[str, int], dict]:  # fmt: skip
     """The base width of every stored ladder tensor, and the record of how it was chosen (``fmt.ALLOCATION_FILE``)."""
-    numels = {
-        name: math.prod(entry.shape)
-        for name, entry in tensors.items()
-        if entry.codec == fmt.CODEC_LADDER and entry.alias_of is None
-    }
+    numels = {name: math.prod(entry.shape) for name, entry in tensors.items() if entry.codec == fmt.CODEC_LADDER and entry.alias_of is None}
     uniform_record = {"method": allocation.METHOD_UNIFORM, "bits": spec.base_bits}
     if uniform:
         return dict.fromkeys(numels, spec.base_bits), uniform_record
@@ -230,7 +225,9 @@ def _choose_widths(
         if measured is None and method == allocation.METHOD_CALIBRATION:
             raise fmt.P2UFormatError(f"{source_dir}: cannot run this model on the calibration text; use --sensitivity weights")
     if measured is None and method == "auto":  # the data-free widths can be far worse than uniform ones (SmolLM2, docs/cli.md)
-        allocation.logger.warning("p2u split: no calibration for this model; every tensor gets --bits (--sensitivity weights allocates data-free)")
+        allocation.logger.warning(
+            "p2u split: no calibration for this model; every tensor gets --bits (--sensitivity weights allocates data-free)"
+        )
         return dict.fromkeys(numels, spec.base_bits), uniform_record
     used = allocation.METHOD_CALIBRATION if measured is not None else allocation.METHOD_WEIGHTS
     if measured is None:

@@ -31,7 +31,9 @@ def summarize(path: str | os.PathLike, *, token: str | bool | None = None) -> di
     manifest = release.manifest
     source_bytes = manifest.source_bytes()
     parameters = sum(math.prod(entry.shape) for entry in manifest.tensors.values())
-    folders: list[tuple[str, str, int | None, Path, str, str]] = [(fmt.BASE_DIR, "base", release.qconfig.bits, release.base_dir, fmt.BASE_WEIGHTS_NAME, fmt.MANIFEST_FILE)]
+    folders: list[tuple[str, str, int | None, Path, str, str]] = [
+        (fmt.BASE_DIR, "base", release.qconfig.bits, release.base_dir, fmt.BASE_WEIGHTS_NAME, fmt.MANIFEST_FILE)
+    ]
     for entry in release.qconfig.stages:
         folder = release.stage_dir(entry.index)
         folders.append((entry.name, entry.kind, entry.bits, folder, fmt.DELTA_WEIGHTS_NAME, fmt.STAGE_FILE))
@@ -96,7 +98,10 @@ def format_table(summary: dict) -> str:
 def text_table(rows: Sequence[Sequence[str]]) -> list[str]:
     """Lines of a plain-text table: the first row is the header, first column left-aligned, others right."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(width) if column else cell.ljust(width) for column, (cell, width) in enumerate(zip(row, widths))) for row in rows]
+    lines = [
+        "  ".join(cell.rjust(width) if column else cell.ljust(width) for column, (cell, width) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return lines
 

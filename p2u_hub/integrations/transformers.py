@@ -53,9 +53,9 @@ from transformers.quantizers import auto as quantizer_table
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..core import format as fmt
 from ..codecs import ladder as ladder_codec
 from ..codecs.progressive import Ladder, dequantize_packed
+from ..core import format as fmt
 from ..core.release import Release, StoredCodes
 from ..core.storage import file_tensor_digests, safetensors_header
 from . import cpu_int4
@@ -85,9 +85,7 @@ class P2UConfig(QuantizationConfigMixin):
         P2UFormatError: the base's block is invalid, or from a newer format than this p2u-hub reads.
     """
 
-    def __init__(
-        self, load_mode: str | None = None, upgrade: str | None = None, quant_method: str = fmt.QUANT_METHOD, **base_fields
-    ):
+    def __init__(self, load_mode: str | None = None, upgrade: str | None = None, quant_method: str = fmt.QUANT_METHOD, **base_fields):
         if load_mode is not None and load_mode not in fmt.LOAD_MODES:
             raise ValueError(f"load_mode must be one of {fmt.LOAD_MODES}, got {load_mode!r}")
         if upgrade is not None and upgrade not in UPGRADE_AT_LOAD:
@@ -374,7 +372,11 @@ def _mark_logical_shape(codes: torch.Tensor, shape: tuple[int, ...]) -> None:
 
 
 def _expand_rows(
-    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, layout: PackedLayout, rows: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    layout: PackedLayout,
+    rows: torch.Tensor,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Rows of a packed weight, the same values as indexing the fully expanded one.
@@ -521,9 +523,7 @@ class P2UHfQuantizer(HfQuantizer):
             if bias.shape[0] != size:
                 bias.data = bias.data[:size].clone()
         dense = {
-            name: packed
-            for name, packed in self.parameters.items()
-            if not isinstance(model.get_submodule(packed.module_name), PackedLayer)
+            name: packed for name, packed in self.parameters.items() if not isinstance(model.get_submodule(packed.module_name), PackedLayer)
         }
         install_expanded(model, dense, lambda packed: expand_loaded(model, packed))
         self._start_upgrade(model)

@@ -23,7 +23,9 @@ def assert_tensors_bit_identical(expected: Mapping[str, torch.Tensor], actual: M
     assert sorted(actual) == sorted(expected), f"tensor names differ: {sorted(set(actual) ^ set(expected))}"
     for name, tensor in expected.items():
         other = actual[name]
-        assert other.dtype == tensor.dtype and other.shape == tensor.shape, f"{name}: {other.dtype}{list(other.shape)} != {tensor.dtype}{list(tensor.shape)}"
+        assert other.dtype == tensor.dtype and other.shape == tensor.shape, (
+            f"{name}: {other.dtype}{list(other.shape)} != {tensor.dtype}{list(tensor.shape)}"
+        )
         assert torch.equal(other.detach().cpu().contiguous().view(torch.uint8), tensor.detach().cpu().contiguous().view(torch.uint8)), name
 
 

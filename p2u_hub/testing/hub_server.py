@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -86,7 +86,7 @@ _REF_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,199}")
 
 def _now() -> str:
     """UTC time in the one format ``huggingface_hub`` parses (``2024-01-31T12:00:00.000Z``)."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _git_blob_oid(data: bytes) -> str:
@@ -293,8 +293,13 @@ class _Store:
     def create_ref(self, repo_type: str, repo_id: str, kind: str, name: str, revision: str) -> None:
         """Point a new branch or tag (``kind`` is ``"branches"`` or ``"tags"``) at ``revision``; 409 if it exists."""
         if (
-            not isinstance(name, str) or not _REF_NAME.fullmatch(name) or _COMMIT_OID.fullmatch(name) or ".." in name
-            or "//" in name or name.endswith(("/", ".", ".lock")) or "/." in name
+            not isinstance(name, str)
+            or not _REF_NAME.fullmatch(name)
+            or _COMMIT_OID.fullmatch(name)
+            or ".." in name
+            or "//" in name
+            or name.endswith(("/", ".", ".lock"))
+            or "/." in name
         ):  # fmt: skip  (git check-ref-format's rules, plus: not a commit id)
             raise HubError(f"Invalid reference name: {name!r}", status=400)
         with self._lock:
@@ -355,10 +360,7 @@ def _wants_lfs(path: str, size: int, sample: bytes, patterns: list[str]) -> bool
     return (
         size > LFS_THRESHOLD
         or b"\0" in sample
-        or any(
-            fnmatch.fnmatchcase(path if "/" in pattern else posixpath.basename(path), pattern.lstrip("/"))
-            for pattern in patterns
-        )
+        or any(fnmatch.fnmatchcase(path if "/" in pattern else posixpath.basename(path), pattern.lstrip("/")) for pattern in patterns)
     )
 
 
@@ -822,9 +824,7 @@ class _Handler(BaseHTTPRequestHandler):
         byte_range = _parse_range(self.headers.get("Range"), size)
         start, end = byte_range or (0, size)
         self.send_response(206 if byte_range else 200)
-        headers.update(
-            {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes", "Content-Length": str(end - start)}
-        )
+        headers.update({"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes", "Content-Length": str(end - start)})
         if byte_range:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         for header, value in headers.items():
@@ -850,6 +850,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     _API = r"/api/(?P<kind>models|datasets|spaces)/(?P<ns>[^/]+)/(?P<name>[^/]+)"
     _WEB = r"(?:/(?P<kind>datasets|spaces))?/(?P<ns>[^/]+)/(?P<name>[^/]+?)"
+
     def xet(self, **_: str) -> None:
         self._drain_body()
         raise HubError(XET_DISABLED_MESSAGE, status=501)

@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 
-from ..core import format as fmt
 from ..codecs import progressive
-from ..extras import install_hint, is_installed, require
+from ..core import format as fmt
 from ..core.storage import ShardedWriter, TensorReader, atomic_output_dir
 from ..core.summary import text_table
+from ..extras import install_hint, is_installed, require
 
 DEFAULT_BANDWIDTHS = (20.0, 100.0)
 ZSTD_LEVEL = 3
@@ -133,7 +133,12 @@ def bench(
                 hub.rate_mbps = mbps
                 runs = {}
                 for mode in MODES:
-                    job = {"task": "load", "mode": mode, "repo_id": ORIGINAL_REPO if mode == "plain" else RELEASE_REPO, "source": str(source_dir)}
+                    job = {
+                        "task": "load",
+                        "mode": mode,
+                        "repo_id": ORIGINAL_REPO if mode == "plain" else RELEASE_REPO,
+                        "source": str(source_dir),
+                    }
                     with steps.step(f"{LOAD_STEPS[mode]} at {mbps:g} MB/s, {repeats}x in fresh processes"):
                         runs[mode] = _median_run([_run_worker(job, hub_env(hub.url, work / "cache", fresh=True)) for _ in range(repeats)])
                 if not runs["full"]["bit_exact"]:
@@ -233,11 +238,22 @@ def format_table(result: dict) -> str:
     rows = [("job", "seconds", "of which upgrade", "MB/s of source", "peak RSS MB", "RSS after imports MB")]
     for job in ("split", "merge"):
         run = result[job]
-        rows.append((job, f"{run['seconds']:.2f}", "", f"{run['mb_per_s']:.1f}", f"{run['peak_rss_mb']:,.0f}", f"{run['baseline_rss_mb']:,.0f}"))
+        rows.append(
+            (job, f"{run['seconds']:.2f}", "", f"{run['mb_per_s']:.1f}", f"{run['peak_rss_mb']:,.0f}", f"{run['baseline_rss_mb']:,.0f}")
+        )
     last = result["bandwidths"][-1]
     for mode, run in last["runs"].items():
         upgrade = f"{run['upgrade_s']:.2f}" if mode == "full" else ""
-        rows.append((f"load {mode} @{last['mbps']:g} MB/s", f"{run['seconds']:.2f}", upgrade, "", f"{run['peak_rss_mb']:,.0f}", f"{run['baseline_rss_mb']:,.0f}"))
+        rows.append(
+            (
+                f"load {mode} @{last['mbps']:g} MB/s",
+                f"{run['seconds']:.2f}",
+                upgrade,
+                "",
+                f"{run['peak_rss_mb']:,.0f}",
+                f"{run['baseline_rss_mb']:,.0f}",
+            )
+        )
     lines += text_table(rows)
     return "\n".join(lines)
 
@@ -265,12 +281,21 @@ def plot(result: dict, path: str | os.PathLike) -> Path:
     colors = ["#4c72b0"] * (len(sizes) - len(result["stages"])) + ["#dd8452"] * len(result["stages"])
     left.barh(labels[::-1], sizes[::-1], color=colors[::-1])  # top to bottom in list order
     left.set_xlabel("MB downloaded (p2u: cumulative)")
-    series = [key for key in ("plain_s", "usable_s", "full_s", "zstd_s", "zipnn_s") if all(row[key] is not None for row in result["bandwidths"])]
+    series = [
+        key for key in ("plain_s", "usable_s", "full_s", "zstd_s", "zipnn_s") if all(row[key] is not None for row in result["bandwidths"])
+    ]
     width = 0.8 / len(series)
     for offset, key in enumerate(series):
         positions = [i + offset * width for i in range(len(result["bandwidths"]))]
-        right.bar(positions, [row[key] for row in result["bandwidths"]], width, label=key.removesuffix("_s") + (" (est.)" if key in ("zstd_s", "zipnn_s") else ""))
-    right.set_xticks([i + 0.4 - width / 2 for i in range(len(result["bandwidths"]))], [f"{row['mbps']:g} MB/s" for row in result["bandwidths"]])
+        right.bar(
+            positions,
+            [row[key] for row in result["bandwidths"]],
+            width,
+            label=key.removesuffix("_s") + (" (est.)" if key in ("zstd_s", "zipnn_s") else ""),
+        )
+    right.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(result["bandwidths"]))], [f"{row['mbps']:g} MB/s" for row in result["bandwidths"]]
+    )
     right.set_ylabel("seconds")
     right.legend(fontsize=8)
     model = result["model"]
@@ -435,7 +460,9 @@ def zipnn_reference(files: Sequence[Path]) -> dict:
         if tensor.dtype not in names:
             compressed += len(raw)
             continue
-        codec = codecs.setdefault(tensor.dtype, zipnn.ZipNN(input_format="byte", bytearray_dtype=names[tensor.dtype], threads=progressive.codec_threads()))  # as many as ours
+        codec = codecs.setdefault(
+            tensor.dtype, zipnn.ZipNN(input_format="byte", bytearray_dtype=names[tensor.dtype], threads=progressive.codec_threads())
+        )  # as many as ours
         expected = fmt.sha256_bytes(raw)  # taken first: ZipNN reorders the bytes of its input in place
         start = time.perf_counter()
         packed = codec.compress(raw)

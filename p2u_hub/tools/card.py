@@ -20,11 +20,11 @@ from urllib.parse import quote
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
 from ..core import format as fmt
-from ..extras import require
-from ..core.tasks import AUTO, CAUSAL_LM, CLASSIFICATION, EMBEDDING, resolve_task
-from .evaluate import read_eval
 from ..core.release import Release
 from ..core.summary import summarize
+from ..core.tasks import AUTO, CAUSAL_LM, CLASSIFICATION, EMBEDDING, resolve_task
+from ..extras import require
+from .evaluate import read_eval
 
 CARRIED_METADATA = ("license", "license_name", "license_link", "language", "datasets", "library_name", "pipeline_tag")
 """Metadata of the source card that still holds for a quantized copy (unlike its tags or widget): a
@@ -265,8 +265,11 @@ class _CardContext:
             )
         return (
             f"{how} On average {widths['average_bits']:.2f} bits per quantized weight, plus a float16 scale and an "
-            "offset per group.\n\n" + "\n".join(lines)
-            + "\n\n<details><summary>Every tensor</summary>\n\n" + "\n".join(details) + "\n\n</details>"
+            "offset per group.\n\n"
+            + "\n".join(lines)
+            + "\n\n<details><summary>Every tensor</summary>\n\n"
+            + "\n".join(details)
+            + "\n\n</details>"
         )
 
     def _table_notes(self) -> str:
@@ -298,8 +301,12 @@ class _CardContext:
         dataset = self.report["dataset"]
         results = [
             EvalResult(
-                task_type=HUB_TASKS[self.report["task"]], dataset_type=dataset["type"], dataset_name=_dataset_label(dataset),
-                dataset_split=dataset["split"], metric_type=metric["key"], metric_name=metric["name"],
+                task_type=HUB_TASKS[self.report["task"]],
+                dataset_type=dataset["type"],
+                dataset_name=_dataset_label(dataset),
+                dataset_split=dataset["split"],
+                metric_type=metric["key"],
+                metric_name=metric["name"],
                 metric_value=round(figures[metric["key"]], 4),
             )  # fmt: skip
             for metric in self.report["metrics"]

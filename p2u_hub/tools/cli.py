@@ -176,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--layout", choices=("branches", "repos"), default="branches", help="where stages go")
     push.add_argument("--private", action="store_true", help="create new repos as private")
     push.add_argument("--commit-message", default=None, help="message of the commits")
-    push.add_argument("--base-model", default=None, help="source repo id for the cards' base_model (default: kept from an earlier card, else from the split)")
+    push.add_argument(
+        "--base-model",
+        default=None,
+        help="source repo id for the cards' base_model (default: kept from an earlier card, else from the split)",
+    )
     push.set_defaults(run=_push)
 
     evaluate = commands.add_parser("eval", help="quality of the original, the base and every stage on a dataset")

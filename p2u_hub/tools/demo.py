@@ -51,11 +51,11 @@ def run_demo(*, rate_mbps: float = 20.0, workdir: str | os.PathLike | None = Non
     """Run the demo; return the bench result extended with the in-process checks (``demo`` key)."""
     import transformers
 
-    from .bench import RELEASE_REPO, StepLog, bench
-    from .bench_worker import matches_source
+    from ..integrations.upgrade import upgrade
     from ..testing import LocalHub
     from ..testing.client import local_hub_client
-    from ..integrations.upgrade import upgrade
+    from .bench import RELEASE_REPO, StepLog, bench
+    from .bench_worker import matches_source
 
     source = bundled_minilm()
     with tempfile.TemporaryDirectory(prefix="p2u-demo-") as temporary:

@@ -38,9 +38,9 @@ from huggingface_hub.utils import tqdm
 
 from ..core import format as fmt
 from ..core.merge import merge
-from ..extras import require
 from ..core.release import Release
 from ..core.tasks import CAUSAL_LM, CLASSIFICATION, EMBEDDING, resolve_task
+from ..extras import require
 
 if TYPE_CHECKING:
     import datasets
@@ -140,7 +140,9 @@ def evaluate(
                 bar.update()
             else:
                 outputs = reference
-            results.append({"name": name, "bits": release.stage_bits(index), "metrics": _rounded(evaluator.metrics(outputs, reference, inputs))})
+            results.append(
+                {"name": name, "bits": release.stage_bits(index), "metrics": _rounded(evaluator.metrics(outputs, reference, inputs))}
+            )
 
     report = {
         "format": fmt.EVAL_FORMAT,
@@ -178,7 +180,7 @@ def read_eval(release: Release) -> dict | None:
     return report if report.get("manifest_sha256") == release.manifest.sha256 else None
 
 
-def _load_dataset(dataset, evaluator: "_Evaluator", split: str | None) -> tuple[datasets.Dataset, dict]:
+def _load_dataset(dataset, evaluator: _Evaluator, split: str | None) -> tuple[datasets.Dataset, dict]:
     """The evaluation split and its description (name, type, source, split) for the report and the card."""
     datasets = require("datasets", "eval", purpose="p2u eval")
     if dataset is None:
@@ -227,7 +229,7 @@ def _load_file(path: Path) -> datasets.DatasetDict:
         raise EvalDataError(f"{path}: cannot be read as {builder} ({error})") from None
 
 
-def _outputs_at(release: Release, stage: int | str, evaluator: "_Evaluator", batches: list[dict], device: str):
+def _outputs_at(release: Release, stage: int | str, evaluator: _Evaluator, batches: list[dict], device: str):
     """Rebuild the checkpoint at ``stage`` in a temporary folder, load it, run it on every batch, free it."""
     with tempfile.TemporaryDirectory(prefix="p2u-eval-") as folder:
         checkpoint = merge(release.base_dir, Path(folder) / "model", stage=stage, token=release.token, progress=False)

@@ -22,11 +22,11 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from ..core import format as fmt
-from .card import write_cards
-from ..errors import HubError, PushRefusedError
 from ..core.hub import check_repo_id, hub_errors
 from ..core.release import Release, verify
 from ..core.storage import visible_files
+from ..errors import HubError, PushRefusedError
+from .card import write_cards
 
 LAYOUTS = ("branches", "repos")
 DELTA_REPO_SUFFIX = "-p2u-delta"
