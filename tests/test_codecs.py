@@ -218,3 +218,11 @@ def test_block_threads_give_the_same_bytes_and_are_configurable(monkeypatch):
     monkeypatch.setenv(progressive.THREADS_VARIABLE, "zero")
     with pytest.raises(ValueError, match="P2U_CODEC_THREADS must be a positive integer, got 'zero'"):
         progressive.encode(weight, spec)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_offsets_of_some_groups_are_those_of_the_whole_tensor(bits: int):
+    offsets = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (1003,), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
+    packed = ladder.pack_offsets(offsets, bits)
+    groups = torch.tensor([0, 7, 8, 500, 1002])
+    assert torch.equal(ladder.offsets_of_groups(packed, bits, groups), offsets[groups])

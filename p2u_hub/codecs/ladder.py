@@ -231,6 +231,12 @@ def offsets_bytes(groups: int, bits: int) -> int:
     return group_count(groups, 8) * bits
 
 
+def offsets_of_groups(packed: torch.Tensor, bits: int, groups: torch.Tensor) -> torch.Tensor:
+    """The int32 offsets of the given ``groups`` only: their runs of 8 are unpacked, not the whole tensor's."""
+    runs = unpack(packed.view(-1, bits)[groups // 8], bits).view(-1, 8)
+    return runs[torch.arange(groups.numel(), device=groups.device), groups % 8]
+
+
 def unpack_offsets(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
     """Inverse of ``pack_offsets``: the int32 offsets of ``groups`` groups."""
     return unpack(packed, bits)[:groups]

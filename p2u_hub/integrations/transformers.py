@@ -389,7 +389,7 @@ def _expand_rows(
     elements = rows.reshape(-1, 1) * row_size + torch.arange(row_size, device=rows.device)
     groups, position = torch.unique(elements // ladder.group_size, return_inverse=True)
     group_bytes = codes.view(-1, ladder.group_size * ladder.base_bits // 8)[groups]
-    group_offsets = None if offsets is None else ladder_codec.unpack_offsets(offsets, ladder.base_bits, scales.numel())[groups]
+    group_offsets = None if offsets is None else ladder_codec.offsets_of_groups(offsets, ladder.base_bits, groups)
     values = ladder_codec.dequantize_packed(group_bytes, scales[groups], group_offsets, ladder.base_bits, ladder.group_size)
     return values[position, elements % ladder.group_size].reshape(*rows.shape, *layout.shape[1:]).to(dtype)
 
