@@ -78,16 +78,15 @@ def test_cli_workers_find_copies_across_shards_when_coding(sharded_source: Path,
     assert_checkpoints_bit_identical(sharded_source, p2u_hub.merge(tmp_path / "w2", tmp_path / "merged"))
 
 
-def test_shard_jobs_can_run_anywhere_in_any_order(sharded_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """What Ray or Dask would do: jobs and results cross a process boundary (pickled) and finish out of order."""
+def test_shard_jobs_can_run_anywhere_in_any_order(sharded_source: Path, tmp_path: Path):
+    """What Ray or Dask do with ``map_shards``: jobs and results cross a process boundary (pickled), finishing out of order."""
 
-    def remote_map(jobs, workers):
+    def remote_map(jobs):
         done = {id(job): pickle.loads(pickle.dumps(shards.split_shard(pickle.loads(pickle.dumps(job))))) for job in reversed(jobs)}
         return [done[id(job)] for job in jobs]
 
     serial = p2u_hub.split(sharded_source, tmp_path / "serial", uniform=True, workers=1)
-    monkeypatch.setattr(shards, "map_shards", remote_map)
-    assert _digests(p2u_hub.split(sharded_source, tmp_path / "remote", uniform=True)) == _digests(serial)
+    assert _digests(p2u_hub.split(sharded_source, tmp_path / "remote", uniform=True, map_shards=remote_map)) == _digests(serial)
 
 
 def test_default_workers_leave_small_sources_in_one_process(sharded_source: Path, monkeypatch: pytest.MonkeyPatch):

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -43,6 +43,7 @@ def split(
     gptq: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     workers: int | None = None,
+    map_shards: Callable[[list[shards.ShardJob]], list[shards.ShardResult]] | None = None,
     overwrite: bool = False,
     token: str | bool | None = None,
 ) -> Path:
@@ -72,6 +73,10 @@ def split(
             CPU, at most one per file and per 256 MiB of source: ``shards.default_workers``). The release is the same bytes
             whatever the count. With more than one, a script calling ``split`` needs the
             ``if __name__ == "__main__":`` guard of Python's ``spawn`` start method.
+        map_shards: runs ``shards.split_shard`` on every job and returns the results in the
+            jobs' order, instead of the local pool (``workers`` is then unused): e.g. over a Ray or
+            Dask cluster whose machines see the source and ``output``'s parent folder at the same
+            paths (docs/scale.md).
         overwrite: replace ``output`` if it exists.
         token: Hub token for a private source repo (default: the usual HF_TOKEN / login).
 
@@ -108,7 +113,10 @@ def split(
         ]
         parts = Path(tempfile.mkdtemp(prefix=".", dir=work))  # the workers' part files, removed once copied into the shards
         jobs = _shard_jobs(reader, tensors, widths, spec, hessians, parts)
-        results = shards.map_shards(jobs, workers or shards.default_workers(weight_files))
+        if map_shards is None:
+            results = shards.map_shards(jobs, workers or shards.default_workers(weight_files))
+        else:
+            results = map_shards(jobs)
         base_sha256, payloads = shards.combine(results, tensors, [base, *deltas])
         base.close()
         manifest = fmt.Manifest(
