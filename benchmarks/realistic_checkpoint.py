@@ -8,8 +8,10 @@ from all-MiniLM-L6-v2's trained weights (``write_synthetic_llama(weights="minilm
 ``--noise-gb`` N(0, 0.02) one for contrast, then prints, for MiniLM in the same dtype, the tiled
 checkpoint and the noise one: zstd-3 and ZipNN ratios (compressed / source bytes) and the p2u
 release's byte ratios (base, every stage, total; ``split --uniform``, 4-bit base, 8-bit stage,
-lossless). A realistic checkpoint lands near MiniLM's ratios; noise does not. One JSON line ends
-the output. Run it on a quiet machine (``uptime`` is printed).
+lossless). Bytes alone hardly tell trained weights from noise in bf16 (both land near 0.66 under
+ZipNN), so it also prints what does: the excess kurtosis of the weights and the spread (coefficient
+of variation) of the per-group ranges over 64-weight groups, medians over the matrices: the grid's
+scales follow these. One JSON line ends the output. Run it on a quiet machine (``uptime`` is printed).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from p2u_hub import split
+from p2u_hub.core.storage import TensorReader
 from p2u_hub.core.summary import summarize, text_table
 from p2u_hub.tools.bench import write_synthetic_llama, zipnn_reference, zstd_reference
 from p2u_hub.tools.demo import bundled_minilm
@@ -45,6 +49,23 @@ def minilm_in(dtype: torch.dtype, work: Path) -> Path:
     return folder
 
 
+def statistics(checkpoint: Path, group_size: int = 64) -> dict:
+    """Median over the matrices of their weights' excess kurtosis and of the coefficient of variation of their group ranges."""
+    reader = TensorReader(sorted(checkpoint.glob("*.safetensors")))
+    kurtosis, spread = [], []
+    for name in reader.locations:
+        tensor = reader.get(name)
+        if tensor.dim() != 2 or not tensor.is_floating_point() or tensor.numel() % group_size:
+            continue
+        values = tensor.double().reshape(-1)
+        centred = values - values.mean()
+        groups = values.reshape(-1, group_size)
+        ranges = groups.amax(dim=1) - groups.amin(dim=1)
+        kurtosis.append(float((centred**4).mean() / (centred**2).mean() ** 2 - 3))
+        spread.append(float(ranges.std() / ranges.mean()))
+    return {"excess_kurtosis": round(median(kurtosis), 2), "group_range_cv": round(median(spread), 3)}
+
+
 def ratios(checkpoint: Path, work: Path) -> dict:
     """zstd, ZipNN and p2u byte ratios of one checkpoint."""
     files = sorted(checkpoint.glob("*.safetensors"))
@@ -55,6 +76,7 @@ def ratios(checkpoint: Path, work: Path) -> dict:
     summary = summarize(release)
     shutil.rmtree(release)
     return {
+        **statistics(checkpoint),
         "source_bytes": summary["source_bytes"],
         "zstd": zstd["ratio"],
         "zipnn": zipnn["ratio"],
@@ -85,11 +107,25 @@ def main() -> None:
             checkpoints[f"N(0, 0.02) noise ({args.noise_gb} GB)"] = write_synthetic_llama(work / "noise", args.noise_gb, dtype=dtype)
         results = {label: ratios(folder, work) for label, folder in checkpoints.items()}
     stages = sorted({name for result in results.values() for name in result["p2u"]} - {"total"})
-    rows = [("checkpoint", "MB", "zstd-3", "ZipNN", *(f"p2u {name}" for name in stages), "p2u total", "p2u / ZipNN", "split s")]
+    rows = [
+        (
+            "checkpoint",
+            "MB",
+            "kurtosis",
+            "range CV",
+            "zstd-3",
+            "ZipNN",
+            *(f"p2u {name}" for name in stages),
+            "p2u total",
+            "p2u / ZipNN",
+            "split s",
+        )
+    ]
     for label, result in results.items():
         rows.append(
             (
-                label, f"{result['source_bytes'] / 1e6:,.0f}", f"{result['zstd']:.3f}", f"{result['zipnn']:.3f}",
+                label, f"{result['source_bytes'] / 1e6:,.0f}", f"{result['excess_kurtosis']:.2f}", f"{result['group_range_cv']:.3f}",
+                f"{result['zstd']:.3f}", f"{result['zipnn']:.3f}",
                 *(f"{result['p2u'][name]:.3f}" for name in stages), f"{result['p2u']['total']:.3f}",
                 f"{result['p2u_vs_zipnn']:.3f}", f"{result['split_s']}",
             )
