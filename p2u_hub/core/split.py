@@ -70,9 +70,9 @@ def split(
             calibration text (``p2u_hub.core.gptq``): a better base for a larger first stage.
         max_shard_bytes: largest safetensors shard written.
         workers: processes coding the source's safetensors files in parallel (default: one per
-            CPU, at most one per file and per 256 MiB of source: ``shards.default_workers``). The release is the same bytes
-            whatever the count. With more than one, a script calling ``split`` needs the
-            ``if __name__ == "__main__":`` guard of Python's ``spawn`` start method.
+            CPU, at most one per file and per 256 MiB of source: ``shards.default_workers``). The
+            release is the same bytes whatever the count. With more than one, a script calling
+            ``split`` needs the ``if __name__ == "__main__":`` guard (``shards.map_shards``).
         map_shards: runs ``shards.split_shard`` on every job and returns the results in the
             jobs' order, instead of the local pool (``workers`` is then unused): e.g. over a Ray or
             Dask cluster whose machines see the source and ``output``'s parent folder at the same
@@ -153,7 +153,7 @@ def _shard_jobs(
             {name: widths[name] for name in names if name in widths},
             spec,
             {name: hessians[name] for name in names if name in hessians},
-        )  # fmt: skip
+        )
         for number, (file, names) in enumerate(by_file.items())
     ]
 
