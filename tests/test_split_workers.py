@@ -19,7 +19,7 @@ from p2u_hub.core import format as fmt
 from p2u_hub.core import shards
 from p2u_hub.core.storage import safetensors_header
 from p2u_hub.testing.assertions import assert_checkpoints_bit_identical
-from p2u_hub.tools.bench import write_synthetic_llama
+from p2u_hub.tools.bench import TrainedTiles, write_synthetic_llama
 from p2u_hub.tools.demo import bundled_minilm
 
 TINY_LLAMA = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}
@@ -115,3 +115,8 @@ def test_tiled_llama_is_made_of_minilm_weights_and_repeatable(tmp_path: Path):
     assert torch.isin(query.float().abs(), queries.to(torch.bfloat16).float().abs()).all()  # trained values, signs flipped
     assert torch.isin(tensors["model.norm.weight"].float(), norms.to(torch.bfloat16).float()).all()
     assert not torch.isin(query.float().abs(), norms.to(torch.bfloat16).float().abs()).all()
+
+
+def test_tiles_refuse_a_tensor_without_trained_counterpart():
+    with pytest.raises(ValueError, match=r"no MiniLM tensors to tile 'model.layers.0.self_attn.q_proj.bias' \[128\]"):
+        TrainedTiles().tensor("model.layers.0.self_attn.q_proj.bias", (128,), torch.Generator())

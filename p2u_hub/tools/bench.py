@@ -411,8 +411,8 @@ class TrainedTiles:
     def tensor(self, name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """The float32 tensor ``name`` of ``shape``: tiles of its role's trained tensors."""
         role = next((role for role in MINILM_ROLES if f"{role}." in name), None)
-        if role is None:
-            raise ValueError(f"no MiniLM role for tensor {name!r}")
+        if role is None or self.pools[role][0].dim() != len(shape) or len(shape) > 2:
+            raise ValueError(f"no MiniLM tensors to tile {name!r} {list(shape)} from (roles: {', '.join(MINILM_ROLES)})")
         pool = self.pools[role]
         matrix = len(shape) == 2
         rows, cols = shape if matrix else (1, shape[0])
