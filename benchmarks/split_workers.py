@@ -4,8 +4,10 @@ Usage: ``python benchmarks/split_workers.py SOURCE [--workers 1 2] [--runs 3] [-
 [--reference-pythonpath /work/main]``
 
 Each split and merge runs in a fresh interpreter (imports paid before the clock starts); a sampler
-sums the resident memory (``VmRSS``) of that process and its worker processes every 50 ms, so
-"peak MB" is what the machine held at once, not one process's peak. MB/s are source bytes
+sums the proportional resident memory (``Pss``: pages shared by forked workers counted once) of that
+process and its worker processes every 50 ms, so "peak MB" is what the machine held at once, not
+one process's peak; "CPU s" adds up the processes' user + system time after the imports, as last
+sampled (up to 50 ms of each process's end is missed). MB/s are source bytes
 (the safetensors files, 1 MB = 1e6 bytes) per wall second; medians of ``--runs``. Every release
 is checked to be the same bytes as the first (worker counts must not change a byte); with
 ``--reference-pythonpath`` the first release is also compared with the one another checkout of
@@ -41,37 +43,41 @@ if __name__ == "__main__":
 """
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and all its descendants now, in MB."""
+def sample_tree(pid: int, cpu: dict[int, float]) -> float:
+    """Proportional resident memory of ``pid`` and all its descendants now, in MB; their CPU seconds so far into ``cpu``."""
     total, pending = 0.0, [pid]
     while pending:
         current = pending.pop()
         try:
-            status = Path(f"/proc/{current}/status").read_text()
+            status = Path(f"/proc/{current}/smaps_rollup").read_text()
+            times = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
             children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
         except OSError:  # it ended meanwhile
             continue
-        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0) / 1024
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("Pss:")), 0) / 1024
+        cpu[current] = (int(times[11]) + int(times[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
         pending.extend(int(child) for child in children)
     return total
 
 
 def run(job: dict, pythonpath: str) -> dict:
-    """One split or merge in a fresh interpreter: wall seconds (inside the child) and the tree's peak RSS."""
+    """One split or merge in a fresh interpreter: wall seconds (inside the child), the tree's peak PSS and CPU seconds."""
     env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(job)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
     )
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "ready"
-    peak = 0.0
+    before: dict[int, float] = {}
+    sample_tree(child.pid, before)  # the imports, paid before the clock starts
+    peak, cpu = 0.0, dict(before)
     while child.poll() is None:
-        peak = max(peak, tree_rss_mb(child.pid))
+        peak = max(peak, sample_tree(child.pid, cpu))
         time.sleep(0.05)
     output = child.stdout.read().strip().splitlines()
     if child.returncode != 0 or not output:
         raise RuntimeError(f"{job['task']} failed with exit code {child.returncode}")
-    return {"seconds": json.loads(output[-1])["seconds"], "peak_mb": peak}
+    return {"seconds": json.loads(output[-1])["seconds"], "peak_mb": peak, "cpu_s": sum(cpu.values()) - sum(before.values())}
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -110,13 +116,21 @@ def main() -> None:
         print("reference checkout writes the same bytes:", digests(release) == expected)
     shutil.rmtree(release)
     print(f"source: {args.source} ({source_mb:,.0f} MB), split options {options}, runs: {args.runs}")
-    print(f"{'step':<28} {'median s':>9} {'MB/s':>7} {'peak MB':>8}  all s")
+    print(f"{'step':<28} {'median s':>9} {'MB/s':>7} {'CPU s':>7} {'peak MB':>8}  all s")
     summary = {}
     for step, runs in results.items():
         seconds = statistics.median(run["seconds"] for run in runs)
         peak = statistics.median(run["peak_mb"] for run in runs)
-        summary[step] = {"seconds": round(seconds, 2), "mb_per_s": round(source_mb / seconds, 1), "peak_mb": round(peak)}
-        print(f"{step:<28} {seconds:>9.2f} {source_mb / seconds:>7.1f} {peak:>8.0f}  {[round(run['seconds'], 1) for run in runs]}")
+        cpu = statistics.median(run["cpu_s"] for run in runs)
+        summary[step] = {
+            "seconds": round(seconds, 2),
+            "mb_per_s": round(source_mb / seconds, 1),
+            "cpu_s": round(cpu, 1),
+            "peak_mb": round(peak),
+        }
+        print(
+            f"{step:<28} {seconds:>9.2f} {source_mb / seconds:>7.1f} {cpu:>7.1f} {peak:>8.0f}  {[round(run['seconds'], 1) for run in runs]}"
+        )
     print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     print(json.dumps({"source": str(args.source), "source_mb": round(source_mb), "options": options, "results": summary}))
 
