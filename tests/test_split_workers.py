@@ -120,3 +120,19 @@ def test_tiled_llama_is_made_of_minilm_weights_and_repeatable(tmp_path: Path):
 def test_tiles_refuse_a_tensor_without_trained_counterpart():
     with pytest.raises(ValueError, match=r"no MiniLM tensors to tile 'model.layers.0.self_attn.q_proj.bias' \[128\]"):
         TrainedTiles().tensor("model.layers.0.self_attn.q_proj.bias", (128,), torch.Generator())
+
+
+def test_gptq_hessians_travel_with_their_shard(calibratable_bert: Path, tmp_path: Path):
+    """The Hessians are computed once, release-wide; each worker gets its file's and corrects the same codes."""
+    import transformers
+
+    source = tmp_path / "sharded-bert"
+    transformers.BertModel.from_pretrained(calibratable_bert).save_pretrained(source, max_shard_size="100KB")
+    transformers.AutoTokenizer.from_pretrained(calibratable_bert).save_pretrained(source)
+    assert len(list(source.glob("model-*.safetensors"))) > 2
+    serial = p2u_hub.split(source, tmp_path / "serial", bits=3, uniform=True, gptq=True, workers=1)
+    parallel = p2u_hub.split(source, tmp_path / "parallel", bits=3, uniform=True, gptq=True, workers=2)
+    assert _digests(parallel) == _digests(serial)
+    corrected = [name for name, entry in fmt.read_manifest(parallel / "base").tensors.items() if entry.corrected]
+    weight_map = fmt.read_json(source / "model.safetensors.index.json")["weight_map"]
+    assert len(corrected) >= 12 and len({weight_map[name] for name in corrected}) > 1  # corrected in several workers
