@@ -11,8 +11,9 @@ import fnmatch
 import math
 import os
 import shutil
+import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -20,9 +21,8 @@ import torch
 from huggingface_hub.utils import tqdm
 
 from ..codecs import progressive
-from . import allocation
+from . import allocation, shards
 from . import format as fmt
-from .gptq import corrected_codes as gptq_codes
 from .gptq import input_hessians
 from .storage import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TensorReader, atomic_output_dir, safetensors_header, visible_files
 
@@ -42,6 +42,8 @@ def split(
     sensitivity: str = "auto",
     gptq: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    workers: int | None = None,
+    map_shards: Callable[[list[shards.ShardJob]], list[shards.ShardResult]] | None = None,
     overwrite: bool = False,
     token: str | bool | None = None,
 ) -> Path:
@@ -67,6 +69,14 @@ def split(
         gptq: choose the base codes of linear layers by GPTQ error compensation on the bundled
             calibration text (``p2u_hub.core.gptq``): a better base for a larger first stage.
         max_shard_bytes: largest safetensors shard written.
+        workers: processes coding the source's safetensors files in parallel (default: one per
+            CPU, at most one per file and per 256 MiB of source: ``shards.default_workers``). The
+            release is the same bytes whatever the count. With more than one, a script calling
+            ``split`` needs the ``if __name__ == "__main__":`` guard (``shards.map_shards``).
+        map_shards: runs ``shards.split_shard`` on every job and returns the results in the
+            jobs' order, instead of the local pool (``workers`` is then unused): e.g. over a Ray or
+            Dask cluster whose machines see the source and ``output``'s parent folder at the same
+            paths (docs/scale.md).
         overwrite: replace ``output`` if it exists.
         token: Hub token for a private source repo (default: the usual HF_TOKEN / login).
 
@@ -86,12 +96,13 @@ def split(
     spec = progressive.Ladder(bits, tuple(stages), group_size)
     if sensitivity not in allocation.METHODS:
         raise ValueError(f"sensitivity must be one of {allocation.METHODS}, got {sensitivity!r}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     weight_files, index_file, index_metadata = source_weight_files(source_dir)
     reader = TensorReader(weight_files)
     tensors, source_files = _plan(reader, keep, group_size)
     if not _uniform_widths(tensors, uniform, sensitivity):
         _find_copies(reader, tensors)  # the allocation must know which tensors are stored once
-    copies: dict[tuple, str] = {_content_key(entry): name for name, entry in tensors.items() if entry.sha256 and entry.alias_of is None}
     widths, allocation_record = _choose_widths(source_dir, reader, tensors, spec, uniform, sensitivity)
     hessians = _input_hessians(source_dir, widths) if gptq else {}
     with atomic_output_dir(output, overwrite=overwrite, is_replaceable=fmt.is_release_folder) as work:
@@ -100,33 +111,13 @@ def split(
         deltas = [
             ShardedWriter(work / fmt.stage_dir_name(k), fmt.DELTA_WEIGHTS_NAME, max_shard_bytes) for k in range(1, spec.stage_count + 1)
         ]
-        payloads: list[dict[str, dict]] = [{} for _ in deltas]
-        base_sha256: dict[str, str] = {}
-        for name, entry in tqdm(tensors.items(), desc="p2u split", unit="tensor"):
-            if entry.alias_of is not None:
-                continue
-            tensor = reader.get(name)
-            if not entry.sha256:  # read here for the first time: the one read of this tensor
-                entry.sha256 = fmt.tensor_sha256(tensor)
-                if _mark_copy(name, entry, copies):
-                    continue
-            if entry.codec == fmt.CODEC_EXACT:
-                base.add(name, tensor)
-                base_sha256[name] = entry.sha256
-                continue
-            entry.bits = widths[name]
-            codes = None if name not in hessians else gptq_codes(tensor, hessians.pop(name), entry.bits, group_size)
-            entry.corrected = codes is not None
-            encoded = progressive.encode(tensor, progressive.Ladder(entry.bits, spec.stage_bits, group_size, entry.corrected), codes)
-            base.add(name, encoded.packed_codes)
-            base.add(fmt.scales_key(name), encoded.scales)
-            base_sha256[name] = fmt.tensor_sha256(encoded.packed_codes)
-            base_sha256[fmt.scales_key(name)] = fmt.tensor_sha256(encoded.scales)
-            base.add(fmt.offsets_key(name), encoded.offsets)
-            base_sha256[fmt.offsets_key(name)] = fmt.tensor_sha256(encoded.offsets)
-            for writer, record, delta in zip(deltas, payloads, encoded.deltas):
-                writer.add(name, torch.frombuffer(bytearray(delta), dtype=torch.uint8) if delta else torch.empty(0, dtype=torch.uint8))
-                record[name] = {"sha256": fmt.sha256_bytes(delta), "bytes": len(delta)}
+        parts = Path(tempfile.mkdtemp(prefix=".", dir=work))  # the workers' part files, removed once copied into the shards
+        jobs = _shard_jobs(reader, tensors, widths, spec, hessians, parts)
+        if map_shards is None:
+            results = shards.map_shards(jobs, workers or shards.default_workers(weight_files))
+        else:
+            results = map_shards(jobs)
+        base_sha256, payloads = shards.combine(results, tensors, [base, *deltas])
         base.close()
         manifest = fmt.Manifest(
             spec, tensors, source_files, index_file, index_metadata, source_repo, source_revision, base_sha256
@@ -142,7 +133,29 @@ def split(
             stage_entries.append(fmt.StageEntry(k, stage_bits, path=f"../{fmt.stage_dir_name(k)}"))
         qconfig = fmt.QuantizationConfig(bits, group_size, manifest.sha256, stage_entries)
         fmt.write_quantization_config(base_dir, qconfig)
+        shutil.rmtree(parts)
     return Path(output)
+
+
+def _shard_jobs(
+    reader: TensorReader, tensors: dict[str, fmt.TensorEntry], widths: dict[str, int], spec: progressive.Ladder,
+    hessians: dict[str, torch.Tensor], parts: Path,
+) -> list[shards.ShardJob]:  # fmt: skip
+    """The release-wide plan cut into one job per source file (``p2u_hub.core.shards``), each with a part file in ``parts``."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in reader.locations.items():
+        by_file.setdefault(file, []).append(name)
+    return [
+        shards.ShardJob(
+            file,
+            parts / f"{number}",
+            {name: tensors[name] for name in names},
+            {name: widths[name] for name in names if name in widths},
+            spec,
+            {name: hessians[name] for name in names if name in hessians},
+        )
+        for number, (file, names) in enumerate(by_file.items())
+    ]
 
 
 def _input_hessians(source_dir: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -189,21 +202,7 @@ def _find_copies(reader: TensorReader, tensors: dict[str, fmt.TensorEntry]) -> N
     copies: dict[tuple, str] = {}
     for name in tqdm(candidates, desc="p2u split: finding copies", unit="tensor"):
         tensors[name].sha256 = fmt.tensor_sha256(reader.get(name))
-        _mark_copy(name, tensors[name], copies)
-
-
-def _content_key(entry: fmt.TensorEntry) -> tuple:
-    return entry.sha256, entry.dtype, tuple(entry.shape)
-
-
-def _mark_copy(name: str, entry: fmt.TensorEntry, copies: dict[tuple, str]) -> bool:
-    """Mark a ladder tensor with the bytes of one met before as its alias (stored once); record it otherwise."""
-    if entry.codec != fmt.CODEC_LADDER:
-        return False
-    owner = copies.setdefault(_content_key(entry), name)
-    if owner != name:
-        entry.alias_of = owner
-    return owner != name
+        shards.mark_copy(name, tensors[name], copies)
 
 
 def _choose_widths(

@@ -198,8 +198,8 @@ class StreamingSafetensorsWriter:
     """Write one safetensors file tensor by tensor, holding at most one tensor in memory.
 
     safetensors puts the header (every name, dtype, shape and offset) before the data, so
-    tensor bytes go to a spill file first; ``close`` writes the header and copies the data
-    after it. Tensors are laid out as ``safetensors.save_file`` does (by decreasing alignment,
+    tensor bytes go to a spill file first (or stay where they already lie on disk: ``add_stored``);
+    ``close`` writes the header and copies the data after it. Tensors are laid out as ``safetensors.save_file`` does (by decreasing alignment,
     then name), so every tensor is aligned to its dtype for zero-copy loading.
     """
 
@@ -207,21 +207,28 @@ class StreamingSafetensorsWriter:
         self.path = Path(path)
         self.metadata = metadata
         self._spill = tempfile.TemporaryFile(dir=self.path.parent)
-        self._entries: dict[str, tuple[str, list[int], int, int, int]] = {}  # dtype, shape, itemsize, offset, size
+        self._entries: dict[str, tuple[str, list[int], int, Path | None, int, int]] = {}  # dtype, shape, itemsize, file, offset, size
+        self._spilled = 0
         self.data_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor_bytes(tensor)
-        self._entries[name] = (DTYPE_NAMES[tensor.dtype], list(tensor.shape), tensor.element_size(), self.data_bytes, len(data))
+        self._entries[name] = (DTYPE_NAMES[tensor.dtype], list(tensor.shape), tensor.element_size(), None, self._spilled, len(data))
         self._spill.write(data)
+        self._spilled += len(data)
         self.data_bytes += len(data)
+
+    def add_stored(self, name: str, dtype: str, shape: list[int], file: Path, offset: int, size: int) -> None:
+        """Add a tensor whose bytes already lie at ``offset`` in ``file``: copied from there by ``close``, not spilled."""
+        self._entries[name] = (dtype, shape, SAFETENSORS_DTYPES[dtype].itemsize, file, offset, size)
+        self.data_bytes += size
 
     def close(self) -> None:
         order = sorted(self._entries, key=lambda name: (-self._entries[name][2], name))
         header: dict[str, object] = {"__metadata__": self.metadata} if self.metadata else {}
         offset = 0
         for name in order:
-            dtype, shape, _, _, size = self._entries[name]
+            dtype, shape, _, _, _, size = self._entries[name]
             header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -229,12 +236,13 @@ class StreamingSafetensorsWriter:
         with self.path.open("wb") as output:
             output.write(len(encoded).to_bytes(8, "little") + encoded)
             for name in order:
-                _, _, _, start, size = self._entries[name]
-                self._spill.seek(start)
-                while size:
-                    chunk = self._spill.read(min(size, 1 << 24))
-                    output.write(chunk)
-                    size -= len(chunk)
+                _, _, _, file, start, size = self._entries[name]
+                with contextlib.nullcontext(self._spill) if file is None else file.open("rb") as source:
+                    source.seek(start)
+                    while size:
+                        chunk = source.read(min(size, 1 << 24))
+                        output.write(chunk)
+                        size -= len(chunk)
         self._spill.close()
 
 
@@ -257,15 +265,22 @@ class ShardedWriter:
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+        self._shard_for(name, tensor.numel() * tensor.element_size()).add(name, tensor)
+
+    def add_stored(self, name: str, dtype: str, shape: list[int], file: Path, offset: int, size: int) -> None:
+        """Add a tensor already written to ``file`` at ``offset`` (``StreamingSafetensorsWriter.add_stored``)."""
+        self._shard_for(name, size).add_stored(name, dtype, shape, file, offset, size)
+
+    def _shard_for(self, name: str, size: int) -> StreamingSafetensorsWriter:
+        """The shard that takes the next tensor, of ``size`` bytes: a new one when it would overflow the current one."""
         if self._current is not None and self._current.data_bytes and self._current.data_bytes + size > self.max_shard_bytes:
             self._finish_shard()
         if self._current is None:
             self._current = StreamingSafetensorsWriter(self.folder / f".shard-{len(self._shards)}.partial", {"format": "pt"})
             self._shards.append((self._current.path, []))
-        self._current.add(name, tensor)
         self._shards[-1][1].append(name)
         self.total_bytes += size
+        return self._current
 
     def _finish_shard(self) -> None:
         assert self._current is not None

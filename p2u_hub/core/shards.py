@@ -1,0 +1,232 @@
+"""Split one source shard: the unit of work of ``split``, run by a local process pool or mapped by Ray or Dask.
+
+``split`` makes a release-wide plan first (every tensor's manifest entry, the copies among the
+checkpoint's tensors, the per-tensor widths, GPTQ's Hessians), cuts it into one ``ShardJob`` per
+source safetensors file, runs ``split_shard`` on each job — independently, in any order, on any
+machine that sees the source file and the job's part file — and ``combine`` assembles the
+results into the release's weight files, in the source's tensor order, byte for byte as one
+process coding the tensors in order would write them.
+
+A job writes the bytes it stores (base codes, scales, offsets, exact tensors, stage payloads) one
+after the other into its *part file* and returns a ``ShardResult``: each tensor's completed
+manifest entry (sha256, width, whether its codes were corrected) and, per stored array, where
+it lies in the part file, with its sha256. ``combine`` needs nothing else: it restores the global
+copy rule (a ladder tensor equal to an earlier one, in file order, is stored once: a job only
+sees its own shard, so a copy of a tensor of an earlier shard is found here and its pieces
+dropped), then feeds the pieces to the release's ``ShardedWriter``s, which copy them from the part
+files into their shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_all_start_methods, get_context
+from multiprocessing.context import BaseContext
+from pathlib import Path
+
+import torch
+from huggingface_hub.utils import tqdm
+
+from ..codecs import progressive
+from . import format as fmt
+from .gptq import corrected_codes as gptq_codes
+from .storage import ShardedWriter, TensorReader
+
+BASE_OUTPUT = 0
+"""``Piece.output`` of the base folder; stage ``k`` is output ``k``."""
+WORKER_MIN_BYTES = 256 * 1024**2
+"""By default each worker process gets at least this much source: starting one (a fresh interpreter importing
+torch) took 1.5-3 s on a loaded 2-core machine, what the codec takes for 100-200 MB."""
+
+
+@dataclass
+class ShardJob:
+    """Everything ``split_shard`` needs to code one source file: picklable, no open handles.
+
+    Args:
+        source: the source safetensors file.
+        part: the file to write the stored bytes to (created or truncated).
+        entries: the file's tensors, in file order, as planned (codec, dtype, shape; sha256 and
+            ``alias_of`` when the plan already hashed them).
+        widths: the base width of every stored ladder tensor among them.
+        spec: the release's ladder (budget width, stage widths, group size).
+        hessians: GPTQ's calibration Hessian of each tensor whose base codes it corrects.
+    """
+
+    source: Path
+    part: Path
+    entries: dict[str, fmt.TensorEntry]
+    widths: dict[str, int]
+    spec: progressive.Ladder
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One array a release stores: in output ``output`` (``BASE_OUTPUT`` or a stage index) under ``name``,
+    taken from source tensor ``tensor``, ``size`` bytes at ``offset`` in the job's part file."""
+
+    output: int
+    tensor: str
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+    size: int
+    sha256: str
+
+
+@dataclass
+class ShardResult:
+    """What ``split_shard`` did with one source file: the completed entries and the pieces, in writing order."""
+
+    part: Path
+    entries: dict[str, fmt.TensorEntry]
+    pieces: list[Piece]
+
+
+def split_shard(job: ShardJob, on_tensor: Callable[[], object] | None = None) -> ShardResult:
+    """Code every tensor of one source file onto the ladder, writing what the release stores to ``job.part``.
+
+    Reads each tensor once; a ladder tensor whose bytes equal an earlier one of this file is
+    marked ``alias_of`` and not coded (``combine`` finds the copies across files). ``on_tensor``
+    is called after each tensor (a progress bar).
+
+    Raises:
+        P2UFormatError: the file or a tensor cannot be read.
+    """
+    reader = TensorReader([job.source])
+    entries = {name: dataclasses.replace(entry) for name, entry in job.entries.items()}  # the job stays as planned
+    pieces: list[Piece] = []
+    copies: dict[tuple, str] = {}
+    with job.part.open("wb") as part:
+
+        def store(output: int, tensor: str, name: str, array: torch.Tensor, sha256: str | None = None) -> None:
+            data = fmt.tensor_bytes(array)
+            digest = sha256 or fmt.sha256_bytes(data)
+            pieces.append(Piece(output, tensor, name, fmt.DTYPE_NAMES[array.dtype], list(array.shape), part.tell(), len(data), digest))
+            part.write(data)
+
+        for name, entry in entries.items():
+            if entry.alias_of is None:
+                _split_tensor(name, entry, reader, job, copies, store)
+            if on_tensor is not None:
+                on_tensor()
+    return ShardResult(job.part, entries, pieces)
+
+
+def _split_tensor(name: str, entry: fmt.TensorEntry, reader: TensorReader, job: ShardJob, copies: dict[tuple, str], store) -> None:
+    """Read, hash and code one tensor, storing its base arrays and stage payloads (none for a copy)."""
+    tensor = reader.get(name)
+    if not entry.sha256:  # read here for the first time: the one read of this tensor
+        entry.sha256 = fmt.tensor_sha256(tensor)
+        if mark_copy(name, entry, copies):
+            return
+    if entry.codec == fmt.CODEC_EXACT:
+        store(BASE_OUTPUT, name, name, tensor, entry.sha256)
+        return
+    spec = job.spec
+    entry.bits = job.widths[name]
+    codes = None if name not in job.hessians else gptq_codes(tensor, job.hessians[name], entry.bits, spec.group_size)
+    entry.corrected = codes is not None
+    encoded = progressive.encode(tensor, progressive.Ladder(entry.bits, spec.stage_bits, spec.group_size, entry.corrected), codes)
+    store(BASE_OUTPUT, name, name, encoded.packed_codes)
+    store(BASE_OUTPUT, name, fmt.scales_key(name), encoded.scales)
+    store(BASE_OUTPUT, name, fmt.offsets_key(name), encoded.offsets)
+    for stage, delta in enumerate(encoded.deltas, start=1):
+        store(stage, name, name, torch.frombuffer(bytearray(delta), dtype=torch.uint8) if delta else torch.empty(0, dtype=torch.uint8))
+
+
+def content_key(entry: fmt.TensorEntry) -> tuple:
+    return entry.sha256, entry.dtype, tuple(entry.shape)
+
+
+def mark_copy(name: str, entry: fmt.TensorEntry, copies: dict[tuple, str]) -> bool:
+    """Mark a ladder tensor with the bytes of one met before as its alias (stored once); record it otherwise."""
+    if entry.codec != fmt.CODEC_LADDER:
+        return False
+    owner = copies.setdefault(content_key(entry), name)
+    if owner != name:
+        entry.alias_of = owner
+    return owner != name
+
+
+def combine(
+    results: Sequence[ShardResult], tensors: dict[str, fmt.TensorEntry], writers: Sequence[ShardedWriter]
+) -> tuple[dict[str, str], list[dict[str, dict]]]:
+    """Put the shards' results together: complete ``tensors`` and hand every stored piece to its writer, in order.
+
+    ``results`` come in source file order and ``writers`` are the base's then each stage's. A
+    ladder tensor whose bytes equal an earlier tensor's (in file order, across files) becomes its
+    alias and its pieces are dropped. The writers copy the pieces from the part files when they
+    close (the part files must stay until then).
+
+    Returns:
+        The base's ``base_sha256`` (every stored base array) and, per stage, its payload records
+        (``{"sha256", "bytes"}`` per tensor).
+    """
+    copies: dict[tuple, str] = {}
+    for result in results:
+        for name, entry in result.entries.items():
+            tensors[name] = entry
+            if mark_copy(name, entry, copies):  # every ladder tensor is hashed by now
+                entry.bits, entry.corrected = None, False  # an alias has its owner's width
+    base_sha256: dict[str, str] = {}
+    payloads: list[dict[str, dict]] = [{} for _ in writers[1:]]
+    for result in results:
+        for piece in result.pieces:
+            if tensors[piece.tensor].alias_of is not None:
+                continue
+            writers[piece.output].add_stored(piece.name, piece.dtype, piece.shape, result.part, piece.offset, piece.size)
+            if piece.output == BASE_OUTPUT:
+                base_sha256[piece.name] = piece.sha256
+            else:
+                payloads[piece.output - 1][piece.name] = {"sha256": piece.sha256, "bytes": piece.size}
+    return base_sha256, payloads
+
+
+def default_workers(files: Sequence[Path]) -> int:
+    """Worker processes for ``files``: one per CPU, at most one per file and per ``WORKER_MIN_BYTES`` of source."""
+    size = sum(file.stat().st_size for file in files)
+    return max(1, min(os.cpu_count() or 1, len(files), size // WORKER_MIN_BYTES))
+
+
+def map_shards(jobs: Sequence[ShardJob], workers: int) -> list[ShardResult]:
+    """``[split_shard(job) for job in jobs]``, on ``workers`` processes (in this one when 1).
+
+    In this process each tensor's blocks are coded on ``codec_threads()`` threads; in a pool, the
+    threads are shared out among the workers (one each on a machine with as many cores as
+    workers), so processes and threads do not oversubscribe the cores. Workers are not forked
+    from this process (a fork of a process whose torch/OpenMP threads already ran can hang):
+    ``forkserver`` where the platform has it, which imports this module once and forks the
+    workers from that clean process (0.1 s a pool, against 3-6 s for ``spawn``, which starts and
+    imports torch in each worker, on a loaded 2-core machine), else ``spawn``. Either way a
+    script calling ``split`` needs the usual ``if __name__ == "__main__":`` guard.
+    """
+    if workers == 1 or len(jobs) <= 1:
+        total = sum(len(job.entries) for job in jobs)
+        with tqdm(total=total, desc="p2u split", unit="tensor") as bar:
+            return [split_shard(job, on_tensor=bar.update) for job in jobs]
+    workers = min(workers, len(jobs))
+    threads = max(1, progressive.codec_threads() // workers)
+    with ProcessPoolExecutor(workers, mp_context=_start_method(), initializer=_set_threads, initargs=(threads,)) as pool:
+        return list(tqdm(pool.map(split_shard, jobs), total=len(jobs), desc=f"p2u split ({workers} workers)", unit="shard"))
+
+
+def _start_method() -> BaseContext:
+    """``forkserver`` preloading this module where available, else ``spawn`` (``map_shards`` says why)."""
+    if "forkserver" not in get_all_start_methods():
+        return get_context("spawn")
+    context = get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _set_threads(threads: int) -> None:
+    """Pool initializer: this worker's share of the cores, for the codec's block threads and for torch (GPTQ)."""
+    os.environ[progressive.THREADS_VARIABLE] = str(threads)
+    torch.set_num_threads(threads)
