@@ -174,7 +174,11 @@ def _upgrade(
         if not todo and index <= quantizer.stage:
             return model
         rebuilder = release.rebuilder(index)
-        rebuilder.verify_payloads(keep={packed.tensor for packed in todo.values()}, keep_bytes=_payload_budget(model, todo, rebuilder))
+        expanded = _expanded_tensors(todo)
+        ahead_order = rebuilder.start_downloads(  # in the order split wrote the files: nothing is swapped before the last
+            [name for name in release.manifest.tensors if name in expanded], verify=True,
+            keep={packed.tensor for packed in todo.values()}, keep_bytes=_payload_budget(model, todo, rebuilder),
+        )  # fmt: skip
         bars: list[tqdm] = []  # opened at the first layer, when the total is known (no empty bar before it)
         holders = {packed.tensor: packed for packed in reversed(todo.values())}  # owners win: listed before their aliases
 
@@ -186,7 +190,7 @@ def _upgrade(
             codes, scales, offsets = stored
             return codes.cpu(), scales.cpu(), None if offsets is None else offsets.cpu()
 
-        ahead = TensorPrefetch(rebuilder, _expansion_order(todo), stored=stored_codes)
+        ahead = TensorPrefetch(rebuilder, ahead_order, stored=stored_codes)  # rebuilds each tensor once its files are there
 
         def rebuild(packed: PackedParameter) -> torch.Tensor:
             device, dtype = placement(model, packed)
@@ -201,6 +205,7 @@ def _upgrade(
                 on_layer(done, total)
 
         try:
+            rebuilder.verify_payloads()  # every file downloaded and checked: nothing is swapped before
             install_expanded(model, todo, rebuild, on_module=layer_done)
         finally:
             ahead.close()
@@ -213,11 +218,10 @@ def _upgrade(
     return model
 
 
-def _expansion_order(todo: dict) -> list[str]:
-    """The tensors ``install_expanded`` will rebuild, in about its order: owners' modules first, then
-    aliases whose owner it does not swap (tied followers and aliases of swapped owners reuse those)."""
-    expanded = [packed for packed in todo.values() if packed.owner is None or (packed.owner not in todo and not packed.tied)]
-    return [packed.tensor for packed in sorted(expanded, key=lambda packed: packed.owner is not None)]
+def _expanded_tensors(todo: dict) -> set[str]:
+    """The tensors ``install_expanded`` will rebuild: owners', and aliases' whose owner it does not swap
+    (tied followers and aliases of swapped owners reuse those)."""
+    return {packed.tensor for packed in todo.values() if packed.owner is None or (packed.owner not in todo and not packed.tied)}
 
 
 def _payload_budget(model: torch.nn.Module, todo: dict[str, PackedParameter], rebuilder: TensorRebuilder) -> int:

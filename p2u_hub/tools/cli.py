@@ -21,6 +21,7 @@ def _split(args: argparse.Namespace) -> None:
         args.source, args.output, bits=args.bits, group_size=args.group_size, stages=args.stages,
         keep=args.keep, uniform=args.uniform, sensitivity=args.sensitivity, gptq=args.gptq,
         max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite,
+        stage_shard_bytes=None if args.stage_shard_mb is None else int(args.stage_shard_mb * 1024**2),
     )  # fmt: skip
     _print_summary(output, as_json=False)
 
@@ -151,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     split.add_argument("--keep", action="append", default=[], metavar="PATTERN", help="glob of tensor names kept exact")
     split.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard (default 2 GiB)")
+    split.add_argument(
+        "--stage-shard-mb", type=float, default=None, metavar="MB",
+        help="largest shard of a stage's weight files, in MiB (default: 1/32 of the source, at least 4 MiB, at most "
+        "--max-shard-gb): an upgrade decodes the first shards while the next ones download",
+    )  # fmt: skip
     split.add_argument("--overwrite", action="store_true", help="replace the output folder")
     split.set_defaults(run=_split)
 
