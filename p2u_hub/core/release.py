@@ -131,7 +131,7 @@ class Release:
         """The local folder of stage ``index`` with all its files (downloading them from the Hub if needed), validated."""
         folder, record = self.stage(index)
         for file in StageShards(folder, record).files:
-            download_file(folder, file.name, token=self.token)
+            download_file(folder, file.relative_to(folder).as_posix(), token=self.token)
         return folder
 
     def stage(self, index: int) -> tuple[Path, fmt.StageRecord]:
@@ -416,8 +416,12 @@ class StageShards:
         return sum(payload["bytes"] for name, payload in self.record.payloads.items() if self.planned.get(name) == file)
 
 
+DOWNLOADS_AT_ONCE = 2
+"""Stage files downloading at a time: the second keeps the link busy while the first one's requests start or end."""
+
+
 class StageDownloads:
-    """The weight files of a rebuilder's stages, fetched one after the other by a background thread.
+    """The weight files of a rebuilder's stages, fetched in order by a background thread (``DOWNLOADS_AT_ONCE`` at a time).
 
     A file is ready once it is local and its header read, and, with ``check``, once ``check``
     has run on it (in a second thread, so the next download is not held up). The first failure
@@ -461,15 +465,12 @@ class StageDownloads:
         self._checker.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
+        downloads = ThreadPoolExecutor(DOWNLOADS_AT_ONCE, thread_name_prefix="p2u-download")
         try:
-            checked = []
-            for position, file in self._ready:
-                if self._closed.is_set():
-                    return
-                path = download_file(self._stages[position].folder, file.name, token=self._token)
-                if not path.is_file():
-                    raise fmt.P2UFormatError(f"{path}: weight file missing")
-                checked.append(self._checker.submit(self._arrived, position, file, path))
+            fetched = [downloads.submit(self._download, position, file) for position, file in self._ready]
+            checked = [
+                self._checker.submit(self._arrived, position, file, path.result()) for (position, file), path in zip(self._ready, fetched)
+            ]
             for future in checked:
                 future.result()
             readers = [TensorReader(shards.files) for shards in self._stages]  # refuses a payload in two files
@@ -485,7 +486,17 @@ class StageDownloads:
         except BaseException as error:  # handed to whoever waits for a file
             self._fail(error)
         finally:
+            downloads.shutdown(wait=False, cancel_futures=True)
             self._checker.shutdown(wait=False)
+
+    def _download(self, position: int, file: Path) -> Path:
+        if self._closed.is_set():
+            raise CancelledError("the stage downloads were stopped")
+        folder = self._stages[position].folder
+        path = download_file(folder, file.relative_to(folder).as_posix(), token=self._token)
+        if not path.is_file():
+            raise fmt.P2UFormatError(f"{path}: weight file missing")
+        return path
 
     def _arrived(self, position: int, file: Path, path: Path) -> None:
         try:
