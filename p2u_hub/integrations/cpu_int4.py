@@ -58,7 +58,8 @@ def pack_rows(codes_of_rows: Callable[[int, int], torch.Tensor], shape: tuple[in
     large layer at once left hundreds of MB of freed but unreturned heap (measured on the 309M Llama).
     """
     rows, inputs = shape
-    step = max(_layout()[0], CHUNK_ELEMENTS // inputs // _layout()[0] * _layout()[0])
+    block = _known_layout()[0]
+    step = max(block, CHUNK_ELEMENTS // inputs // block * block)
     packed = torch.empty(rows, inputs // 2, dtype=torch.uint8)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
@@ -68,7 +69,7 @@ def pack_rows(codes_of_rows: Callable[[int, int], torch.Tensor], shape: tuple[in
 
 def unpack(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Inverse of ``pack``: the codes ``(N, K)``, uint8. Pure tensor ops: works on any device."""
-    return _unpack(packed, shape, *_layout())
+    return _unpack(packed, shape, *_known_layout())
 
 
 def scales_and_zeros(grid: torch.Tensor, rows: int) -> torch.Tensor:
@@ -104,7 +105,16 @@ def _layout() -> tuple[int, torch.Tensor] | None:
         return None
     positions = torch.argsort(row_of[:block])
     codes = torch.randint(0, 16, (2 * rows, 4 * inputs), generator=torch.Generator().manual_seed(0))
-    return (block, positions) if torch.equal(_unpack(pack(codes), codes.shape, block, positions), codes.to(torch.uint8)) else None
+    shape = (2 * rows, 4 * inputs)
+    return (block, positions) if torch.equal(_unpack(pack(codes), shape, block, positions), codes.to(torch.uint8)) else None
+
+
+def _known_layout() -> tuple[int, torch.Tensor]:
+    """``_layout()`` where the kernel is in use (``usable`` said so)."""
+    layout = _layout()
+    if layout is None:
+        raise RuntimeError("torch's int4 CPU kernel is not usable in this build; check cpu_int4.usable first")
+    return layout
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:

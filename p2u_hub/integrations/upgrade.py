@@ -252,7 +252,8 @@ def _payload_budget(model: torch.nn.Module, todo: dict[str, PackedParameter], re
         buffers = quantized_layer(model, packed.module_name)._buffers
         if packed.owner is None and packed.attribute in buffers:  # a dense layer (an intermediate stage) keeps its size
             dense = math.prod(packed.layout.shape) * placement(model, packed)[1].itemsize
-            growth += dense - sum(buffers[name].numel() * buffers[name].element_size() for name in packed.attributes if name in buffers)
+            held = [tensor for name in packed.attributes if (tensor := buffers.get(name)) is not None]
+            growth += dense - sum(tensor.numel() * tensor.element_size() for tensor in held)
     return max(growth, 0) + rebuilder.largest_stage_shard()
 
 

@@ -480,7 +480,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     @property
     def _store(self) -> _Store:
-        return self.server.hub._store
+        store = self.server.hub._store
+        if store is None:  # the server thread starts after the store exists; this would be a LocalHub bug
+            raise RuntimeError("LocalHub is serving without a store")
+        return store
 
     def _base_url(self) -> str:
         """The address the client used, so that URLs handed back (LFS uploads) reach this server as it sees it."""
@@ -562,7 +565,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Error-Message": " ".join(error.message.encode("ascii", "replace").decode().split())}
         if error.code is not None:
             headers["X-Error-Code"] = error.code
-        self._send_json({"error": error.message, **error.extra}, error.status, {**headers, **error.headers})
+        self._send_json({"error": error.message, **error.extra}, error.status or 500, {**headers, **error.headers})
 
     def _authenticate(self, *, always: bool = False) -> None:
         """Writes need the hub's token when it has one; ``always`` asks for some token even when it has none."""
@@ -739,7 +742,7 @@ class _Handler(BaseHTTPRequestHandler):
         repo_type, repo_id = _repo_key(kind, ns, name)
         self._store.get(repo_type, repo_id)
         lines = [json.loads(line) for line in self._read_body().splitlines() if line.strip()]
-        header = next((line["value"] for line in lines if line["key"] == "header"), {})
+        header: dict = next((line["value"] for line in lines if line["key"] == "header"), {})
         changes = [self._change(line["key"], line["value"]) for line in lines if line["key"] != "header"]
         oid = self._store.commit(
             repo_type,
@@ -970,7 +973,8 @@ class LocalHub:
         if self._server is None:
             raise RuntimeError("LocalHub is not running")
         host, port = self._server.server_address[:2]
-        return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+        host = host.decode() if isinstance(host, bytes) else host
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     @property
     def rate_mbps(self) -> float | None:

@@ -10,6 +10,9 @@ Jobs (``"task"`` key):
 
 * ``split`` / ``merge``: time and peak RSS of ``p2u_hub.split`` / ``p2u_hub.merge``.
 * ``publish``: upload the original checkpoint and push the release to the Hub at ``HF_ENDPOINT``.
+* ``lossless``: the zstd and ZipNN references on the source files. Their C code (ZipNN's own
+  pthreads, which reorder its input in place) runs here rather than in the bench's process, so
+  whatever it does to memory stays in a process that exits.
 * ``load``: ``from_pretrained`` from the Hub (mode ``plain``: the original; ``usable``: the
   p2u base; ``full``: the base, then ``p2u_hub.upgrade(model, stage="full")``), then one
   forward pass; ``full`` then checks every parameter and buffer against the source bit for bit.
@@ -105,6 +108,13 @@ def run_load(job: dict) -> dict:
     return result
 
 
+def run_lossless(job: dict) -> dict:
+    from .bench import zipnn_reference, zstd_reference
+
+    files = [Path(file) for file in job["files"]]
+    return {"references": {"zstd": zstd_reference(files, Path(job["work"])), "zipnn": zipnn_reference(files)}}
+
+
 def model_class_for(checkpoint: str | Path) -> type:
     """The class the checkpoint was saved from (``architectures[0]``), so every head's weights load; else AutoModel."""
     config = transformers.AutoConfig.from_pretrained(checkpoint)
@@ -143,7 +153,7 @@ def matches_source(model: torch.nn.Module, source: str | Path) -> bool:
     return True
 
 
-JOBS = {"split": run_split, "merge": run_merge, "publish": run_publish, "load": run_load}
+JOBS = {"split": run_split, "merge": run_merge, "publish": run_publish, "lossless": run_lossless, "load": run_load}
 
 
 def main() -> None:

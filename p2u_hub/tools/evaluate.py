@@ -390,9 +390,10 @@ class _Classification(_Evaluator):
 
     def _label_id(self, label) -> int:
         if isinstance(label, str):
-            if label not in self.config.label2id:
-                raise EvalDataError(f"label {label!r} is not one of the model's labels {sorted(self.config.label2id)}")
-            return int(self.config.label2id[label])
+            label2id = self.config.label2id or {}
+            if label not in label2id:
+                raise EvalDataError(f"label {label!r} is not one of the model's labels {sorted(label2id)}")
+            return int(label2id[label])
         return int(label)
 
     def metric_list(self, inputs: _Inputs) -> list[Metric]:

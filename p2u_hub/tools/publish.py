@@ -96,7 +96,11 @@ def push(
         with hub_errors(repo_id):
             for repo in dict.fromkeys((repo_id, stage_repo)):
                 api.create_repo(repo, private=private, exist_ok=True)
-            stage_entries = [_push_stage(api, release, entry, stage_repo, commit_message) for entry in release.qconfig.stages]
+            published = tuple(_push_stage(api, release, entry, stage_repo, commit_message) for entry in release.qconfig.stages)
+            stage_entries = [
+                dataclasses.replace(entry, repo_id=stage.repo_id, revision=stage.branch, commit=stage.commit)
+                for entry, stage in zip(release.qconfig.stages, published)
+            ]
             published_config = dataclasses.replace(release.qconfig, stages=stage_entries)
             info = api.create_commit(
                 repo_id, operations=_base_operations(release.base_dir, published_config),
@@ -110,12 +114,11 @@ def push(
                 "HF_TOKEN to a token with write access"
             ) from None
         raise HubError(f"{repo_id}: the Hub answered HTTP {status}: {error.server_message or str(error).splitlines()[0]}") from None
-    published = tuple(PublishedStage(e.repo_id, e.revision, e.commit) for e in stage_entries)
     return PushResult(repo_id, info.oid, published)
 
 
-def _push_stage(api: HfApi, release: Release, entry: fmt.StageEntry, stage_repo: str, message: str | None) -> fmt.StageEntry:
-    """Upload one stage folder to its branch; return its entry completed with repo, branch and commit.
+def _push_stage(api: HfApi, release: Release, entry: fmt.StageEntry, stage_repo: str, message: str | None) -> PublishedStage:
+    """Upload one stage folder to its branch; return where it now is: repo, branch and commit.
 
     The branch starts at the repo's first commit, so it never inherits the base's files from ``main``.
     """
@@ -128,7 +131,9 @@ def _push_stage(api: HfApi, release: Release, entry: fmt.StageEntry, stage_repo:
         commit_message=message or f"p2u {entry.name}", ignore_patterns=[".*"],
     )  # fmt: skip
     commit = api.repo_info(stage_repo, revision=branch).sha
-    return dataclasses.replace(entry, repo_id=stage_repo, revision=branch, commit=commit)
+    if commit is None:
+        raise HubError(f"{stage_repo}: the Hub gave no commit for branch {branch!r} after the upload")
+    return PublishedStage(stage_repo, branch, commit)
 
 
 def _base_operations(base_dir: Path, published_config: fmt.QuantizationConfig) -> list[CommitOperationAdd]:
