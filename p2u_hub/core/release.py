@@ -174,9 +174,15 @@ class Release:
         return fmt.release_file(root, entry.path.removeprefix("../"), f"{self.base_dir / fmt.CONFIG_FILE}: {entry.name} path")
 
     def rebuilder(self, stage: StageSpec) -> TensorRebuilder:
-        """A ``TensorRebuilder`` at ``stage``, every stage up to it fetched and checked against this base."""
+        """A ``TensorRebuilder`` at ``stage``, the record of every stage up to it fetched and checked against this base.
+
+        The records are fetched side by side (each is a few requests for a small file: in turn,
+        they would leave the link idle); the first stage that fails, in order, raises.
+        """
         index = self.stage_index(stage)
-        return TensorRebuilder(self, index, [self.stage(k) for k in range(1, index + 1)])
+        with ThreadPoolExecutor(max(index, 1), thread_name_prefix="p2u-stage") as pool:
+            stages = list(pool.map(self.stage, range(1, index + 1)))
+        return TensorRebuilder(self, index, stages)
 
 
 def verify(path: str | os.PathLike, *, token: str | bool | None = None) -> Release:
