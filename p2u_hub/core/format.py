@@ -675,18 +675,29 @@ def read_stage_record(stage_dir: str | os.PathLike) -> StageRecord:
     return StageRecord.from_json(read_json(path), str(path))
 
 
+def weight_map(folder: str | os.PathLike, prefix: str) -> dict[str, Path] | None:
+    """Tensor name -> file of ``prefix`` in ``folder``, from its index (None when unsharded); the files need not exist yet.
+
+    A reader fetching shards one by one learns from it which shard holds a tensor before the
+    shard is there; the shard's own header stays the authority on what it holds.
+    """
+    folder = Path(folder)
+    index = release_file(folder, index_file_name(prefix))
+    if not index.is_file():
+        return None
+    index_data = read_json(index)
+    names = index_data.get("weight_map") if isinstance(index_data, dict) else None
+    if not isinstance(names, dict) or not all(isinstance(name, str) for name in names.values()):
+        raise P2UFormatError(f"{index}: no weight_map of tensor names to file names")
+    files = {name: release_file(folder, name, str(index)) for name in set(names.values())}
+    return {tensor: files[name] for tensor, name in names.items()}
+
+
 def weight_files(folder: str | os.PathLike, prefix: str) -> list[Path]:
     """The safetensors files of ``prefix`` in ``folder``, in shard order (via the index when sharded)."""
     folder = Path(folder)
-    index = release_file(folder, index_file_name(prefix))
-    if index.is_file():
-        index_data = read_json(index)
-        weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
-            raise P2UFormatError(f"{index}: no weight_map of tensor names to file names")
-        files = [release_file(folder, name, str(index)) for name in sorted(set(weight_map.values()))]
-    else:
-        files = [release_file(folder, f"{prefix}.safetensors")]
+    shards = weight_map(folder, prefix)
+    files = sorted(set(shards.values())) if shards is not None else [release_file(folder, f"{prefix}.safetensors")]
     for file in files:
         if not file.is_file():
             raise P2UFormatError(f"{file}: weight file missing")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import constants, snapshot_download
+from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -74,15 +74,17 @@ def resolve_source(source: str | os.PathLike, *, token: str | bool | None = None
 
 
 def download_stage(entry: fmt.StageEntry, *, default_repo_id: str | None, token: str | bool | None = None) -> Path:
-    """Download one stage folder into the standard HF cache (works offline once cached).
+    """Download one stage's record and shard index into the standard HF cache (works offline once cached).
 
+    Returns the stage's snapshot folder, at one commit; its weight files come one by one with
+    ``download_file``, so that a reader can decode the first while the next ones download.
     Without a recorded revision the stage is looked for on ``p2u-stage-N``, then on the
     ``p2u/stage-N`` branch of releases pushed by older p2u-hub versions.
     """
     repo_id = check_repo_id(entry.repo_id or default_repo_id, entry.name)
     recorded = entry.commit or entry.revision
     revisions = [recorded] if recorded else [fmt.stage_branch(entry.index), fmt.legacy_stage_branch(entry.index)]
-    stage_files = [fmt.STAGE_FILE, f"{fmt.DELTA_WEIGHTS_NAME}*.safetensors*"]
+    stage_files = [fmt.STAGE_FILE, fmt.index_file_name(fmt.DELTA_WEIGHTS_NAME)]
     failure = f"revision {' or '.join(map(repr, revisions))} not found in {repo_id}"
     for revision in revisions:
         fmt.check_revision(revision, entry.name)
@@ -96,6 +98,24 @@ def download_stage(entry: fmt.StageEntry, *, default_repo_id: str | None, token:
         except (EntryNotFoundError, OSError) as error:  # offline: the other branch name may be the cached one
             failure = f"cannot download {repo_id}@{revision} ({error})"
     raise StageUnavailableError(f"{entry.name}: {failure}")
+
+
+def download_file(snapshot: Path, name: str, *, token: str | bool | None = None) -> Path:
+    """File ``name`` of a snapshot folder of the HF cache (``models--org--name/snapshots/<commit>``), downloaded at that commit if absent.
+
+    The snapshot's commit pins every file to the one the stage record came from, even if the
+    branch moves meanwhile; a file already in the cache is returned without a request.
+    """
+    path = fmt.release_file(snapshot, name)
+    repo_id = cached_repo_id(snapshot)
+    if path.is_file() or repo_id is None:
+        return path
+    try:
+        with hub_errors(f"{repo_id}@{snapshot.name}: {name}"):
+            hf_hub_download(repo_id, name, revision=snapshot.name, cache_dir=snapshot.parent.parent.parent, token=token)
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, HfHubHTTPError, OSError) as error:
+        raise StageUnavailableError(f"{repo_id}@{snapshot.name}: cannot download {name} ({' '.join(str(error).split())})") from None
+    return fmt.release_file(snapshot, name)  # checked again now that it is a link into the cache's blobs
 
 
 def check_repo_id(repo_id: object, origin: str) -> str:

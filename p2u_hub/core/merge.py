@@ -58,7 +58,7 @@ def merge(
 
     with atomic_output_dir(destination, overwrite=overwrite, is_replaceable=is_earlier_merge) as work:
         order = [name for source_file in manifest.source_files.values() for name in source_file.tensors]
-        with closing(TensorPrefetch(rebuilder, order)) as ahead:
+        with closing(TensorPrefetch(rebuilder, rebuilder.start_downloads(order))) as ahead:
             for file_name, source_file in tqdm(manifest.source_files.items(), desc="p2u merge", unit="file", disable=not progress):
                 writer = StreamingSafetensorsWriter(work / file_name, source_file.metadata)
                 for name in source_file.tensors:

@@ -10,9 +10,10 @@ import copy
 import functools
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from ..codecs import progressive
 from ..codecs.entropy import CorruptStreamError
 from ..codecs.progressive import Ladder
 from . import format as fmt
-from .hub import cached_repo_id, check_repo_id, download_stage
+from .hub import cached_repo_id, check_repo_id, download_file, download_stage
 from .storage import TensorReader
 
 logger = logging.getLogger(__name__)
@@ -127,13 +128,18 @@ class Release:
         return f"{fmt.stage_name(index)} ({f'{bits}-bit' if bits else 'lossless'})"
 
     def stage_dir(self, index: int) -> Path:
-        """The local folder of stage ``index`` (downloading it from the Hub if needed), validated."""
-        return self.stage(index)[0]
+        """The local folder of stage ``index`` with all its files (downloading them from the Hub if needed), validated."""
+        folder, record = self.stage(index)
+        for file in StageShards(folder, record).files:
+            download_file(folder, file.relative_to(folder).as_posix(), token=self.token)
+        return folder
 
     def stage(self, index: int) -> tuple[Path, fmt.StageRecord]:
-        """The local folder of stage ``index`` (downloading it if needed) and its record, checked against this base.
+        """The local folder of stage ``index`` and its record, checked against this base.
 
-        The record is read and checked once per release; later calls return it as it was.
+        A stage on the Hub is a snapshot folder holding its record and shard index: the weight
+        files come later (``TensorRebuilder.start_downloads``, ``stage_dir``). The record is read
+        and checked once per release; later calls return it as it was.
         """
         if index in self._stages:
             return self._stages[index]
@@ -168,9 +174,15 @@ class Release:
         return fmt.release_file(root, entry.path.removeprefix("../"), f"{self.base_dir / fmt.CONFIG_FILE}: {entry.name} path")
 
     def rebuilder(self, stage: StageSpec) -> TensorRebuilder:
-        """A ``TensorRebuilder`` at ``stage``, every stage up to it fetched and checked against this base."""
+        """A ``TensorRebuilder`` at ``stage``, the record of every stage up to it fetched and checked against this base.
+
+        The records are fetched side by side (each is a few requests for a small file: in turn,
+        they would leave the link idle); the first stage that fails, in order, raises.
+        """
         index = self.stage_index(stage)
-        return TensorRebuilder(self, index, [self.stage(k) for k in range(1, index + 1)])
+        with ThreadPoolExecutor(max(index, 1), thread_name_prefix="p2u-stage") as pool:
+            stages = list(pool.map(self.stage, range(1, index + 1)))
+        return TensorRebuilder(self, index, stages)
 
 
 def verify(path: str | os.PathLike, *, token: str | bool | None = None) -> Release:
@@ -192,7 +204,7 @@ def verify(path: str | os.PathLike, *, token: str | bool | None = None) -> Relea
     """
     release = Release.open(path, token=token)
     rebuilder = release.rebuilder("full")
-    with closing(TensorPrefetch(rebuilder, release.manifest.tensors)) as ahead:
+    with closing(TensorPrefetch(rebuilder, rebuilder.start_downloads(release.manifest.tensors))) as ahead:
         for name in tqdm(release.manifest.tensors, desc="p2u verify", unit="tensor"):
             ahead.get(name)
     return release
@@ -202,16 +214,22 @@ class TensorRebuilder:
     """Rebuild source tensors at one stage from the base weights and the stage payloads.
 
     Every payload is checked against its stage record's sha256; at the last stage every
-    rebuilt tensor is checked against the manifest's sha256 of the source bytes. Each payload
-    is read and hashed once: ``verify_payloads`` may keep the ones it checked for ``tensor``.
+    rebuilt tensor is checked against the manifest's sha256 of the source bytes. The stage
+    files come in the background (``start_downloads``) and a tensor is rebuilt as soon as the
+    files holding its payloads are there, while later ones still download. Each payload is read
+    and hashed once: a ``verify`` download may keep the ones it checked for ``tensor``.
     """
 
     def __init__(self, release: Release, index: int, stages: list[tuple[Path, fmt.StageRecord]]):
         self.release = release
         self.index = index
         self.full = index == release.stage_count
-        self._stages = [(folder, record, TensorReader(fmt.weight_files(folder, fmt.DELTA_WEIGHTS_NAME))) for folder, record in stages]
-        self._verified: dict[tuple[int, str], bytes] = {}  # (stage position, tensor) -> payload checked by verify_payloads
+        self._stages = [StageShards(folder, record) for folder, record in stages]
+        self._verified: dict[tuple[int, str], bytes] = {}  # (stage position, tensor) -> payload checked on arrival
+        self._keep: Collection[str] = ()
+        self._keep_bytes = self._kept = self._dropped = 0
+        self._downloads: StageDownloads | None = None
+        self._starting = threading.Lock()
 
     def tensor(self, name: str, stored: StoredCodes | None = None) -> torch.Tensor:
         """Tensor ``name`` at this stage, in its source dtype and shape.
@@ -220,7 +238,8 @@ class TensorRebuilder:
         every payload against its stage record, and declared sizes against stored ones, before
         anything is decoded: a corrupt or crafted release fails here with the file and tensor named.
         ``stored`` gives the base codes, scales and offsets already in memory, checked when they
-        were loaded (a loaded model holds them): they are then not read from disk again.
+        were loaded (a loaded model holds them): they are then not read from disk again. Waits
+        for the stage files holding the payloads of ``name`` (starting the downloads if needed).
         """
         manifest = self.release.manifest
         entry = manifest.tensors.get(name)
@@ -237,36 +256,86 @@ class TensorRebuilder:
         try:
             tensor = progressive.decode(codes, scales, offsets, deltas, spec, tuple(entry.shape), entry.torch_dtype)
         except CorruptStreamError as error:
-            folder = self._stages[-1][0] if self._stages else self.release.base_dir
+            folder = self._stages[-1].folder if self._stages else self.release.base_dir
             raise fmt.P2UFormatError(f"{folder}: payload of tensor {stored_name!r} does not decode ({error})") from None
         self._check_source_bytes(name, tensor, entry)
+        logger.debug("tensor %r rebuilt at %s", name, self.release.stage_label(self.index))
         return tensor
 
     def largest_stage_shard(self) -> int:
-        """Bytes of the largest stage weight file read: the memory an upgrade may hold beyond its final model."""
-        return max((path.stat().st_size for *_, reader in self._stages for path in set(reader.locations.values())), default=0)
+        """Bytes of payloads in the largest stage weight file: the memory an upgrade may hold beyond its final model."""
+        return max((shards.payload_bytes(file) for shards in self._stages for file in shards.files), default=0)
 
-    def verify_payloads(self, keep: Collection[str] = (), keep_bytes: int = 0) -> None:
-        """Check every payload of every stage against its sha256: lets a caller fail before changing anything.
+    def start_downloads(self, order: Iterable[str], *, verify: bool = False, keep: Collection[str] = (), keep_bytes: int = 0) -> list[str]:
+        """Fetch the stage files in a background thread, first the files of the first tensors in ``order``.
 
-        The payloads of tensors in ``keep`` are kept for ``tensor`` (which then neither reads nor
-        hashes them again) while they total at most ``keep_bytes``; the others are dropped once
-        checked, and read and checked again when decoded, so memory stays bounded for any release.
+        With ``verify``, each file is checked as it arrives (its header, and every payload in it
+        against its sha256): ``verify_payloads`` then waits for all of them. The payloads of
+        tensors in ``keep`` are kept for ``tensor`` (which then neither reads nor hashes them again)
+        while they total at most ``keep_bytes``; the others are dropped once checked, and read and
+        checked again when decoded, so memory stays bounded for any release.
+
+        Returns:
+            ``order`` sorted (stably) by when the last file a tensor needs arrives: rebuilding in
+            that order never waits for a file while a tensor whose files are there could be rebuilt.
         """
-        kept = dropped = 0
-        for position, (_, record, _) in enumerate(self._stages):
-            for name in record.payloads:
-                payload = self._payload(position, name)
-                if name in keep and kept + len(payload) <= keep_bytes:
-                    self._verified[position, name] = payload
-                    kept += len(payload)
-                elif name in keep:
-                    dropped += len(payload)
-        if dropped:
+        order = list(order)
+        rank: dict[tuple[int, Path], int] = {}
+        needs: dict[str, list[tuple[int, Path]]] = {}
+        for name in order:
+            entry = self.release.manifest.tensors.get(name)
+            if entry is None or entry.codec != fmt.CODEC_LADDER:
+                continue
+            stored = entry.alias_of or name
+            needs[name] = [(position, shards.planned[stored]) for position, shards in enumerate(self._stages) if stored in shards.planned]
+            for key in needs[name]:
+                rank.setdefault(key, len(rank))
+        for position, shards in enumerate(self._stages):  # files no tensor of ``order`` needs come last, still checked
+            for file in shards.files:
+                rank.setdefault((position, file), len(rank))
+        self._keep, self._keep_bytes = set(keep), keep_bytes
+        with self._starting:
+            if self._downloads is None:
+                check = self._check_file if verify else None
+                self._downloads = StageDownloads(self._stages, sorted(rank, key=rank.__getitem__), self.release.token, check)
+        return sorted(order, key=lambda name: max((rank[key] for key in needs.get(name, ())), default=-1))
+
+    def verify_payloads(self) -> None:
+        """Wait until every stage file has arrived and every payload is checked: lets a caller fail before changing anything.
+
+        Raises what a download or a check raised: ``StageUnavailableError``, ``ChecksumError``, ``P2UFormatError``.
+        """
+        self._started().wait()
+        if self._dropped:
             logger.info(
                 "%s: %.1f MB of payloads beyond the %.1f MB kept in memory are read and checked again when decoded",
-                self.release.base_dir, dropped / 1e6, keep_bytes / 1e6,
+                self.release.base_dir, self._dropped / 1e6, self._keep_bytes / 1e6,
             )  # fmt: skip
+
+    def close(self) -> None:
+        """Stop downloading (after the file in flight) and fail the rebuilds still waiting for a file."""
+        if self._downloads is not None:
+            self._downloads.close()
+
+    def _started(self) -> StageDownloads:
+        """The downloads, started in the manifest's order if no caller gave one."""
+        if self._downloads is None:
+            self.start_downloads(self.release.manifest.tensors)
+        assert self._downloads is not None
+        return self._downloads
+
+    def _check_file(self, position: int, reader: TensorReader) -> None:
+        """Check every payload of one arrived stage file, keeping those ``tensor`` will want (``start_downloads``)."""
+        record = self._stages[position].record
+        for name in reader.locations:
+            if name not in record.payloads:
+                continue
+            payload = self._read_payload(position, name, reader)
+            if name in self._keep and self._kept + len(payload) <= self._keep_bytes:
+                self._verified[position, name] = payload
+                self._kept += len(payload)
+            elif name in self._keep:
+                self._dropped += len(payload)
 
     def _stored_codes(self, name: str, entry: fmt.TensorEntry, spec: Ladder) -> StoredCodes:
         """The codes, scales and offsets (None before format 3) of ladder tensor ``name``, read from the base and checked."""
@@ -298,14 +367,18 @@ class TensorRebuilder:
         return tensor
 
     def _payload(self, position: int, name: str) -> bytes:
-        """The payload of tensor ``name`` in the stage at ``position``: kept by ``verify_payloads``, else read and checked."""
+        """The payload of tensor ``name`` in the stage at ``position``, once its file is there: kept when checked, else read and checked."""
+        shards = self._stages[position]
+        if name not in shards.record.payloads:
+            raise fmt.P2UFormatError(f"{shards.folder / fmt.STAGE_FILE}: no payload listed for tensor {name!r}")
+        reader = self._started().reader(position, name)  # waits for the file (and, with ``verify``, its check)
         kept = self._verified.pop((position, name), None)
-        if kept is not None:
-            return kept
-        folder, record, reader = self._stages[position]
-        expected = record.payloads.get(name)
-        if expected is None:
-            raise fmt.P2UFormatError(f"{folder / fmt.STAGE_FILE}: no payload listed for tensor {name!r}")
+        return kept if kept is not None else self._read_payload(position, name, reader)
+
+    def _read_payload(self, position: int, name: str, reader: TensorReader) -> bytes:
+        """Payload ``name`` of the stage at ``position`` read from ``reader``, refused unless its size and sha256 are the recorded ones."""
+        shards = self._stages[position]
+        expected = shards.record.payloads[name]
         declared = reader.header(name)
         if declared is not None and (declared["dtype"], declared["shape"]) != ("U8", [expected["bytes"]]):
             raise fmt.ChecksumError(
@@ -314,7 +387,7 @@ class TensorRebuilder:
             )
         payload = fmt.tensor_bytes(reader.get(name)).tobytes()
         if fmt.sha256_bytes(payload) != expected["sha256"]:
-            raise fmt.ChecksumError(f"{folder}: payload of tensor {name!r} fails its sha256 check (corrupt download?)")
+            raise fmt.ChecksumError(f"{shards.folder}: payload of tensor {name!r} fails its sha256 check (corrupt download?)")
         return payload
 
     def _check_source_bytes(self, name: str, tensor: torch.Tensor, entry: fmt.TensorEntry, always: bool = False) -> None:
@@ -325,6 +398,130 @@ class TensorRebuilder:
             )
         if (self.full or always) and fmt.tensor_sha256(tensor) != entry.sha256:
             raise fmt.ChecksumError(f"tensor {name!r}: rebuilt bytes do not match the source sha256 in the manifest")
+
+
+class StageShards:
+    """The weight files of one stage and, before they have all arrived, which one holds each payload.
+
+    The shard index (or, unsharded, the one file) says where each payload should be, so a reader
+    can wait for just that file; the file's own validated header is what is read.
+    """
+
+    def __init__(self, folder: Path, record: fmt.StageRecord):
+        self.folder = folder
+        self.record = record
+        planned = fmt.weight_map(folder, fmt.DELTA_WEIGHTS_NAME)
+        if planned is None:
+            single = fmt.release_file(folder, fmt.shard_file_name(fmt.DELTA_WEIGHTS_NAME, 1, 1))
+            self.planned, self.files = dict.fromkeys(record.payloads, single), [single]
+        else:
+            self.planned, self.files = planned, sorted(set(planned.values()))
+
+    def payload_bytes(self, file: Path) -> int:
+        """Bytes of the recorded payloads the index places in ``file``."""
+        return sum(payload["bytes"] for name, payload in self.record.payloads.items() if self.planned.get(name) == file)
+
+
+DOWNLOADS_AT_ONCE = 2
+"""Stage files downloading at a time: the second keeps the link busy while the first one's requests start or end."""
+
+
+class StageDownloads:
+    """The weight files of a rebuilder's stages, fetched in order by a background thread (``DOWNLOADS_AT_ONCE`` at a time).
+
+    A file is ready once it is local and its header read, and, with ``check``, once ``check``
+    has run on it (in a second thread, so the next download is not held up). The first failure
+    fails every file not ready yet: whoever waits for one gets that error.
+    """
+
+    def __init__(
+        self, stages: list[StageShards], files: list[tuple[int, Path]], token: str | bool | None,
+        check: Callable[[int, TensorReader], None] | None,
+    ):  # fmt: skip
+        self._stages = stages
+        self._token = token
+        self._check = check
+        self._ready: dict[tuple[int, Path], Future[TensorReader]] = {key: Future() for key in files}
+        self._complete: Future[list[TensorReader]] = Future()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="p2u-check")
+        threading.Thread(target=self._run, name="p2u-download", daemon=True).start()
+
+    def reader(self, position: int, name: str) -> TensorReader:
+        """A reader of the file holding payload ``name`` of stage ``position``, waiting for it to be ready.
+
+        When the index placed the payload in a file that does not hold it, every file of the
+        stage is waited for and read together (which also refuses a payload in two files).
+        """
+        file = self._stages[position].planned.get(name)
+        if file is not None:
+            reader = self._ready[position, file].result()
+            if name in reader:
+                return reader
+        return self.wait()[position]
+
+    def wait(self) -> list[TensorReader]:
+        """One reader per stage over all its files, once every file is ready."""
+        return self._complete.result()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._fail(CancelledError("the stage downloads were stopped"))
+        self._checker.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        downloads = ThreadPoolExecutor(DOWNLOADS_AT_ONCE, thread_name_prefix="p2u-download")
+        try:
+            fetched = [downloads.submit(self._download, position, file) for position, file in self._ready]
+            checked = [
+                self._checker.submit(self._arrived, position, file, path.result()) for (position, file), path in zip(self._ready, fetched)
+            ]
+            for future in checked:
+                future.result()
+            readers = [TensorReader(shards.files) for shards in self._stages]  # refuses a payload in two files
+            for shards, reader in zip(self._stages, readers):
+                missing = next((name for name in shards.record.payloads if name not in reader), None)
+                if missing is not None:
+                    raise fmt.P2UFormatError(
+                        f"{shards.folder}: payload of tensor {missing!r} is in none of {[f.name for f in shards.files]}"
+                    )
+            with self._lock:
+                if not self._complete.done():
+                    self._complete.set_result(readers)
+        except BaseException as error:  # handed to whoever waits for a file
+            self._fail(error)
+        finally:
+            downloads.shutdown(wait=False, cancel_futures=True)
+            self._checker.shutdown(wait=False)
+
+    def _download(self, position: int, file: Path) -> Path:
+        if self._closed.is_set():
+            raise CancelledError("the stage downloads were stopped")
+        folder = self._stages[position].folder
+        path = download_file(folder, file.relative_to(folder).as_posix(), token=self._token)
+        if not path.is_file():
+            raise fmt.P2UFormatError(f"{path}: weight file missing")
+        return path
+
+    def _arrived(self, position: int, file: Path, path: Path) -> None:
+        try:
+            reader = TensorReader([path])
+            if self._check is not None:
+                self._check(position, reader)
+        except BaseException as error:
+            self._fail(error)
+            raise
+        with self._lock:
+            if not self._ready[position, file].done():
+                self._ready[position, file].set_result(reader)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            futures: list[Future] = [*self._ready.values(), self._complete]
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
 
 
 PREFETCH_BYTES = 1 << 28
@@ -374,7 +571,8 @@ class TensorPrefetch:
             waiting += size
 
     def close(self) -> None:
-        """Drop what was rebuilt ahead and not asked for; wait for the running rebuilds."""
+        """Drop what was rebuilt ahead and not asked for; stop the rebuilder's downloads; wait for the running rebuilds."""
         self._order.clear()
+        self._rebuilder.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()

@@ -26,6 +26,13 @@ from . import format as fmt
 from .gptq import input_hessians
 from .storage import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TensorReader, atomic_output_dir, safetensors_header, visible_files
 
+STAGE_SHARDS = 32
+"""By default a stage is cut into shards of 1/32 of the source's size (at least ``MIN_STAGE_SHARD_BYTES``), so that
+an upgrade decodes the first shards while the next ones download: the work left after the last byte arrives is that of
+about one shard."""
+MIN_STAGE_SHARD_BYTES = 4 * 1024**2
+"""Smaller shards would add a request per few MB for little more overlap."""
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OTHER_WEIGHT_SUFFIXES = (*PICKLE_SUFFIXES, ".h5", ".msgpack", ".onnx", ".ot", ".gguf")
 
@@ -44,6 +51,7 @@ def split(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     workers: int | None = None,
     map_shards: Callable[[list[shards.ShardJob]], list[shards.ShardResult]] | None = None,
+    stage_shard_bytes: int | None = None,
     overwrite: bool = False,
     token: str | bool | None = None,
 ) -> Path:
@@ -77,6 +85,8 @@ def split(
             jobs' order, instead of the local pool (``workers`` is then unused): e.g. over a Ray or
             Dask cluster whose machines see the source and ``output``'s parent folder at the same
             paths (docs/scale.md).
+        stage_shard_bytes: largest shard of a stage's weight files; default ``default_stage_shard_bytes``
+            of the source's size (smaller shards let an upgrade decode while the rest downloads).
         overwrite: replace ``output`` if it exists.
         token: Hub token for a private source repo (default: the usual HF_TOKEN / login).
 
@@ -105,11 +115,13 @@ def split(
         _find_copies(reader, tensors)  # the allocation must know which tensors are stored once
     widths, allocation_record = _choose_widths(source_dir, reader, tensors, spec, uniform, sensitivity)
     hessians = _input_hessians(source_dir, widths) if gptq else {}
+    if stage_shard_bytes is None:
+        stage_shard_bytes = default_stage_shard_bytes(sum(file.stat().st_size for file in weight_files), max_shard_bytes)
     with atomic_output_dir(output, overwrite=overwrite, is_replaceable=fmt.is_release_folder) as work:
         base_dir = work / fmt.BASE_DIR
         base = ShardedWriter(base_dir, fmt.BASE_WEIGHTS_NAME, max_shard_bytes)
         deltas = [
-            ShardedWriter(work / fmt.stage_dir_name(k), fmt.DELTA_WEIGHTS_NAME, max_shard_bytes) for k in range(1, spec.stage_count + 1)
+            ShardedWriter(work / fmt.stage_dir_name(k), fmt.DELTA_WEIGHTS_NAME, stage_shard_bytes) for k in range(1, spec.stage_count + 1)
         ]
         parts = Path(tempfile.mkdtemp(prefix=".", dir=work))  # the workers' part files, removed once copied into the shards
         jobs = _shard_jobs(reader, tensors, widths, spec, hessians, parts)
@@ -156,6 +168,11 @@ def _shard_jobs(
         )
         for number, (file, names) in enumerate(by_file.items())
     ]
+
+
+def default_stage_shard_bytes(source_bytes: int, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> int:
+    """Largest stage shard ``split`` writes by default: ``source_bytes / STAGE_SHARDS``, within ``MIN_STAGE_SHARD_BYTES``..``max_shard_bytes``."""
+    return min(max_shard_bytes, max(MIN_STAGE_SHARD_BYTES, source_bytes // STAGE_SHARDS))
 
 
 def _input_hessians(source_dir: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,10 @@
 The model came from ``from_pretrained`` on a p2u base; its quantizer recorded where the base is
 (a local folder, or a Hub repo at a commit). ``upgrade`` finds the stages from the base's config,
 fetches them through huggingface_hub (the HF cache, its progress bars, ``HF_TOKEN``), checks them
-and swaps every quantized weight for its rebuilt value, one layer at a time.
+and swaps every quantized weight for its rebuilt value, one layer at a time. Downloading and
+decoding overlap: the stage shards come one by one in a background thread, each checked as it
+arrives, and the codec threads rebuild every tensor whose shards are there while the next ones
+download (``TensorRebuilder.start_downloads``), so little decoding is left after the last byte.
 
 At ``"full"`` the model becomes a plain transformers model: its ``state_dict()`` is bit-identical
 to the source checkpoint and ``save_pretrained`` writes no ``quantization_config``. That holds when
@@ -13,11 +16,13 @@ that stage's dequantized values, in the model's dtype.
 
 Failure handling: everything that can be checked before the model changes is checked first.
 Every stage is fetched, must name this base as its parent and come in order, and every payload
-must match its sha256; a stage that is unreachable (``StageUnavailableError``), from another base
-(``StageMismatchError``) or corrupt (``ChecksumError``) leaves the model exactly as it was. Then each
+must match its sha256 (tensors rebuilt meanwhile wait, unswapped); a stage that is unreachable
+(``StageUnavailableError``), from another base (``StageMismatchError``) or corrupt (``ChecksumError``)
+leaves the model exactly as it was. Then each
 layer's tensors are rebuilt (at ``"full"``, each checked against the source's sha256) before that
 layer is swapped, from the codes the model holds (checked when it loaded) or, for a layer already
-dense, from the base weights on disk, checked again. A failure there (a payload whose sha256
+dense or one on the int4 kernel (whose stored codes would have to be re-packed from the kernel's
+layout, which costs far more than reading and hashing them), from the base weights on disk, checked again. A failure there (a payload whose sha256
 matches but which does not decode, base weights changed on disk after loading) stops the upgrade
 with the error: swapped layers hold
 checked weights of the new stage, the others keep theirs, the model still answers, and the stage
@@ -25,11 +30,12 @@ of every layer is recorded (``quantizer.layer_stages``), so calling ``upgrade`` 
 the layers still below the target and never lowers one that is above it.
 
 Memory: layers are swapped one by one and the packed codes of a swapped layer are freed at once;
-the next layers are rebuilt ahead on the codec threads (``release.TensorPrefetch``, at most
-``PREFETCH_BYTES`` waiting), so the peak stays near the final model size plus those few layers.
-The payloads checked before the first swap are kept for decoding, and freed as it goes, while they
-total at most what the model grows by plus one stage shard; so each payload is read and hashed
-once, and a payload beyond that bound is read and checked again when its layer is rebuilt.
+tensors are rebuilt ahead on the codec threads (``release.TensorPrefetch``, at most
+``PREFETCH_BYTES`` waiting, also while the stages download), so the peak stays near the final
+model size plus those few layers. The payloads checked as their shards arrive are kept for
+decoding, and freed as it goes, while they total at most what the model grows by plus one stage
+shard; so each payload is read and hashed once, and a payload beyond that bound is read and
+checked again when its layer is rebuilt.
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar, overload
 
 import torch
 from huggingface_hub.utils import tqdm
 
+from ..core import format as fmt
 from ..core.release import StageSpec, StoredCodes, TensorPrefetch, TensorRebuilder
 
 if TYPE_CHECKING:
@@ -174,19 +182,29 @@ def _upgrade(
         if not todo and index <= quantizer.stage:
             return model
         rebuilder = release.rebuilder(index)
-        rebuilder.verify_payloads(keep={packed.tensor for packed in todo.values()}, keep_bytes=_payload_budget(model, todo, rebuilder))
+        expanded = _expanded_tensors(todo)
+        ahead_order = rebuilder.start_downloads(  # in the order split wrote the files: nothing is swapped before the last
+            [name for name in release.manifest.tensors if name in expanded], verify=True,
+            keep={packed.tensor for packed in todo.values()}, keep_bytes=_payload_budget(model, todo, rebuilder),
+        )  # fmt: skip
         bars: list[tqdm] = []  # opened at the first layer, when the total is known (no empty bar before it)
         holders = {packed.tensor: packed for packed in reversed(todo.values())}  # owners win: listed before their aliases
 
+        base_on_disk = _base_files_present(release.base_dir)
+
         def stored_codes(tensor: str) -> StoredCodes | None:
-            """The base codes of ``tensor`` in the model, checked at load (None once its layer is dense)."""
-            stored = loaded_codes(model, holders[tensor]) if tensor in holders else None
+            """The base codes of ``tensor`` in the model, checked at load; None once its layer is dense, or to read
+            them from the base files (checked again) where that is cheaper than taking them out of the int4 kernel."""
+            packed = holders.get(tensor)
+            if packed is None or (base_on_disk and _on_int4_kernel(model, packed)):
+                return None
+            stored = loaded_codes(model, packed)
             if stored is None:
                 return None
             codes, scales, offsets = stored
             return codes.cpu(), scales.cpu(), None if offsets is None else offsets.cpu()
 
-        ahead = TensorPrefetch(rebuilder, _expansion_order(todo), stored=stored_codes)
+        ahead = TensorPrefetch(rebuilder, ahead_order, stored=stored_codes)  # rebuilds each tensor once its files are there
 
         def rebuild(packed: PackedParameter) -> torch.Tensor:
             device, dtype = placement(model, packed)
@@ -201,6 +219,7 @@ def _upgrade(
                 on_layer(done, total)
 
         try:
+            rebuilder.verify_payloads()  # every file downloaded and checked: nothing is swapped before
             install_expanded(model, todo, rebuild, on_module=layer_done)
         finally:
             ahead.close()
@@ -213,11 +232,10 @@ def _upgrade(
     return model
 
 
-def _expansion_order(todo: dict) -> list[str]:
-    """The tensors ``install_expanded`` will rebuild, in about its order: owners' modules first, then
-    aliases whose owner it does not swap (tied followers and aliases of swapped owners reuse those)."""
-    expanded = [packed for packed in todo.values() if packed.owner is None or (packed.owner not in todo and not packed.tied)]
-    return [packed.tensor for packed in sorted(expanded, key=lambda packed: packed.owner is not None)]
+def _expanded_tensors(todo: dict) -> set[str]:
+    """The tensors ``install_expanded`` will rebuild: owners', and aliases' whose owner it does not swap
+    (tied followers and aliases of swapped owners reuse those)."""
+    return {packed.tensor for packed in todo.values() if packed.owner is None or (packed.owner not in todo and not packed.tied)}
 
 
 def _payload_budget(model: torch.nn.Module, todo: dict[str, PackedParameter], rebuilder: TensorRebuilder) -> int:
@@ -227,15 +245,33 @@ def _payload_budget(model: torch.nn.Module, todo: dict[str, PackedParameter], re
     to dense weights, so keeping that much holds the peak near the final model plus one shard,
     the bound the upgrade promises; beyond it payloads are read (and checked) a second time.
     """
-    from .transformers import loaded_codes, placement
+    from .transformers import placement, quantized_layer
 
     growth = 0
     for packed in todo.values():
-        stored = loaded_codes(model, packed) if packed.owner is None else None
-        if stored is not None:  # a dense layer (an intermediate stage) keeps its size
+        buffers = quantized_layer(model, packed.module_name)._buffers
+        if packed.owner is None and packed.attribute in buffers:  # a dense layer (an intermediate stage) keeps its size
             dense = math.prod(packed.layout.shape) * placement(model, packed)[1].itemsize
-            growth += dense - sum(tensor.numel() * tensor.element_size() for tensor in stored if tensor is not None)
+            held = [tensor for name in packed.attributes if (tensor := buffers.get(name)) is not None]
+            growth += dense - sum(tensor.numel() * tensor.element_size() for tensor in held)
     return max(growth, 0) + rebuilder.largest_stage_shard()
+
+
+def _on_int4_kernel(model: torch.nn.Module, packed: PackedParameter) -> bool:
+    """Whether the layer of ``packed`` holds its codes in the int4 kernel's layout (``loaded_codes`` must then re-pack them)."""
+    from .transformers import quantized_layer
+
+    layout = quantized_layer(model, packed.module_name).__dict__.get("p2u_layout")
+    return layout is not None and layout.int4
+
+
+def _base_files_present(base_dir: Path) -> bool:
+    """Whether the base weight files are still where the model was loaded from (a cache may have been cleared since)."""
+    try:
+        fmt.weight_files(base_dir, fmt.BASE_WEIGHTS_NAME)
+    except fmt.P2UFormatError:
+        return False
+    return True
 
 
 def _make_plain(model: torch.nn.Module, quantizer: P2UHfQuantizer) -> None:

@@ -834,6 +834,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(header, value)
         self.end_headers()
         if self.command == "GET":
+            self.server.hub._wait_if_held(path)
             self._send_blob(self._store.blob_path(entry["sha256"]), start, end)
 
     def _send_blob(self, blob: Path, start: int, end: int) -> None:
@@ -960,6 +961,7 @@ class LocalHub:
         self._rate_mbps: float | None = None
         self._next_send = 0.0
         self._drops_pending = 0
+        self._holds: dict[str, threading.Event] = {}
         self._upload_key = secrets.token_bytes(32)
         self._server: _HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -1024,6 +1026,23 @@ class LocalHub:
         """
         with self._lock:
             self._drops_pending = n
+
+    def hold_downloads(self, pattern: str) -> threading.Event:
+        """Make ``/resolve`` GETs of files matching the glob ``pattern`` wait, headers sent, until the returned event is set.
+
+        A test can then watch what a client does while one file is still downloading (its first
+        bytes not yet arrived) without depending on timing; set the event to let the body through.
+        """
+        released = threading.Event()
+        with self._lock:
+            self._holds[pattern] = released
+        return released
+
+    def _wait_if_held(self, path: str) -> None:
+        with self._lock:
+            holds = [event for pattern, event in self._holds.items() if fnmatch.fnmatchcase(path, pattern)]
+        for event in holds:
+            event.wait()
 
     def _take_drop(self) -> bool:
         with self._lock:

@@ -21,6 +21,7 @@ def _split(args: argparse.Namespace) -> None:
         args.source, args.output, bits=args.bits, group_size=args.group_size, stages=args.stages,
         keep=args.keep, uniform=args.uniform, sensitivity=args.sensitivity, gptq=args.gptq,
         max_shard_bytes=int(args.max_shard_gb * 1024**3), workers=args.workers, overwrite=args.overwrite,
+        stage_shard_bytes=None if args.stage_shard_mb is None else int(args.stage_shard_mb * 1024**2),
     )  # fmt: skip
     _print_summary(output, as_json=False)
 
@@ -154,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument(
         "--workers", type=int, default=None, metavar="N",
         help="processes coding the source's safetensors files in parallel (default: one per CPU, at most one per file and per 256 MiB)",
+    )  # fmt: skip
+    split.add_argument(
+        "--stage-shard-mb", type=float, default=None, metavar="MB",
+        help="largest shard of a stage's weight files, in MiB (default: 1/32 of the source, at least 4 MiB, at most "
+        "--max-shard-gb): an upgrade decodes the first shards while the next ones download",
     )  # fmt: skip
     split.add_argument("--overwrite", action="store_true", help="replace the output folder")
     split.set_defaults(run=_split)

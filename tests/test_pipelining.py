@@ -1,0 +1,144 @@
+"""Stages stream: a tensor is rebuilt as soon as the stage shards holding its payloads are local, while later shards
+still download (over real HTTP from the local Hub), and an upgrade swaps nothing before every shard has arrived and
+been checked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from huggingface_hub import snapshot_download
+
+import p2u_hub
+from p2u_hub.core import format as fmt
+from p2u_hub.core.split import MIN_STAGE_SHARD_BYTES, STAGE_SHARDS, default_stage_shard_bytes
+from p2u_hub.core.storage import DEFAULT_MAX_SHARD_BYTES
+from p2u_hub.testing import LocalHub
+from p2u_hub.testing.assertions import assert_checkpoints_bit_identical, assert_tensors_bit_identical
+from p2u_hub.tools.publish import push
+
+REPO = "local/gpt2-p2u"
+WAIT_S = 120  # only a failing test waits this long: every wait below ends on an event
+
+
+@pytest.fixture
+def sharded(random_checkpoint, tmp_path) -> tuple[Path, Path]:
+    """(source, release) of a tiny GPT-2 whose stages are cut into shards of 20 kB: several files per stage."""
+    source = random_checkpoint("gpt2")
+    return source, p2u_hub.split(source, tmp_path / "release", stage_shard_bytes=20_000)
+
+
+def _last_shard(release: Path, stage: str) -> str:
+    """The stage's last shard: it holds the tensors split wrote last, so it is the last file an upgrade fetches."""
+    return sorted((release / stage).glob(f"{fmt.DELTA_WEIGHTS_NAME}-*.safetensors"))[-1].name
+
+
+@pytest.fixture
+def rebuilt() -> Iterator[threading.Event]:
+    """Set when the release module reports a tensor rebuilt (its DEBUG log, which is how a user watches it too)."""
+    event = threading.Event()
+
+    class Watcher(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "rebuilt" in record.getMessage():
+                event.set()
+
+    logger = logging.getLogger("p2u_hub.core.release")
+    watcher, level = Watcher(logging.DEBUG), logger.level
+    logger.addHandler(watcher)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield event
+    finally:
+        logger.removeHandler(watcher)
+        logger.setLevel(level)
+
+
+def test_split_cuts_each_stage_into_shards_that_merge_back_bit_for_bit(sharded, tmp_path):
+    source, release = sharded
+    for stage in ("stage-1", "stage-2"):
+        folder = release / stage
+        shards = sorted(folder.glob("delta-*.safetensors"))
+        index = json.loads((folder / fmt.index_file_name(fmt.DELTA_WEIGHTS_NAME)).read_text())
+        assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == [shard.name for shard in shards]
+        record = fmt.read_stage_record(folder)
+        assert set(index["weight_map"]) == set(record.payloads)
+    assert_checkpoints_bit_identical(source, p2u_hub.merge(release, tmp_path / "merged"))
+
+
+def test_default_stage_shard_is_a_fraction_of_the_source_within_bounds():
+    assert default_stage_shard_bytes(1_000_000) == MIN_STAGE_SHARD_BYTES
+    assert default_stage_shard_bytes(STAGE_SHARDS * 10**9) == 10**9
+    assert default_stage_shard_bytes(10**13) == DEFAULT_MAX_SHARD_BYTES
+    assert default_stage_shard_bytes(10**13, max_shard_bytes=10**8) == 10**8
+
+
+def test_upgrade_rebuilds_while_the_last_shard_downloads_and_swaps_only_after_it(local_hub: LocalHub, sharded, rebuilt):
+    source, release = sharded
+    push(release, REPO)
+    model = transformers.AutoModelForCausalLM.from_pretrained(REPO)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    released = local_hub.hold_downloads(_last_shard(release, "stage-2"))
+    try:
+        handle = p2u_hub.upgrade(model, background=True)
+        assert rebuilt.wait(WAIT_S), "no tensor was rebuilt while the last stage shard was still downloading"
+        assert not handle.done() and handle.progress == 0.0  # rebuilt ahead, not swapped: the last shard is unchecked
+        after = model.state_dict()
+        assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    finally:
+        released.set()
+    handle.result(timeout=WAIT_S)
+    assert_tensors_bit_identical(transformers.AutoModelForCausalLM.from_pretrained(source).state_dict(), model.state_dict())
+
+
+def test_merge_from_the_hub_rebuilds_while_the_last_shard_downloads(local_hub: LocalHub, sharded, rebuilt, tmp_path):
+    source, release = sharded
+    push(release, REPO)
+    base = snapshot_download(REPO)
+    released = local_hub.hold_downloads(_last_shard(release, "stage-2"))
+    merged: list[Path] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            merged.append(p2u_hub.merge(base, tmp_path / "merged", progress=False))
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            errors.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert rebuilt.wait(WAIT_S), "no tensor was rebuilt while the last stage shard was still downloading"
+        assert not merged and not errors
+    finally:
+        released.set()
+        thread.join(WAIT_S)
+    assert not errors, errors
+    assert_checkpoints_bit_identical(source, merged[0])
+
+
+def test_a_corrupt_last_shard_leaves_the_model_unchanged_though_earlier_tensors_were_rebuilt(
+    local_hub: LocalHub, sharded, rebuilt
+):  # fmt: skip
+    _, release = sharded
+    push(release, REPO)
+    last = release / "stage-2" / _last_shard(release, "stage-2")
+    blob = local_hub.root / "blobs" / (digest := hashlib.sha256(last.read_bytes()).hexdigest())[:2] / digest
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # the last payload's last byte: the header still parses, the payload fails its sha256
+    blob.write_bytes(bytes(data))
+    model = transformers.AutoModelForCausalLM.from_pretrained(REPO)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(fmt.ChecksumError, match="fails its sha256 check"):
+        p2u_hub.upgrade(model)
+    assert rebuilt.is_set()  # tensors of the earlier shards were rebuilt ahead, and then dropped
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    assert model.hf_quantizer.stage == 0 and not any(model.hf_quantizer.layer_stages.values())
