@@ -14,6 +14,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -199,8 +200,9 @@ class StreamingSafetensorsWriter:
 
     safetensors puts the header (every name, dtype, shape and offset) before the data, so
     tensor bytes go to a spill file first (or stay where they already lie on disk: ``add_stored``);
-    ``close`` writes the header and copies the data after it. Tensors are laid out as ``safetensors.save_file`` does (by decreasing alignment,
-    then name), so every tensor is aligned to its dtype for zero-copy loading.
+    ``close`` writes the header and copies the data after it. Tensors are laid out as
+    ``safetensors.save_file`` does (by decreasing alignment, then name), so every tensor is
+    aligned to its dtype for zero-copy loading.
     """
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
@@ -233,16 +235,19 @@ class StreamingSafetensorsWriter:
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        with self.path.open("wb") as output:
+        with self.path.open("wb") as output, contextlib.ExitStack() as opened:
+            sources: dict[Path | None, typing.IO[bytes]] = {None: self._spill}  # each part file opened once
             output.write(len(encoded).to_bytes(8, "little") + encoded)
             for name in order:
                 _, _, _, file, start, size = self._entries[name]
-                with contextlib.nullcontext(self._spill) if file is None else file.open("rb") as source:
-                    source.seek(start)
-                    while size:
-                        chunk = source.read(min(size, 1 << 24))
-                        output.write(chunk)
-                        size -= len(chunk)
+                if file not in sources:
+                    sources[file] = opened.enter_context(file.open("rb"))  # type: ignore[union-attr]  # not None: None is the spill
+                source = sources[file]
+                source.seek(start)
+                while size:
+                    chunk = source.read(min(size, 1 << 24))
+                    output.write(chunk)
+                    size -= len(chunk)
         self._spill.close()
 
 
