@@ -3,20 +3,55 @@
 The output mirrors the source: same safetensors file names, tensor sets and metadata, same
 index file, config.json without ``quantization_config``, the source README restored. At the
 last stage every tensor is byte-identical to the source, checked before the folder appears.
+
+The unit of work is one output file (one of the source's safetensors files): ``merge_file``
+runs a picklable ``MergeJob`` anywhere that sees the release and the output's parent folder at
+the same paths (a local process pool by default; Ray or Dask through ``map_shards``,
+docs/scale.md), and ``merge`` writes the index and the other files around the results.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub.utils import tqdm
 
+from ..errors import P2UError
 from . import format as fmt
-from .release import Release, StageSpec, TensorPrefetch
+from . import shards
+from .release import Release, StageSpec, TensorPrefetch, TensorRebuilder
 from .storage import StreamingSafetensorsWriter, atomic_output_dir, visible_files
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """Everything ``merge_file`` needs to write one output file: picklable, no open handles, no token.
+
+    Args:
+        base_dir: the release's base folder (a release's ``base/`` or a Hub snapshot of it).
+        stages: every stage up to the one merged, as (folder, record): a local folder already
+            holding all the stage's weight files, and its record as ``merge`` checked it against the base.
+        file_name: the output file: one of the source's safetensors files (``manifest.source_files``).
+        folder: the folder to write it in (``merge``'s temporary output folder).
+    """
+
+    base_dir: Path
+    stages: list[tuple[Path, fmt.StageRecord]]
+    file_name: str
+    folder: Path
+
+
+@dataclass(frozen=True)
+class MergedFile:
+    """What ``merge_file`` wrote: ``merge`` checks the file is there with this size (workers must share its folder)."""
+
+    file_name: str
+    size: int
 
 
 def merge(
@@ -27,6 +62,8 @@ def merge(
     overwrite: bool = False,
     token: str | bool | None = None,
     progress: bool = True,
+    workers: int | None = None,
+    map_shards: Callable[[list[MergeJob]], Sequence[MergedFile]] | None = None,
 ) -> Path:
     """Write the checkpoint rebuilt at ``stage`` to ``destination``.
 
@@ -38,6 +75,15 @@ def merge(
         overwrite: replace ``destination`` if it exists.
         token: Hub token for private stage repos.
         progress: show a progress bar (callers with a bar of their own, like ``evaluate``, pass False).
+        workers: processes writing the output files in parallel (default: one per CPU, at most
+            one per file and per 256 MiB of output: ``shards.workers_for``). With 1, this process
+            writes them, rebuilding tensors while the stage files still download; with more, the
+            stage files are all downloaded first, then each worker reads them from the local
+            folders. The output is the same bytes whatever the count. A script calling ``merge``
+            with workers needs the ``if __name__ == "__main__":`` guard (``shards.run_in_processes``).
+        map_shards: runs ``merge_file`` on every job and returns the results, instead of the local
+            pool (``workers`` is then unused): e.g. over a Ray or Dask cluster whose machines see the
+            release and ``destination``'s parent folder at the same paths (docs/scale.md).
 
     Returns:
         The destination folder.
@@ -46,24 +92,33 @@ def merge(
         StageMismatchError: a stage belongs to another base or is out of order.
         ChecksumError: a payload or a rebuilt tensor fails its sha256 check.
         P2UFormatError: a file is missing or corrupt (the message names it).
+        P2UError: a worker died, or ``map_shards`` did not write every file.
     """
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     release = Release.open(source, token=token)
     manifest = release.manifest
     rebuilder = release.rebuilder(stage)
     plain_files = _plain_files(release.base_dir)
     own_names = {*manifest.source_files, manifest.source_index_file, *plain_files.values()}
+    if workers is None:
+        workers = shards.workers_for([_output_bytes(manifest, file) for file in manifest.source_files.values()])
+    in_process = map_shards is None and min(workers, len(manifest.source_files)) <= 1
 
     def is_earlier_merge(folder: Path) -> bool:
         return all(relative.as_posix() in own_names for relative in visible_files(folder))
 
     with atomic_output_dir(destination, overwrite=overwrite, is_replaceable=is_earlier_merge) as work:
-        order = [name for source_file in manifest.source_files.values() for name in source_file.tensors]
-        with closing(TensorPrefetch(rebuilder, rebuilder.start_downloads(order))) as ahead:
-            for file_name, source_file in tqdm(manifest.source_files.items(), desc="p2u merge", unit="file", disable=not progress):
-                writer = StreamingSafetensorsWriter(work / file_name, source_file.metadata)
-                for name in source_file.tensors:
-                    writer.add(name, ahead.get(name))
-                writer.close()
+        if in_process:
+            _write_files(rebuilder, manifest.source_files, work, progress)
+        else:
+            jobs = _jobs(release, rebuilder, work)
+            results: Sequence[MergedFile]
+            if map_shards is None:
+                results = shards.run_in_processes(merge_file, jobs, workers, "p2u merge", progress)
+            else:
+                results = map_shards(jobs)
+            _check_written(jobs, results)
         if manifest.source_index_file is not None:
             weight_map = {name: file for file, f in manifest.source_files.items() for name in f.tensors}
             index = {"metadata": manifest.source_index_metadata or {}, "weight_map": weight_map}
@@ -78,6 +133,61 @@ def merge(
             else:
                 shutil.copyfile(path, target)
     return Path(destination)
+
+
+def merge_file(job: MergeJob) -> MergedFile:
+    """Rebuild the tensors of one output file and write it: the unit of work of ``merge``, in any process, in any order.
+
+    Reads the base and the stage files from the job's local folders (nothing is downloaded);
+    rebuilds the next tensors on ``codec_threads()`` threads while one is written.
+
+    Raises:
+        ChecksumError: a payload or a rebuilt tensor fails its sha256 check (the message names it).
+        P2UFormatError: a file is missing or corrupt, or the source has no file ``job.file_name``.
+    """
+    release = Release(job.base_dir)
+    source_file = release.manifest.source_files.get(job.file_name)
+    if source_file is None:
+        raise fmt.P2UFormatError(f"{job.base_dir / fmt.MANIFEST_FILE}: the source has no weight file {job.file_name!r}")
+    _write_files(TensorRebuilder(release, len(job.stages), job.stages), {job.file_name: source_file}, job.folder, progress=False)
+    return MergedFile(job.file_name, (job.folder / job.file_name).stat().st_size)
+
+
+def _write_files(rebuilder: TensorRebuilder, files: dict[str, fmt.SourceFile], folder: Path, progress: bool) -> None:
+    """Write ``files`` into ``folder``, their tensors rebuilt ahead (``TensorPrefetch``) in the order the stage files arrive."""
+    order = [name for source_file in files.values() for name in source_file.tensors]
+    with closing(TensorPrefetch(rebuilder, rebuilder.start_downloads(order))) as ahead:
+        for file_name, source_file in tqdm(files.items(), desc="p2u merge", unit="file", disable=not progress):
+            writer = StreamingSafetensorsWriter(folder / file_name, source_file.metadata)
+            for name in source_file.tensors:
+                writer.add(name, ahead.get(name))
+            writer.close()
+
+
+def _jobs(release: Release, rebuilder: TensorRebuilder, folder: Path) -> list[MergeJob]:
+    """One job per output file, once every stage file is local: downloaded here, once, rather than by each worker."""
+    with closing(rebuilder):
+        rebuilder.start_downloads(())
+        rebuilder.verify_payloads()  # waits for every file (without checking payloads: the workers check what they read)
+    stages = [release.stage(index) for index in range(1, rebuilder.index + 1)]
+    return [MergeJob(release.base_dir, stages, file_name, folder) for file_name in release.manifest.source_files]
+
+
+def _check_written(jobs: list[MergeJob], results: Sequence[MergedFile]) -> None:
+    """Refuse to finish unless every job's file is in the output folder, as large as its worker wrote it."""
+    written = {result.file_name: result.size for result in results}
+    for job in jobs:
+        path = job.folder / job.file_name
+        size = path.stat().st_size if path.is_file() else None
+        if job.file_name not in written or size != written[job.file_name]:
+            raise P2UError(
+                f"{path}: not written as its merge job reported ({size} bytes here, {written.get(job.file_name)} reported): "
+                "map_shards must run every job, on machines that see this folder at the same path"
+            )
+
+
+def _output_bytes(manifest: fmt.Manifest, source_file: fmt.SourceFile) -> int:
+    return sum(manifest.tensors[name].numel * manifest.tensors[name].torch_dtype.itemsize for name in source_file.tensors)
 
 
 def _plain_files(base_dir: Path) -> dict[Path, str]:

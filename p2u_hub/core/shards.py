@@ -15,6 +15,8 @@ copy rule (a ladder tensor equal to an earlier one, in file order, is stored onc
 sees its own shard, so a copy of a tensor of an earlier shard is found here and its pieces
 dropped), then feeds the pieces to the release's ``ShardedWriter``s, which copy them from the part
 files into their shards.
+
+``run_in_processes`` is the local process pool that runs these jobs, and ``merge``'s per-file jobs.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_all_start_methods, get_context
 from multiprocessing.context import BaseContext
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from huggingface_hub.utils import tqdm
 
 from ..codecs import progressive
+from ..errors import P2UError
 from . import format as fmt
 from .gptq import corrected_codes as gptq_codes
 from .storage import ShardedWriter, TensorReader
@@ -39,7 +44,7 @@ from .storage import ShardedWriter, TensorReader
 BASE_OUTPUT = 0
 """``Piece.output`` of the base folder; stage ``k`` is output ``k``."""
 WORKER_MIN_BYTES = 256 * 1024**2
-"""By default each worker process gets at least this much source: starting one (a fresh interpreter importing
+"""By default each worker process gets at least this many bytes (of source to split, of checkpoint to merge): starting one (a fresh interpreter importing
 torch) took 1.5-3 s on a loaded 2-core machine, what the codec takes for 100-200 MB."""
 
 
@@ -190,39 +195,70 @@ def combine(
 
 
 def default_workers(files: Sequence[Path]) -> int:
-    """Worker processes for ``files``: one per CPU, at most one per file and per ``WORKER_MIN_BYTES`` of source."""
-    size = sum(file.stat().st_size for file in files)
-    return max(1, min(os.cpu_count() or 1, len(files), size // WORKER_MIN_BYTES))
+    """Worker processes for splitting ``files``: ``workers_for`` their sizes."""
+    return workers_for([file.stat().st_size for file in files])
+
+
+def workers_for(sizes: Sequence[int]) -> int:
+    """Worker processes for jobs of ``sizes`` bytes: one per CPU, at most one per job and per ``WORKER_MIN_BYTES`` in all."""
+    return max(1, min(os.cpu_count() or 1, len(sizes), sum(sizes) // WORKER_MIN_BYTES))
 
 
 def map_shards(jobs: Sequence[ShardJob], workers: int) -> list[ShardResult]:
-    """``[split_shard(job) for job in jobs]``, on ``workers`` processes (in this one when 1).
-
-    In this process each tensor's blocks are coded on ``codec_threads()`` threads; in a pool, the
-    threads are shared out among the workers (one each on a machine with as many cores as
-    workers), so processes and threads do not oversubscribe the cores. Workers are not forked
-    from this process (a fork of a process whose torch/OpenMP threads already ran can hang):
-    ``forkserver`` where the platform has it, which imports this module once and forks the
-    workers from that clean process (0.1 s a pool, against 3-6 s for ``spawn``, which starts and
-    imports torch in each worker, on a loaded 2-core machine), else ``spawn``. Either way a
-    script calling ``split`` needs the usual ``if __name__ == "__main__":`` guard.
-    """
+    """``[split_shard(job) for job in jobs]``, on ``workers`` processes (``run_in_processes``; in this one when 1)."""
     if workers == 1 or len(jobs) <= 1:
         total = sum(len(job.entries) for job in jobs)
         with tqdm(total=total, desc="p2u split", unit="tensor") as bar:
             return [split_shard(job, on_tensor=bar.update) for job in jobs]
+    return run_in_processes(split_shard, jobs, workers, "p2u split")
+
+
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+
+def run_in_processes(
+    function: Callable[[Job], Result], jobs: Sequence[Job], workers: int, what: str, progress: bool = True
+) -> list[Result]:
+    """``[function(job) for job in jobs]`` on a pool of ``workers`` processes (at most one per job), in the jobs' order.
+
+    The pool that ``split`` and ``merge`` run their per-file jobs on. In one process each
+    tensor's blocks are coded on ``codec_threads()`` threads; in a pool, the threads are shared
+    out among the workers (one each on a machine with as many cores as workers), so processes
+    and threads do not oversubscribe the cores. Workers are not forked from this process (a fork
+    of a process whose torch/OpenMP threads already ran can hang): ``forkserver`` where the
+    platform has it, which imports ``function``'s module once and forks the workers from that
+    clean process (0.1 s a pool, against 3-6 s for ``spawn``, which starts and imports torch in
+    each worker, on a loaded 2-core machine), else ``spawn``. Either way a script calling
+    ``split`` or ``merge`` with workers needs the usual ``if __name__ == "__main__":`` guard.
+
+    The first job to fail raises its error here once the jobs already running have ended (those
+    not started are dropped). ``what`` names the work in the progress bar and in the error
+    raised when a worker process dies.
+
+    Raises:
+        P2UError: a worker process died (killed, or out of memory).
+    """
     workers = min(workers, len(jobs))
     threads = max(1, progressive.codec_threads() // workers)
-    with ProcessPoolExecutor(workers, mp_context=_start_method(), initializer=_set_threads, initargs=(threads,)) as pool:
-        return list(tqdm(pool.map(split_shard, jobs), total=len(jobs), desc=f"p2u split ({workers} workers)", unit="shard"))
+    context = _start_method(function.__module__)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_set_threads, initargs=(threads,)) as pool:
+        futures = [pool.submit(function, job) for job in jobs]
+        try:
+            return [future.result() for future in tqdm(futures, desc=f"{what} ({workers} workers)", unit="file", disable=not progress)]
+        except BrokenProcessPool as error:
+            raise P2UError(f"{what}: a worker process died ({error}); killed, or out of memory? Try fewer workers") from None
+        finally:
+            for future in futures:
+                future.cancel()  # those not started yet, after a failure: the pool then waits for the running ones only
 
 
-def _start_method() -> BaseContext:
-    """``forkserver`` preloading this module where available, else ``spawn`` (``map_shards`` says why)."""
+def _start_method(preload: str) -> BaseContext:
+    """``forkserver`` preloading module ``preload`` where available, else ``spawn`` (``run_in_processes`` says why)."""
     if "forkserver" not in get_all_start_methods():
         return get_context("spawn")
     context = get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload([preload])
     return context
 
 

@@ -29,7 +29,7 @@ def _split(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from ..core.merge import merge
 
-    print(merge(args.source, args.destination, stage=args.stage, overwrite=args.overwrite))
+    print(merge(args.source, args.destination, stage=args.stage, overwrite=args.overwrite, workers=args.workers))
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("source", help="release folder, or base folder whose config locates the stages")
     merge.add_argument("destination", help="checkpoint folder to create")
     merge.add_argument("--stage", type=_stage, default="full", help="'full' (bit-exact, default), 'base' or a stage number")
+    merge.add_argument(
+        "--workers", type=int, default=None, metavar="N",
+        help="processes writing the output's safetensors files in parallel (default: one per CPU, at most one per file and per 256 MiB)",
+    )  # fmt: skip
     merge.add_argument("--overwrite", action="store_true", help="replace the destination folder")
     merge.set_defaults(run=_merge)
 
