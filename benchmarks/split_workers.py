@@ -1,18 +1,20 @@
-"""split on 1, 2, ... worker processes and merge back: MB/s of source and peak resident memory of the whole process tree.
+"""split and merge on 1, 2, ... worker processes: MB/s of source and peak resident memory of the whole process tree.
 
-Usage: ``python benchmarks/split_workers.py SOURCE [--workers 1 2] [--runs 3] [--workdir /tmp/w] [--split-args '{}']
-[--reference-pythonpath /work/main]``
+Usage: ``python benchmarks/split_workers.py SOURCE [--workers 1 2] [--merge-workers 1 2] [--release DIR] [--runs 3]
+[--workdir /tmp/w] [--split-args '{}'] [--reference-pythonpath /work/main]``
 
 Each split and merge runs in a fresh interpreter (imports paid before the clock starts); a sampler
 sums the proportional resident memory (``Pss``: pages shared by forked workers counted once) of that
 process and its worker processes every 50 ms, so "peak MB" is what the machine held at once, not
 one process's peak; "CPU s" adds up the processes' user + system time after the imports, as last
 sampled (up to 50 ms of each process's end is missed). MB/s are source bytes
-(the safetensors files, 1 MB = 1e6 bytes) per wall second; medians of ``--runs``. Every release
-is checked to be the same bytes as the first (worker counts must not change a byte); with
-``--reference-pythonpath`` the first release is also compared with the one another checkout of
-p2u-hub writes (e.g. the split of before the per-shard workers). The load (``uptime``) is printed
-before and after: the figures mean something on a quiet machine only.
+(the safetensors files, 1 MB = 1e6 bytes; a merge writes as many) per wall second; medians of ``--runs``.
+Every release, and every merged checkpoint, is checked to be the same bytes as the first (worker
+counts must not change a byte); with ``--reference-pythonpath`` the first release and the first
+merge are also compared with what another checkout of p2u-hub writes (e.g. before the per-file
+workers). ``--release`` merges an existing release of SOURCE (``--workers`` with no value then
+skips the split runs). The load (``uptime``) is printed before and after: the figures mean
+something on a quiet machine only.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ if __name__ == "__main__":
     if job["task"] == "split":
         split(job["source"], job["output"], overwrite=True, **job["options"])
     else:
-        merge(job["source"], job["output"], overwrite=True)
+        merge(job["source"], job["output"], overwrite=True, **job["options"])
     print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
 """
 
@@ -87,35 +89,51 @@ def digests(folder: Path) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="split worker counts (none: no split)")
+    parser.add_argument("--merge-workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--release", type=Path, default=None, help="merge this release of SOURCE instead of the one the split runs write")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp"))
     parser.add_argument("--split-args", default="{}", help="JSON of extra split() keyword arguments, e.g. '{\"uniform\": true}'")
-    parser.add_argument("--reference-pythonpath", default=None, help="also split with this checkout of p2u-hub and compare bytes")
+    parser.add_argument("--reference-pythonpath", default=None, help="also split and merge with this checkout of p2u-hub and compare bytes")
     args = parser.parse_args()
+    if not args.workers and args.release is None:
+        parser.error("give --release when no split runs (--workers with no value)")
     here = str(Path(__file__).resolve().parents[1])
     source_mb = sum(path.stat().st_size for path in args.source.glob("*.safetensors")) / 1e6
     release, merged = args.workdir / "split-workers-release", args.workdir / "split-workers-merged"
+    merge_source = args.release or release
     print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
     options = json.loads(args.split_args)
-    expected = None
+    expected: dict[str, dict[str, str]] = {}
     results: dict[str, list[dict]] = {}
+
+    def timed(step: str, job: dict, output: Path, pythonpath: str = here) -> bool:
+        """Run ``job`` into ``output``; True when it wrote the same bytes as the first run of its task."""
+        results.setdefault(step, []).append(run(job, pythonpath))
+        found = digests(output)
+        return expected.setdefault(job["task"], found) == found
+
     for _ in range(args.runs):
         for workers in args.workers:
             job = {"task": "split", "source": str(args.source), "output": str(release), "options": {**options, "workers": workers}}
-            results.setdefault(f"split, {workers} worker(s)", []).append(run(job, here))
-            found = digests(release)
-            expected = expected or found
-            if found != expected:
+            if not timed(f"split, {workers} worker(s)", job, release):
                 raise SystemExit(f"split with {workers} workers wrote other bytes than the first run")
-        results.setdefault("merge", []).append(run({"task": "merge", "source": str(release), "output": str(merged)}, here))
-        shutil.rmtree(merged)
+        for workers in args.merge_workers:
+            job = {"task": "merge", "source": str(merge_source), "output": str(merged), "options": {"workers": workers}}
+            if not timed(f"merge, {workers} worker(s)", job, merged):
+                raise SystemExit(f"merge with {workers} workers wrote other bytes than the first run")
+            shutil.rmtree(merged)
     if args.reference_pythonpath:
-        job = {"task": "split", "source": str(args.source), "output": str(release), "options": options}
-        results["split, reference checkout"] = [run(job, args.reference_pythonpath)]
-        print("reference checkout writes the same bytes:", digests(release) == expected)
-    shutil.rmtree(release)
-    print(f"source: {args.source} ({source_mb:,.0f} MB), split options {options}, runs: {args.runs}")
+        job = {"task": "merge", "source": str(merge_source), "output": str(merged), "options": {}}
+        print("reference checkout merges the same bytes:", timed("merge, reference checkout", job, merged, args.reference_pythonpath))
+        shutil.rmtree(merged)
+        if args.workers:
+            job = {"task": "split", "source": str(args.source), "output": str(release), "options": options}
+            print("reference checkout splits the same bytes:", timed("split, reference checkout", job, release, args.reference_pythonpath))
+    if args.workers:
+        shutil.rmtree(release)
+    print(f"source: {args.source} ({source_mb:,.0f} MB), merged {merge_source}, split options {options}, runs: {args.runs}")
     print(f"{'step':<28} {'median s':>9} {'MB/s':>7} {'CPU s':>7} {'peak MB':>8}  all s")
     summary = {}
     for step, runs in results.items():
