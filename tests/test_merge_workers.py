@@ -113,6 +113,11 @@ def test_a_job_map_that_skips_a_file_is_refused(release: tuple[Path, Path], tmp_
     assert not (tmp_path / "merged").exists() and not _leftovers(tmp_path)
 
 
+def test_a_worker_that_dies_raises_one_p2u_error():
+    with pytest.raises(P2UError, match=r"^p2u merge: a worker process died \(.*\); killed, or out of memory\? Try fewer workers$"):
+        shards.run_in_processes(os._exit, [1, 1], 2, "p2u merge", progress=False)
+
+
 def test_default_workers_one_per_cpu_file_and_256_mib(release: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A tiny checkpoint is merged in this process; with every file worth a worker, one per CPU and per file."""
     _, output = release

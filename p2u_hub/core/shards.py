@@ -44,8 +44,8 @@ from .storage import ShardedWriter, TensorReader
 BASE_OUTPUT = 0
 """``Piece.output`` of the base folder; stage ``k`` is output ``k``."""
 WORKER_MIN_BYTES = 256 * 1024**2
-"""By default each worker process gets at least this many bytes (of source to split, of checkpoint to merge): starting one (a fresh interpreter importing
-torch) took 1.5-3 s on a loaded 2-core machine, what the codec takes for 100-200 MB."""
+"""By default each worker process gets at least this many bytes (of source to split, of checkpoint to merge): starting
+one (a fresh interpreter importing torch) took 1.5-3 s on a loaded 2-core machine, what the codec takes for 100-200 MB."""
 
 
 @dataclass
@@ -232,8 +232,8 @@ def run_in_processes(
     each worker, on a loaded 2-core machine), else ``spawn``. Either way a script calling
     ``split`` or ``merge`` with workers needs the usual ``if __name__ == "__main__":`` guard.
 
-    The first job to fail raises its error here once the jobs already running have ended (those
-    not started are dropped). ``what`` names the work in the progress bar and in the error
+    The first failure (in the jobs' order) is raised here once the jobs already running have ended
+    (those not started are dropped). ``what`` names the work in the progress bar and in the error
     raised when a worker process dies.
 
     Raises:
