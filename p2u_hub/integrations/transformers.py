@@ -295,11 +295,14 @@ def run_on_int4_kernel(module: PackedLinear) -> None:
     bits = layout.ladder.base_bits
     codes, row_bytes = module._buffers["weight"], layout.shape[1] * bits // 8  # whole bytes: rows are whole groups
 
-    def int4_rows(start: int, stop: int) -> torch.Tensor:
-        unsigned = ladder_codec.unpack_unsigned(codes[start * row_bytes : stop * row_bytes], bits)
-        return ladder_codec.to_int4(unsigned, bits).view(stop - start, -1)
+    def int4_nibbles(start: int, stop: int) -> torch.Tensor:
+        stored = codes[start * row_bytes : stop * row_bytes]
+        if bits == 4:  # the stored codes are the kernel's (``to_int4`` adds 0), two per byte as it takes them
+            return stored.view(stop - start, -1)
+        int4 = ladder_codec.to_int4(ladder_codec.unpack_unsigned(stored, bits), bits)
+        return ladder_codec.pack_unsigned(int4, 4).view(stop - start, -1)
 
-    packed = cpu_int4.pack_rows(int4_rows, layout.shape)
+    packed = cpu_int4.pack_rows(int4_nibbles, layout.shape)
     _mark_logical_shape(packed, layout.shape)
     module.register_buffer(INT4_GRID, _int4_grid(module), persistent=False)
     module._buffers["weight"] = packed
