@@ -13,7 +13,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
 from contextlib import closing
 from pathlib import Path
 
@@ -134,6 +134,21 @@ class Release:
             download_file(folder, file.relative_to(folder).as_posix(), token=self.token)
         return folder
 
+    def download_stages(self, stage: StageSpec = "full") -> list[Path]:
+        """Every file of the stages up to ``stage`` made local, in the order an upgrade rebuilds from them; their folders.
+
+        The files come as ``TensorRebuilder.start_downloads`` fetches them (the first tensors' files
+        first, ``DOWNLOADS_AT_ONCE`` at a time, into the HF cache), so an upgrade started meanwhile
+        finds each file there, or waits for its download (huggingface_hub locks it) and decodes
+        right behind it, instead of fetching in an order of its own. Nothing is checked here:
+        whoever decodes checks every payload.
+        """
+        rebuilder = self.rebuilder(stage)
+        with closing(rebuilder):
+            rebuilder.start_downloads(self.manifest.tensors)
+            rebuilder.verify_payloads()
+        return [shards.folder for shards in rebuilder.stages]
+
     def stage(self, index: int) -> tuple[Path, fmt.StageRecord]:
         """The local folder of stage ``index`` and its record, checked against this base.
 
@@ -224,7 +239,7 @@ class TensorRebuilder:
         self.release = release
         self.index = index
         self.full = index == release.stage_count
-        self._stages = [StageShards(folder, record) for folder, record in stages]
+        self.stages = [StageShards(folder, record) for folder, record in stages]
         self._verified: dict[tuple[int, str], bytes] = {}  # (stage position, tensor) -> payload checked on arrival
         self._keep: Collection[str] = ()
         self._keep_bytes = self._kept = self._dropped = 0
@@ -252,11 +267,11 @@ class TensorRebuilder:
             return tensor
         spec = manifest.tensor_ladder(stored_name)
         codes, scales, offsets = stored if stored is not None else self._stored_codes(stored_name, entry, spec)
-        deltas = [self._payload(position, stored_name) for position in range(len(self._stages))]
+        deltas = [self._payload(position, stored_name) for position in range(len(self.stages))]
         try:
             tensor = progressive.decode(codes, scales, offsets, deltas, spec, tuple(entry.shape), entry.torch_dtype)
         except CorruptStreamError as error:
-            folder = self._stages[-1].folder if self._stages else self.release.base_dir
+            folder = self.stages[-1].folder if self.stages else self.release.base_dir
             raise fmt.P2UFormatError(f"{folder}: payload of tensor {stored_name!r} does not decode ({error})") from None
         self._check_source_bytes(name, tensor, entry)
         logger.debug("tensor %r rebuilt at %s", name, self.release.stage_label(self.index))
@@ -264,7 +279,7 @@ class TensorRebuilder:
 
     def largest_stage_shard(self) -> int:
         """Bytes of payloads in the largest stage weight file: the memory an upgrade may hold beyond its final model."""
-        return max((shards.payload_bytes(file) for shards in self._stages for file in shards.files), default=0)
+        return max((shards.payload_bytes(file) for shards in self.stages for file in shards.files), default=0)
 
     def start_downloads(self, order: Iterable[str], *, verify: bool = False, keep: Collection[str] = (), keep_bytes: int = 0) -> list[str]:
         """Fetch the stage files in a background thread, first the files of the first tensors in ``order``.
@@ -287,17 +302,17 @@ class TensorRebuilder:
             if entry is None or entry.codec != fmt.CODEC_LADDER:
                 continue
             stored = entry.alias_of or name
-            needs[name] = [(position, shards.planned[stored]) for position, shards in enumerate(self._stages) if stored in shards.planned]
+            needs[name] = [(position, shards.planned[stored]) for position, shards in enumerate(self.stages) if stored in shards.planned]
             for key in needs[name]:
                 rank.setdefault(key, len(rank))
-        for position, shards in enumerate(self._stages):  # files no tensor of ``order`` needs come last, still checked
+        for position, shards in enumerate(self.stages):  # files no tensor of ``order`` needs come last, still checked
             for file in shards.files:
                 rank.setdefault((position, file), len(rank))
         self._keep, self._keep_bytes = set(keep), keep_bytes
         with self._starting:
             if self._downloads is None:
                 check = self._check_file if verify else None
-                self._downloads = StageDownloads(self._stages, sorted(rank, key=rank.__getitem__), self.release.token, check)
+                self._downloads = StageDownloads(self.stages, sorted(rank, key=rank.__getitem__), self.release.token, check)
         return sorted(order, key=lambda name: max((rank[key] for key in needs.get(name, ())), default=-1))
 
     def verify_payloads(self) -> None:
@@ -326,7 +341,7 @@ class TensorRebuilder:
 
     def _check_file(self, position: int, reader: TensorReader) -> None:
         """Check every payload of one arrived stage file, keeping those ``tensor`` will want (``start_downloads``)."""
-        record = self._stages[position].record
+        record = self.stages[position].record
         for name in reader.locations:
             if name not in record.payloads:
                 continue
@@ -368,7 +383,7 @@ class TensorRebuilder:
 
     def _payload(self, position: int, name: str) -> bytes:
         """The payload of tensor ``name`` in the stage at ``position``, once its file is there: kept when checked, else read and checked."""
-        shards = self._stages[position]
+        shards = self.stages[position]
         if name not in shards.record.payloads:
             raise fmt.P2UFormatError(f"{shards.folder / fmt.STAGE_FILE}: no payload listed for tensor {name!r}")
         reader = self._started().reader(position, name)  # waits for the file (and, with ``verify``, its check)
@@ -377,7 +392,7 @@ class TensorRebuilder:
 
     def _read_payload(self, position: int, name: str, reader: TensorReader) -> bytes:
         """Payload ``name`` of the stage at ``position`` read from ``reader``, refused unless its size and sha256 are the recorded ones."""
-        shards = self._stages[position]
+        shards = self.stages[position]
         expected = shards.record.payloads[name]
         declared = reader.header(name)
         if declared is not None and (declared["dtype"], declared["shape"]) != ("U8", [expected["bytes"]]):
@@ -422,8 +437,10 @@ class StageShards:
         return sum(payload["bytes"] for name, payload in self.record.payloads.items() if self.planned.get(name) == file)
 
 
-DOWNLOADS_AT_ONCE = 2
-"""Stage files downloading at a time: the second keeps the link busy while the first one's requests start or end."""
+DOWNLOADS_AT_ONCE = 4
+"""Stage files downloading at a time. Each costs a few requests and client work before and after its bytes (about
+50 ms apart on loopback, longer while the model loads beside them): with 4 in flight the link stays busy, and MiniLM
+fp32 fetched its 65 MB of stages at 100 MB/s in 0.75 s instead of 0.95 s with 2."""
 
 
 class StageDownloads:
@@ -473,9 +490,9 @@ class StageDownloads:
     def _run(self) -> None:
         downloads = ThreadPoolExecutor(DOWNLOADS_AT_ONCE, thread_name_prefix="p2u-download")
         try:
-            fetched = [downloads.submit(self._download, position, file) for position, file in self._ready]
-            checked = [
-                self._checker.submit(self._arrived, position, file, path.result()) for (position, file), path in zip(self._ready, fetched)
+            fetched = {downloads.submit(self._download, position, file): (position, file) for position, file in self._ready}
+            checked = [  # as each file arrives: a large file still downloading holds up no check of a later one
+                self._checker.submit(self._arrived, *fetched[path], path.result()) for path in as_completed(fetched)
             ]
             for future in checked:
                 future.result()

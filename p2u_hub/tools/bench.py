@@ -9,8 +9,9 @@ How it measures:
   whose downloads are paced to each bandwidth; every download + load runs in a fresh process with
   an empty HF cache, so nothing is warm but the imports (paid before the clock starts):
   ``plain_s`` downloads the original with ``from_pretrained``; ``usable_s`` downloads the p2u base
-  with ``from_pretrained``; ``full_s`` does that and ``p2u_hub.upgrade(model, stage="full")``, and
-  checks the parameters against the source bit for bit. Each includes one forward pass, so the
+  with ``from_pretrained``; ``full_s`` does that with ``P2UConfig(upgrade="prefetch")`` (the stages
+  download while the base loads) and then ``p2u_hub.upgrade(model, stage="full")``, and checks the
+  parameters against the source bit for bit. Each includes one forward pass, so the
   model has answered when the clock stops. ``floor_s`` is what ``full_s`` cannot beat: every byte
   of the release over the link plus loading the original from a warm cache (decoding all hidden).
 * Lossless references (in a child process too): zstd (level 3; level 19 saved under 0.3% more on MiniLM at 180x the time)
