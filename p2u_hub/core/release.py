@@ -243,6 +243,8 @@ class TensorRebuilder:
         self._verified: dict[tuple[int, str], bytes] = {}  # (stage position, tensor) -> payload checked on arrival
         self._keep: Collection[str] = ()
         self._keep_bytes = self._kept = self._dropped = 0
+        self._holding = 0  # bytes of kept payloads not decoded yet
+        self._holding_lock = threading.Lock()
         self._downloads: StageDownloads | None = None
         self._starting = threading.Lock()
 
@@ -276,6 +278,11 @@ class TensorRebuilder:
         self._check_source_bytes(name, tensor, entry)
         logger.debug("tensor %r rebuilt at %s", name, self.release.stage_label(self.index))
         return tensor
+
+    @property
+    def held_payload_bytes(self) -> int:
+        """Bytes of payloads checked on arrival and kept for ``tensor``, not decoded yet."""
+        return self._holding
 
     def largest_stage_shard(self) -> int:
         """Bytes of payloads in the largest stage weight file: the memory an upgrade may hold beyond its final model."""
@@ -347,7 +354,9 @@ class TensorRebuilder:
                 continue
             payload = self._read_payload(position, name, reader)
             if name in self._keep and self._kept + len(payload) <= self._keep_bytes:
-                self._verified[position, name] = payload
+                with self._holding_lock:
+                    self._verified[position, name] = payload
+                    self._holding += len(payload)
                 self._kept += len(payload)
             elif name in self._keep:
                 self._dropped += len(payload)
@@ -387,7 +396,9 @@ class TensorRebuilder:
         if name not in shards.record.payloads:
             raise fmt.P2UFormatError(f"{shards.folder / fmt.STAGE_FILE}: no payload listed for tensor {name!r}")
         reader = self._started().reader(position, name)  # waits for the file (and, with ``verify``, its check)
-        kept = self._verified.pop((position, name), None)
+        with self._holding_lock:
+            kept = self._verified.pop((position, name), None)
+            self._holding -= 0 if kept is None else len(kept)
         return kept if kept is not None else self._read_payload(position, name, reader)
 
     def _read_payload(self, position: int, name: str, reader: TensorReader) -> bytes:
@@ -542,7 +553,7 @@ class StageDownloads:
 
 
 PREFETCH_BYTES = 1 << 28
-"""At most this many bytes of rebuilt tensors wait ahead of their consumer (always at least one tensor)."""
+"""At most this many bytes of rebuilt tensors wait ahead of their consumer by default (always at least one tensor)."""
 
 
 class TensorPrefetch:
@@ -552,44 +563,59 @@ class TensorPrefetch:
     block threads leave the other cores idle; rebuilding the next tensors meanwhile uses them
     (the C loops, inflate and sha256 release the GIL). ``get`` returns a tensor, or raises its
     error, exactly as ``rebuilder.tensor`` would; a name not in the announced order is rebuilt
-    on the spot. Memory: the consumer's tensor plus at most ``PREFETCH_BYTES`` of rebuilt ones
-    (and one tensor's coding temporaries per thread).
+    on the spot. Memory: the consumer's tensor plus at most ``room()`` bytes of rebuilt ones
+    (and one tensor's coding temporaries per thread). Each finished rebuild starts the next one
+    that fits, so the work goes on while the consumer waits for something else (an upgrade, for
+    its last stage file) rather than only when it asks.
     """
 
     def __init__(
         self, rebuilder: TensorRebuilder, names: Iterable[str], workers: int | None = None,
-        stored: Callable[[str], StoredCodes | None] = lambda name: None,
+        stored: Callable[[str], StoredCodes | None] = lambda name: None, room: Callable[[], int] = lambda: PREFETCH_BYTES,
     ):  # fmt: skip
-        """``stored(name)``: the base codes of ``name`` already in memory (``TensorRebuilder.tensor``'s ``stored``)."""
+        """``stored(name)``: the base codes of ``name`` already in memory (``TensorRebuilder.tensor``'s ``stored``);
+        ``room()``: how many bytes of rebuilt tensors may wait now (asked before each one starts)."""
         self._rebuilder = rebuilder
         self._stored = stored
+        self._room = room
         self._order = deque(names)
         self._pending: dict[str, tuple[Future, int]] = {}
         self._served: set[str] = set()
+        self._lock = threading.Lock()
+        self._closed = False
         self._pool = ThreadPoolExecutor(workers or progressive.codec_threads(), thread_name_prefix="p2u-rebuild")
         self._fill()
 
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name`` at the rebuilder's stage (what ``TensorRebuilder.tensor`` returns)."""
-        future, _ = self._pending.pop(name, (None, 0))
-        self._served.add(name)
+        with self._lock:
+            future, _ = self._pending.pop(name, (None, 0))
+            self._served.add(name)
         self._fill()
         return self._rebuilder.tensor(name, self._stored(name)) if future is None else future.result()
 
     def _fill(self) -> None:
-        waiting = sum(size for _, size in self._pending.values())
-        while self._order and (not self._pending or waiting < PREFETCH_BYTES):
-            name = self._order.popleft()
-            entry = self._rebuilder.release.manifest.tensors.get(name)
-            if name in self._pending or name in self._served or entry is None:
-                continue  # announced twice, asked already, or unknown: ``get`` rebuilds it on the spot (naming the error)
-            size = entry.numel * entry.torch_dtype.itemsize
-            self._pending[name] = (self._pool.submit(self._rebuilder.tensor, name, self._stored(name)), size)
-            waiting += size
+        started = []
+        with self._lock:
+            waiting = sum(size for _, size in self._pending.values())
+            while self._order and not self._closed and (not self._pending or waiting < self._room()):
+                name = self._order.popleft()
+                entry = self._rebuilder.release.manifest.tensors.get(name)
+                if name in self._pending or name in self._served or entry is None:
+                    continue  # announced twice, asked already, or unknown: ``get`` rebuilds it on the spot (naming the error)
+                size = entry.numel * entry.torch_dtype.itemsize
+                future = self._pool.submit(self._rebuilder.tensor, name, self._stored(name))
+                self._pending[name] = (future, size)
+                waiting += size
+                started.append(future)
+        for future in started:  # outside the lock: a rebuild done already runs its callback here, at once
+            future.add_done_callback(lambda _: self._fill())
 
     def close(self) -> None:
         """Drop what was rebuilt ahead and not asked for; stop the rebuilder's downloads; wait for the running rebuilds."""
-        self._order.clear()
+        with self._lock:
+            self._closed = True
+            self._order.clear()
         self._rebuilder.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pending.clear()
