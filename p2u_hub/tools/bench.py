@@ -132,6 +132,7 @@ def bench(
                     "task": "publish", "source": str(source_dir), "original_repo": ORIGINAL_REPO,
                     "release": str(release_dir), "release_repo": RELEASE_REPO,
                 }, hub_env(hub.url, work / "cache", fresh=True))  # fmt: skip
+                os.sync()  # the hub's GB of new files, written back now rather than during the first timed download
             rows = []
             for mbps in bandwidths:
                 hub.rate_mbps = mbps
