@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import p2u_hub
 from p2u_hub.core import format as fmt
-from p2u_hub.core.release import Release
+from p2u_hub.core.release import Release, TensorPrefetch
 from p2u_hub.core.split import MIN_STAGE_SHARD_BYTES, STAGE_SHARDS, default_stage_shard_bytes
 from p2u_hub.core.storage import DEFAULT_MAX_SHARD_BYTES
 from p2u_hub.testing import LocalHub
@@ -168,3 +168,30 @@ def test_a_shard_still_downloading_holds_up_no_tensor_of_a_later_one(local_hub: 
         released.set()
         rebuilder.close()
     assert torch.equal(result[0], load_file(source / "model.safetensors")[later])
+
+
+def test_each_finished_rebuild_starts_the_next_one_that_fits(sharded, rebuilt):
+    """The decoding goes on while the consumer waits for something else (an upgrade, for its last stage file): room
+    that opens up is used when a rebuild finishes, not only when the consumer asks for a tensor."""
+    source, release = sharded
+    rebuilder = Release.open(release).rebuilder("full")
+    names = [name for name, entry in rebuilder.release.manifest.tensors.items() if entry.codec == fmt.CODEC_LADDER]
+    room = [0]  # none at first: one tensor starts (there is always room for one)
+    done = threading.Semaphore(0)
+
+    class Counter(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "rebuilt" in record.getMessage():
+                room[0] = 1 << 40
+                done.release()
+
+    logger = logging.getLogger("p2u_hub.core.release")
+    logger.addHandler(counter := Counter(logging.DEBUG))
+    ahead = TensorPrefetch(rebuilder, names, workers=1, room=lambda: room[0])
+    try:
+        assert all(done.acquire(timeout=WAIT_S) for _ in names), "not every tensor was rebuilt ahead without being asked for"
+        expected = load_file(source / "model.safetensors")
+        assert all(torch.equal(ahead.get(name), expected[name]) for name in names)
+    finally:
+        ahead.close()
+        logger.removeHandler(counter)
