@@ -1,6 +1,9 @@
 """Codec throughput on MiniLM's ladder tensors: p2u encode / decode per stage next to ZipNN, one table.
 
-Usage: ``python benchmarks/codec_speed.py [--runs 3] [--dtypes float32 bfloat16] [--profile]``
+Usage: ``python benchmarks/codec_speed.py [--runs 3] [--dtypes float32 bfloat16] [--source FOLDER] [--profile]``
+
+``--source`` measures another checkpoint folder's tensors instead of MiniLM's (e.g. the 1.1 GB one of
+``benchmarks/realistic_checkpoint.py``), each cast to the ``--dtypes``.
 
 Every measurement runs in a fresh interpreter (``--worker``), ``--runs`` times; the table shows
 medians. MB/s are of *output* (decode: the rebuilt source-dtype tensors; encode and ZipNN
@@ -38,9 +41,9 @@ from p2u_hub.tools.demo import bundled_minilm
 SPEC = progressive.Ladder(4, progressive.default_stage_bits(4), 64)
 
 
-def ladder_tensors(dtype: torch.dtype) -> list[torch.Tensor]:
-    """MiniLM's tensors that ``split`` ladder-codes (matrices of at least one group), cast to ``dtype``."""
-    reader = TensorReader(fmt.weight_files(bundled_minilm(), fmt.BASE_WEIGHTS_NAME))
+def ladder_tensors(dtype: torch.dtype, source: str | None = None) -> list[torch.Tensor]:
+    """The tensors of ``source`` (default MiniLM) that ``split`` ladder-codes (matrices of at least one group), cast to ``dtype``."""
+    reader = TensorReader(fmt.weight_files(source or bundled_minilm(), fmt.BASE_WEIGHTS_NAME))
     tensors = (reader.get(name) for name in reader.locations)
     return [tensor.to(dtype) for tensor in tensors if tensor.ndim >= 2 and tensor.numel() >= SPEC.group_size]
 
@@ -52,9 +55,9 @@ def timed(function) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(dtype: torch.dtype) -> dict[str, tuple[float, float, float]]:
+def measure(dtype: torch.dtype, source: str | None = None) -> dict[str, tuple[float, float, float]]:
     """{row: (megabytes, wall s, CPU s)} for p2u encode, decode to each stage, ZipNN compress/decompress."""
-    tensors = ladder_tensors(dtype)
+    tensors = ladder_tensors(dtype, source)
     megabytes = sum(fmt.tensor_bytes(tensor).nbytes for tensor in tensors) / 1e6
     encoded: list[progressive.EncodedTensor] = []
     rows = {"p2u encode (all stages)": (megabytes, *timed(lambda: encoded.extend(progressive.encode(t, SPEC) for t in tensors)))}
@@ -99,19 +102,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--source", help="checkpoint folder to measure (default: the bundled MiniLM)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(getattr(torch, args.worker))))
+        print(json.dumps(measure(getattr(torch, args.worker), args.source)))
         return
+    source = ["--source", args.source] if args.source else []
     print("load before:", subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip())
     print(f"torch threads {torch.get_num_threads()}, codec threads {progressive.codec_threads()}, "
           f"native loops {progressive.entropy.native_enabled()}, cpus {os.cpu_count()}")  # fmt: skip
     table = []
     for dtype in args.dtypes:
         runs = [
-            json.loads(subprocess.run([sys.executable, __file__, "--worker", dtype], check=True, capture_output=True, text=True).stdout)
+            json.loads(
+                subprocess.run([sys.executable, __file__, "--worker", dtype, *source], check=True, capture_output=True, text=True).stdout
+            )
             for _ in range(args.runs)
         ]
         decompress = statistics.median(run["zipnn decompress"][2] for run in runs)

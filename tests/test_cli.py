@@ -156,3 +156,11 @@ def test_help_does_not_import_torch():
     code = "import sys\nfrom p2u_hub.tools.cli import build_parser\nbuild_parser().format_help()\nprint('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_bench_of_a_folder_that_is_no_checkpoint_names_the_failed_job_without_a_traceback(tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    result = p2u("bench", str(tmp_path / "not-a-model"), "--bandwidth", "20")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("p2u bench: error:")]
+    assert len(errors) == 1 and "the split job failed" in errors[0] and "no config.json" in errors[0], result.stderr

@@ -15,9 +15,11 @@ import pytest
 import torch
 import transformers
 from huggingface_hub import snapshot_download
+from safetensors.torch import load_file
 
 import p2u_hub
 from p2u_hub.core import format as fmt
+from p2u_hub.core.release import Release, TensorPrefetch
 from p2u_hub.core.split import MIN_STAGE_SHARD_BYTES, STAGE_SHARDS, default_stage_shard_bytes
 from p2u_hub.core.storage import DEFAULT_MAX_SHARD_BYTES
 from p2u_hub.testing import LocalHub
@@ -142,3 +144,54 @@ def test_a_corrupt_last_shard_leaves_the_model_unchanged_though_earlier_tensors_
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[name], tensor) for name, tensor in before.items())
     assert model.hf_quantizer.stage == 0 and not any(model.hf_quantizer.layer_stages.values())
+
+
+def test_a_shard_still_downloading_holds_up_no_tensor_of_a_later_one(local_hub: LocalHub, sharded):
+    """Files are checked as they arrive, not in download order: a large first shard still on the link must not keep
+    the decoder waiting for the shards that came after it."""
+    source, release = sharded
+    push(release, REPO)
+    rebuilder = Release(Path(snapshot_download(REPO))).rebuilder("full")
+    first = sorted((release / "stage-2").glob(f"{fmt.DELTA_WEIGHTS_NAME}-*.safetensors"))[0].name
+    weight_map = json.loads((release / "stage-2" / fmt.index_file_name(fmt.DELTA_WEIGHTS_NAME)).read_text())["weight_map"]
+    held = {name for name, file in weight_map.items() if file == first}
+    later = [name for name in rebuilder.release.manifest.tensors if name in rebuilder.stages[-1].record.payloads and name not in held][-1]
+    released = local_hub.hold_downloads(first)
+    result: list[torch.Tensor] = []
+    try:
+        rebuilder.start_downloads(rebuilder.release.manifest.tensors, verify=True)
+        thread = threading.Thread(target=lambda: result.append(rebuilder.tensor(later)), daemon=True)
+        thread.start()
+        thread.join(WAIT_S)
+        assert result, f"{later!r} was not rebuilt while {first} (which does not hold it) was still downloading"
+    finally:
+        released.set()
+        rebuilder.close()
+    assert torch.equal(result[0], load_file(source / "model.safetensors")[later])
+
+
+def test_each_finished_rebuild_starts_the_next_one_that_fits(sharded, rebuilt):
+    """The decoding goes on while the consumer waits for something else (an upgrade, for its last stage file): room
+    that opens up is used when a rebuild finishes, not only when the consumer asks for a tensor."""
+    source, release = sharded
+    rebuilder = Release.open(release).rebuilder("full")
+    names = [name for name, entry in rebuilder.release.manifest.tensors.items() if entry.codec == fmt.CODEC_LADDER]
+    room = [0]  # none at first: one tensor starts (there is always room for one)
+    done = threading.Semaphore(0)
+
+    class Counter(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "rebuilt" in record.getMessage():
+                room[0] = 1 << 40
+                done.release()
+
+    logger = logging.getLogger("p2u_hub.core.release")
+    logger.addHandler(counter := Counter(logging.DEBUG))
+    ahead = TensorPrefetch(rebuilder, names, workers=1, room=lambda: room[0])
+    try:
+        assert all(done.acquire(timeout=WAIT_S) for _ in names), "not every tensor was rebuilt ahead without being asked for"
+        expected = load_file(source / "model.safetensors")
+        assert all(torch.equal(ahead.get(name), expected[name]) for name in names)
+    finally:
+        ahead.close()
+        logger.removeHandler(counter)

@@ -207,8 +207,10 @@ def test_background_upgrade_at_load(release, local_hub):
     source, base = release("llama")
     push(base.parent, "local/llama-p2u")
     model = transformers.AutoModelForCausalLM.from_pretrained("local/llama-p2u", quantization_config=P2UConfig(upgrade="background"))
+    quantizer = model.hf_quantizer
     _output(model)  # serves while the stages arrive
     assert model.p2u_upgrade.result(timeout=120) is model
+    assert [fmt.read_stage_record(folder).index for folder in quantizer.prefetch.result(timeout=120)] == [1, 2]  # fetched from load on
     assert _packed_modules(model) == [] and not hasattr(model, "hf_quantizer")
     expected = transformers.AutoModelForCausalLM.from_pretrained(source).state_dict()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())

@@ -27,10 +27,11 @@ base's ``config.json`` (``quantization_config.load_mode``) or when loading:
 ``AutoModel.from_pretrained(path, quantization_config=P2UConfig(load_mode="dense"))``.
 
 Progressive loading without extra calls: ``P2UConfig(upgrade="prefetch")`` starts downloading
-every stage in a background thread as soon as the base has loaded, so a later
-``p2u_hub.upgrade(model)`` only merges (it waits for a download still under way);
-``P2UConfig(upgrade="background")`` also merges them, as ``p2u_hub.upgrade(model, background=True)``
-does, while the base serves: ``model.p2u_upgrade`` is that run's ``UpgradeHandle``.
+every stage in a background thread as soon as the base's files are local, before its weights are
+read, so the link stays busy while the model loads and a later ``p2u_hub.upgrade(model)`` decodes
+right behind the download (it waits for a file still under way); ``P2UConfig(upgrade="background")``
+downloads the same way and also merges, as ``p2u_hub.upgrade(model, background=True)`` does, from
+the end of loading on while the base serves: ``model.p2u_upgrade`` is that run's ``UpgradeHandle``.
 """
 
 from __future__ import annotations
@@ -295,11 +296,14 @@ def run_on_int4_kernel(module: PackedLinear) -> None:
     bits = layout.ladder.base_bits
     codes, row_bytes = module._buffers["weight"], layout.shape[1] * bits // 8  # whole bytes: rows are whole groups
 
-    def int4_rows(start: int, stop: int) -> torch.Tensor:
-        unsigned = ladder_codec.unpack_unsigned(codes[start * row_bytes : stop * row_bytes], bits)
-        return ladder_codec.to_int4(unsigned, bits).view(stop - start, -1)
+    def int4_nibbles(start: int, stop: int) -> torch.Tensor:
+        stored = codes[start * row_bytes : stop * row_bytes]
+        if bits == 4:  # the stored codes are the kernel's (``to_int4`` adds 0), two per byte as it takes them
+            return stored.view(stop - start, -1)
+        int4 = ladder_codec.to_int4(ladder_codec.unpack_unsigned(stored, bits), bits)
+        return ladder_codec.pack_unsigned(int4, 4).view(stop - start, -1)
 
-    packed = cpu_int4.pack_rows(int4_rows, layout.shape)
+    packed = cpu_int4.pack_rows(int4_nibbles, layout.shape)
     _mark_logical_shape(packed, layout.shape)
     module.register_buffer(INT4_GRID, _int4_grid(module), persistent=False)
     module._buffers["weight"] = packed
@@ -435,7 +439,7 @@ class P2UHfQuantizer(HfQuantizer):
         self.parameters: dict[str, PackedParameter] = {}
         self.stage = 0
         self.layer_stages: dict[str, int] = {}
-        self.prefetch: Future | None = None  # P2UConfig(upgrade="prefetch"): done once every stage is in the cache
+        self.prefetch: Future | None = None  # P2UConfig(upgrade=...): done once every stage file is local
         self._follower_bias_sizes: dict[str, int] = {}
 
     def validate_environment(self, *args, **kwargs) -> None:
@@ -471,6 +475,9 @@ class P2UHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None, **kwargs):
         self.base_dir, self.repo_id = locate_base(model.config.name_or_path, checkpoint_files)
         self.release = Release(self.base_dir, repo_id=self.repo_id, qconfig=self.quantization_config.to_format())
+        if self.quantization_config.upgrade in UPGRADE_AT_LOAD and self.release.stage_count:  # first: the link is idle
+            self.prefetch = Future()
+            threading.Thread(target=_prefetch, args=(self.release, self.prefetch), name="p2u-prefetch", daemon=True).start()
         self.parameters = plan_parameters(model, self.release.manifest)
         self._check_stored(checkpoint_files, self.release.manifest)
         for packed in self.parameters.values():
@@ -530,16 +537,12 @@ class P2UHfQuantizer(HfQuantizer):
         return model
 
     def _start_upgrade(self, model) -> None:
-        """``P2UConfig(upgrade=...)``: fetch (and merge) the stages in the background, from the end of loading on.
+        """``P2UConfig(upgrade="background")``: merge the stages in the background (downloading since before loading).
 
         This runs as the last step of ``from_pretrained`` (transformers has set ``model.hf_quantizer``),
         and an upgrade swaps nothing before its stages are downloaded and checked.
         """
-        mode = self.quantization_config.upgrade
-        if mode == UPGRADE_PREFETCH:
-            self.prefetch = Future()
-            threading.Thread(target=_prefetch, args=(self.release, self.prefetch), name="p2u-prefetch", daemon=True).start()
-        elif mode == UPGRADE_BACKGROUND:
+        if self.quantization_config.upgrade == UPGRADE_BACKGROUND:
             from .upgrade import upgrade
 
             model.p2u_upgrade = upgrade(model, background=True)
@@ -589,9 +592,9 @@ class P2UHfQuantizer(HfQuantizer):
 
 
 def _prefetch(release: Release, done: Future) -> None:
-    """Download every stage into the HF cache; an error is kept in ``done`` (``upgrade`` meets it again itself)."""
+    """Download every stage file into the HF cache; an error is kept in ``done`` (``upgrade`` meets it again itself)."""
     try:
-        done.set_result([release.stage_dir(index) for index in range(1, release.stage_count + 1)])
+        done.set_result(release.download_stages())
     except BaseException as error:  # a background thread's error goes to whoever waits on ``done``
         done.set_exception(error)
 

@@ -30,9 +30,11 @@ of every layer is recorded (``quantizer.layer_stages``), so calling ``upgrade`` 
 the layers still below the target and never lowers one that is above it.
 
 Memory: layers are swapped one by one and the packed codes of a swapped layer are freed at once;
-tensors are rebuilt ahead on the codec threads (``release.TensorPrefetch``, at most
-``PREFETCH_BYTES`` waiting, also while the stages download), so the peak stays near the final
-model size plus those few layers. The payloads checked as their shards arrive are kept for
+tensors are rebuilt ahead on the codec threads (``release.TensorPrefetch``) while the stages
+download, as far as the budget below allows: rebuilt tensors waiting plus payloads kept stay
+within what the model grows by plus one stage shard (at least ``PREFETCH_BYTES`` of tensors), so
+on a slow link most of the decoding is done when the last byte arrives and the peak stays near
+the final model size plus that shard. The payloads checked as their shards arrive are kept for
 decoding, and freed as it goes, while they total at most what the model grows by plus one stage
 shard; so each payload is read and hashed once, and a payload beyond that bound is read and
 checked again when its layer is rebuilt.
@@ -52,7 +54,7 @@ import torch
 from huggingface_hub.utils import tqdm
 
 from ..core import format as fmt
-from ..core.release import StageSpec, StoredCodes, TensorPrefetch, TensorRebuilder
+from ..core.release import PREFETCH_BYTES, StageSpec, StoredCodes, TensorPrefetch, TensorRebuilder
 
 if TYPE_CHECKING:
     from .transformers import P2UHfQuantizer, PackedParameter
@@ -183,9 +185,10 @@ def _upgrade(
             return model
         rebuilder = release.rebuilder(index)
         expanded = _expanded_tensors(todo)
+        budget = _payload_budget(model, todo, rebuilder)
         ahead_order = rebuilder.start_downloads(  # in the order split wrote the files: nothing is swapped before the last
             [name for name in release.manifest.tensors if name in expanded], verify=True,
-            keep={packed.tensor for packed in todo.values()}, keep_bytes=_payload_budget(model, todo, rebuilder),
+            keep={packed.tensor for packed in todo.values()}, keep_bytes=budget,
         )  # fmt: skip
         bars: list[tqdm] = []  # opened at the first layer, when the total is known (no empty bar before it)
         holders = {packed.tensor: packed for packed in reversed(todo.values())}  # owners win: listed before their aliases
@@ -204,7 +207,11 @@ def _upgrade(
             codes, scales, offsets = stored
             return codes.cpu(), scales.cpu(), None if offsets is None else offsets.cpu()
 
-        ahead = TensorPrefetch(rebuilder, ahead_order, stored=stored_codes)  # rebuilds each tensor once its files are there
+        def room() -> int:
+            """Rebuilt tensors may wait up to the budget the payloads they replace leave (``_payload_budget``)."""
+            return max(PREFETCH_BYTES, budget - rebuilder.held_payload_bytes)
+
+        ahead = TensorPrefetch(rebuilder, ahead_order, stored=stored_codes, room=room)  # rebuilds each tensor once its files are there
 
         def rebuild(packed: PackedParameter) -> torch.Tensor:
             device, dtype = placement(model, packed)

@@ -9,8 +9,9 @@ How it measures:
   whose downloads are paced to each bandwidth; every download + load runs in a fresh process with
   an empty HF cache, so nothing is warm but the imports (paid before the clock starts):
   ``plain_s`` downloads the original with ``from_pretrained``; ``usable_s`` downloads the p2u base
-  with ``from_pretrained``; ``full_s`` does that and ``p2u_hub.upgrade(model, stage="full")``, and
-  checks the parameters against the source bit for bit. Each includes one forward pass, so the
+  with ``from_pretrained``; ``full_s`` does that with ``P2UConfig(upgrade="prefetch")`` (the stages
+  download while the base loads) and then ``p2u_hub.upgrade(model, stage="full")``, and checks the
+  parameters against the source bit for bit. Each includes one forward pass, so the
   model has answered when the clock stops. ``floor_s`` is what ``full_s`` cannot beat: every byte
   of the release over the link plus loading the original from a warm cache (decoding all hidden).
 * Lossless references (in a child process too): zstd (level 3; level 19 saved under 0.3% more on MiniLM at 180x the time)
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import platform
@@ -44,7 +46,10 @@ from ..codecs import progressive
 from ..core import format as fmt
 from ..core.storage import ShardedWriter, TensorReader, atomic_output_dir
 from ..core.summary import text_table
+from ..errors import P2UError
 from ..extras import install_hint, is_installed, require
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BANDWIDTHS = (20.0, 100.0)
 ZSTD_LEVEL = 3
@@ -91,8 +96,8 @@ def bench(
         ``merge`` and each run hold ``seconds``, ``peak_rss_mb`` and ``baseline_rss_mb`` (after imports).
 
     Raises:
-        RuntimeError: a child process failed (its stderr tail is in the message), or the upgraded
-            model does not match the source bit for bit.
+        P2UError: a child process failed (the message ends with its error; the whole stderr is logged at DEBUG).
+        ChecksumError: the upgraded model does not match the source bit for bit.
     """
     from ..core.hub import resolve_source
     from ..core.summary import summarize
@@ -131,6 +136,7 @@ def bench(
                     "task": "publish", "source": str(source_dir), "original_repo": ORIGINAL_REPO,
                     "release": str(release_dir), "release_repo": RELEASE_REPO,
                 }, hub_env(hub.url, work / "cache", fresh=True))  # fmt: skip
+                os.sync()  # the hub's GB of new files, written back now rather than during the first timed download
             rows = []
             for mbps in bandwidths:
                 hub.rate_mbps = mbps
@@ -145,7 +151,7 @@ def bench(
                     with steps.step(f"{LOAD_STEPS[mode]} at {mbps:g} MB/s, {repeats}x in fresh processes"):
                         runs[mode] = _median_run([_run_worker(job, hub_env(hub.url, work / "cache", fresh=True)) for _ in range(repeats)])
                 if not runs["full"]["bit_exact"]:
-                    raise RuntimeError(f"{source}: the upgraded model does not match the source bit for bit")
+                    raise fmt.ChecksumError(f"{source}: the upgraded model does not match the source bit for bit")
                 rows.append(_bandwidth_row(mbps, runs, lossless, summary["total_bytes"]))
         shutil.rmtree(work / "cache")
 
@@ -484,7 +490,9 @@ def _run_worker(job: dict, env: dict[str, str] | None = None) -> dict:
         [sys.executable, "-m", "p2u_hub.tools.bench_worker", json.dumps(job)], env=env, capture_output=True, text=True,
     )  # fmt: skip
     if process.returncode != 0:
-        raise RuntimeError(f"p2u bench: {job['task']} job failed (exit {process.returncode}):\n{process.stderr[-3000:]}")
+        lines = process.stderr.strip().splitlines()
+        logger.debug("p2u bench: %s job's stderr:\n%s", job["task"], process.stderr)
+        raise P2UError(f"the {job['task']} job failed (exit {process.returncode}): {lines[-1] if lines else 'no message'}")
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
