@@ -118,8 +118,8 @@ def test_a_worker_that_dies_raises_one_p2u_error():
         shards.run_in_processes(os._exit, [1, 1], 2, "p2u merge", progress=False)
 
 
-def test_default_workers_one_per_cpu_file_and_256_mib(release: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A tiny checkpoint is merged in this process; with every file worth a worker, one per CPU and per file."""
+def test_merge_runs_in_this_process_unless_asked(release: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Default: one process, its threads rebuilding ahead (faster than processes on 2 cores); a pool of at most one per file."""
     _, output = release
     pools: list[int] = []
 
@@ -130,12 +130,11 @@ def test_default_workers_one_per_cpu_file_and_256_mib(release: tuple[Path, Path]
     monkeypatch.setattr(shards, "run_in_processes", recorded)
     serial = p2u_hub.merge(output, tmp_path / "default", progress=False)
     assert pools == []
-    monkeypatch.setattr(shards, "WORKER_MIN_BYTES", 1)
-    assert _digests(p2u_hub.merge(output, tmp_path / "pooled", progress=False)) == _digests(serial)
-    cpus = os.cpu_count() or 1
-    assert pools == ([min(3, cpus)] if cpus > 1 else [])
+    assert _digests(p2u_hub.merge(output, tmp_path / "pooled", workers=8, progress=False)) == _digests(serial)
+    assert pools == [8]  # run_in_processes starts at most one process per job
     with pytest.raises(ValueError, match="workers must be at least 1, got 0"):
         merge_module.merge(output, tmp_path / "none", workers=0)
+    assert not (tmp_path / "none").exists()
 
 
 def test_cli_merge_workers(release: tuple[Path, Path], tmp_path: Path):

@@ -62,7 +62,7 @@ def merge(
     overwrite: bool = False,
     token: str | bool | None = None,
     progress: bool = True,
-    workers: int | None = None,
+    workers: int = 1,
     map_shards: Callable[[list[MergeJob]], Sequence[MergedFile]] | None = None,
 ) -> Path:
     """Write the checkpoint rebuilt at ``stage`` to ``destination``.
@@ -75,12 +75,13 @@ def merge(
         overwrite: replace ``destination`` if it exists.
         token: Hub token for private stage repos.
         progress: show a progress bar (callers with a bar of their own, like ``evaluate``, pass False).
-        workers: processes writing the output files in parallel (default: one per CPU, at most
-            one per file and per 256 MiB of output: ``shards.workers_for``). With 1, this process
-            writes them, rebuilding tensors while the stage files still download; with more, the
-            stage files are all downloaded first, then each worker reads them from the local
-            folders. The output is the same bytes whatever the count. A script calling ``merge``
-            with workers needs the ``if __name__ == "__main__":`` guard (``shards.run_in_processes``).
+        workers: processes writing the output files in parallel. With 1 (default), this process
+            writes them, rebuilding the next tensors on ``codec_threads()`` threads while the stage
+            files still download: on 2 cores that was 1.3x faster than 2 processes (docs/scale.md),
+            which pay where threads cannot use the cores. With more, the stage files are all
+            downloaded first, then each worker reads them from the local folders. The output is
+            the same bytes whatever the count. A script calling ``merge`` with workers needs the
+            ``if __name__ == "__main__":`` guard (``shards.run_in_processes``).
         map_shards: runs ``merge_file`` on every job and returns the results, instead of the local
             pool (``workers`` is then unused): e.g. over a Ray or Dask cluster whose machines see the
             release and ``destination``'s parent folder at the same paths (docs/scale.md).
@@ -94,15 +95,13 @@ def merge(
         P2UFormatError: a file is missing or corrupt (the message names it).
         P2UError: a worker died, or ``map_shards`` did not write every file.
     """
-    if workers is not None and workers < 1:
+    if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     release = Release.open(source, token=token)
     manifest = release.manifest
     rebuilder = release.rebuilder(stage)
     plain_files = _plain_files(release.base_dir)
     own_names = {*manifest.source_files, manifest.source_index_file, *plain_files.values()}
-    if workers is None:
-        workers = shards.workers_for([_output_bytes(manifest, file) for file in manifest.source_files.values()])
     in_process = map_shards is None and min(workers, len(manifest.source_files)) <= 1
 
     def is_earlier_merge(folder: Path) -> bool:
@@ -184,10 +183,6 @@ def _check_written(jobs: list[MergeJob], results: Sequence[MergedFile]) -> None:
                 f"{path}: not written as its merge job reported ({size} bytes here, {written.get(job.file_name)} reported): "
                 "map_shards must run every job, on machines that see this folder at the same path"
             )
-
-
-def _output_bytes(manifest: fmt.Manifest, source_file: fmt.SourceFile) -> int:
-    return sum(manifest.tensors[name].numel * manifest.tensors[name].torch_dtype.itemsize for name in source_file.tensors)
 
 
 def _plain_files(base_dir: Path) -> dict[Path, str]:

@@ -44,8 +44,8 @@ from .storage import ShardedWriter, TensorReader
 BASE_OUTPUT = 0
 """``Piece.output`` of the base folder; stage ``k`` is output ``k``."""
 WORKER_MIN_BYTES = 256 * 1024**2
-"""By default each worker process gets at least this many bytes (of source to split, of checkpoint to merge): starting
-one (a fresh interpreter importing torch) took 1.5-3 s on a loaded 2-core machine, what the codec takes for 100-200 MB."""
+"""By default each worker process gets at least this much source: starting one (a fresh interpreter importing
+torch) took 1.5-3 s on a loaded 2-core machine, what the codec takes for 100-200 MB."""
 
 
 @dataclass
@@ -195,13 +195,9 @@ def combine(
 
 
 def default_workers(files: Sequence[Path]) -> int:
-    """Worker processes for splitting ``files``: ``workers_for`` their sizes."""
-    return workers_for([file.stat().st_size for file in files])
-
-
-def workers_for(sizes: Sequence[int]) -> int:
-    """Worker processes for jobs of ``sizes`` bytes: one per CPU, at most one per job and per ``WORKER_MIN_BYTES`` in all."""
-    return max(1, min(os.cpu_count() or 1, len(sizes), sum(sizes) // WORKER_MIN_BYTES))
+    """Worker processes for ``files``: one per CPU, at most one per file and per ``WORKER_MIN_BYTES`` of source."""
+    size = sum(file.stat().st_size for file in files)
+    return max(1, min(os.cpu_count() or 1, len(files), size // WORKER_MIN_BYTES))
 
 
 def map_shards(jobs: Sequence[ShardJob], workers: int) -> list[ShardResult]:

@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("destination", help="checkpoint folder to create")
     merge.add_argument("--stage", type=_stage, default="full", help="'full' (bit-exact, default), 'base' or a stage number")
     merge.add_argument(
-        "--workers", type=int, default=None, metavar="N",
-        help="processes writing the output's safetensors files in parallel (default: one per CPU, at most one per file and per 256 MiB)",
+        "--workers", type=int, default=1, metavar="N",
+        help="processes writing the output's safetensors files in parallel (default 1: this process, on one thread per CPU)",
     )  # fmt: skip
     merge.add_argument("--overwrite", action="store_true", help="replace the destination folder")
     merge.set_defaults(run=_merge)
