@@ -164,11 +164,10 @@ def _write_files(rebuilder: TensorRebuilder, files: dict[str, fmt.SourceFile], f
 
 
 def _jobs(release: Release, rebuilder: TensorRebuilder, folder: Path) -> list[MergeJob]:
-    """One job per output file, once every stage file is local: downloaded here, once, rather than by each worker."""
-    with closing(rebuilder):
-        rebuilder.start_downloads(())
-        rebuilder.verify_payloads()  # waits for every file (without checking payloads: the workers check what they read)
-    stages = [release.stage(index) for index in range(1, rebuilder.index + 1)]
+    """One job per output file, once every stage file is local: downloaded here, once, rather than by each worker
+    (without checking payloads: the workers check what they read)."""
+    release.download_stages(rebuilder.index)
+    stages = [(stage.folder, stage.record) for stage in rebuilder.stages]
     return [MergeJob(release.base_dir, stages, file_name, folder) for file_name in release.manifest.source_files]
 
 

@@ -243,8 +243,7 @@ class TensorRebuilder:
         self._verified: dict[tuple[int, str], bytes] = {}  # (stage position, tensor) -> payload checked on arrival
         self._keep: Collection[str] = ()
         self._keep_bytes = self._kept = self._dropped = 0
-        self._holding = 0  # bytes of kept payloads not decoded yet
-        self._holding_lock = threading.Lock()
+        self._verified_lock = threading.Lock()  # kept by the check thread, taken by the rebuild threads
         self._downloads: StageDownloads | None = None
         self._starting = threading.Lock()
 
@@ -282,7 +281,8 @@ class TensorRebuilder:
     @property
     def held_payload_bytes(self) -> int:
         """Bytes of payloads checked on arrival and kept for ``tensor``, not decoded yet."""
-        return self._holding
+        with self._verified_lock:
+            return sum(len(payload) for payload in self._verified.values())
 
     def largest_stage_shard(self) -> int:
         """Bytes of payloads in the largest stage weight file: the memory an upgrade may hold beyond its final model."""
@@ -354,9 +354,8 @@ class TensorRebuilder:
                 continue
             payload = self._read_payload(position, name, reader)
             if name in self._keep and self._kept + len(payload) <= self._keep_bytes:
-                with self._holding_lock:
+                with self._verified_lock:
                     self._verified[position, name] = payload
-                    self._holding += len(payload)
                 self._kept += len(payload)
             elif name in self._keep:
                 self._dropped += len(payload)
@@ -396,9 +395,8 @@ class TensorRebuilder:
         if name not in shards.record.payloads:
             raise fmt.P2UFormatError(f"{shards.folder / fmt.STAGE_FILE}: no payload listed for tensor {name!r}")
         reader = self._started().reader(position, name)  # waits for the file (and, with ``verify``, its check)
-        with self._holding_lock:
+        with self._verified_lock:
             kept = self._verified.pop((position, name), None)
-            self._holding -= 0 if kept is None else len(kept)
         return kept if kept is not None else self._read_payload(position, name, reader)
 
     def _read_payload(self, position: int, name: str, reader: TensorReader) -> bytes:
