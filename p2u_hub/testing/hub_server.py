@@ -437,6 +437,7 @@ class _Handler(BaseHTTPRequestHandler):
     """Routes Hub API requests to the store. HTTP/1.1 keep-alive, since the client pools its connections."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     timeout = 60
     server: _HubHTTPServer
 
