@@ -105,3 +105,20 @@ def test_non_finite_scales_decode_on_the_torch_path_with_the_same_bits(monkeypat
     for native, fallback in zip(decoded[""], decoded["1"]):
         assert torch.equal(native.view(torch.int16), fallback.view(torch.int16))
         assert torch.isnan(native).any() and torch.isinf(native).any()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_grid_errors_are_the_same_bits_in_c_and_numpy(monkeypatch, bits):
+    """The base grid search sums its errors in one order on both paths, so both pick the same grid for every group."""
+    generator = torch.Generator().manual_seed(bits)
+    groups = torch.randn(512, 64, generator=generator) * torch.logspace(-30, 4, 512).unsqueeze(1)  # subnormal to large steps
+    groups[0] = 0.0
+    steps = (torch.rand(23, 512, generator=generator) * groups.abs().amax(dim=1) / 2**bits).to(ladder.SCALE_DTYPE).float()
+    steps[:, 1] = 0.0  # zero steps: the error is the sum of squares
+    offsets = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (23, 512), dtype=torch.int32, generator=generator)
+    monkeypatch.setenv("P2U_NO_NATIVE", "")
+    native = ladder._grid_errors(groups, steps, offsets, bits)
+    monkeypatch.setenv("P2U_NO_NATIVE", "1")
+    fallback = ladder._grid_errors(groups, steps, offsets, bits)
+    assert torch.isfinite(native).all() and torch.equal(native.view(torch.int32), fallback.view(torch.int32))
+    assert torch.allclose(native[:, 1], groups[1].square().sum().expand(23), rtol=1e-5)

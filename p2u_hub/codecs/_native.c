@@ -1,4 +1,4 @@
-/* Native loops of the entropy stream and the lossless residual (docs/format.md).
+/* Native loops of the entropy stream, the lossless residual (docs/format.md) and split's base grid search.
  *
  * Why C and not numpy: grouping symbols by context takes a stable argsort, a gather, a
  * scatter and a byte-plane split or assembly, each a full pass over 8-byte integers; here it
@@ -769,6 +769,80 @@ done:
     return result;
 }
 
+/* Candidate base grids tried per group: at most this many (ladder.CLIP_RATIOS gives 23). */
+#define MAX_GRIDS 32
+/* Grids whose sums stay in registers while a group's weights stream past: two 4-lane vectors. */
+#define GRIDS_AT_ONCE 8
+
+/* grid_errors(groups, group_size, steps, offsets, bits, out) -> None
+ *
+ * ladder._grid_errors: for every candidate grid c and group g, the squared error of quantizing the
+ * group's float32 weights at `bits` on the grid (step steps[c, g], integer offset offsets[c, g]), into
+ * float32 out[c, g]. Per weight, in float32 with every operation rounded on its own:
+ * r = o + w * (1 / s), code = floor(clamp(r, -2**(bits-1), 2**(bits-1) - 1)), d = (code + 0.5) - r;
+ * the d * d are summed in weight order and the sum times s * s is the error. A zero step reconstructs
+ * 0: its error is the sum of w * w, in weight order. The numpy path does the same operations in the
+ * same order, so both pick the same grids. The candidates are the inner loop (independent sums,
+ * each still in weight order): it vectorises without reordering any sum. */
+static PyObject *grid_errors(PyObject *self, PyObject *args) {
+    Py_buffer groups, steps, offsets, out;
+    int group_size, bits;
+    if (!PyArg_ParseTuple(args, "y*iy*y*iw*", &groups, &group_size, &steps, &offsets, &bits, &out)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = groups.len / 4, group_count = group_size > 0 ? n / group_size : 0;
+    Py_ssize_t grids = group_count ? steps.len / 4 / group_count : 0;
+    if (group_size <= 0 || bits < 1 || bits > 8 || group_count * group_size != n) {
+        PyErr_Format(PyExc_ValueError, "%zd weights do not make groups of %d at %d bits", n, group_size, bits);
+        goto done;
+    }
+    if (grids < 1 || grids > MAX_GRIDS || grids * group_count * 4 != steps.len || steps.len != offsets.len || steps.len != out.len) {
+        PyErr_Format(PyExc_ValueError, "steps, offsets and out must hold 1 to %d grids of %zd groups", MAX_GRIDS, group_count);
+        goto done;
+    }
+    const float *w = groups.buf, *s = steps.buf;
+    const int32_t *o = offsets.buf;
+    float *error = out.buf;
+    const float low = -(float)(1 << (bits - 1)), high = (float)((1 << (bits - 1)) - 1);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t g = 0; g < group_count; g++) {
+        const float *x = w + g * group_size;
+        float squares = 0.0f;
+        for (int i = 0; i < group_size; i++) squares += x[i] * x[i];
+        for (Py_ssize_t first = 0; first < grids; first += GRIDS_AT_ONCE) {
+            float inverse[GRIDS_AT_ONCE], offset[GRIDS_AT_ONCE], sum[GRIDS_AT_ONCE] = {0};
+            for (int c = 0; c < GRIDS_AT_ONCE; c++) {
+                float step = first + c < grids ? s[(first + c) * group_count + g] : 0.0f;
+                inverse[c] = step > 0.0f ? 1.0f / step : 0.0f;
+                offset[c] = first + c < grids ? (float)o[(first + c) * group_count + g] : 0.0f;
+            }
+            for (int i = 0; i < group_size; i++) {
+                const float weight = x[i];
+                for (int c = 0; c < GRIDS_AT_ONCE; c++) {
+                    float r = offset[c] + weight * inverse[c];
+                    float t = r < low ? low : r > high ? high : r;
+                    float truncated = (float)(int32_t)t;
+                    float code = truncated > t ? truncated - 1.0f : truncated;
+                    float d = (code + 0.5f) - r;
+                    sum[c] += d * d;
+                }
+            }
+            for (Py_ssize_t c = first; c < grids && c < first + GRIDS_AT_ONCE; c++) {
+                float step = s[c * group_count + g];
+                error[c * group_count + g] = step > 0.0f ? sum[c - first] * (step * step) : squares;
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&groups);
+    PyBuffer_Release(&steps);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"histogram", histogram, METH_VARARGS, "Counts of each uint8 context: bytes of 256 native int64."},
     {"split_planes", split_planes, METH_VARARGS, "Group symbols by context and split them into byte planes."},
@@ -780,6 +854,7 @@ static PyMethodDef methods[] = {
     {"refinement_contexts", refinement_contexts, METH_VARARGS, "Refinement contexts of coarse codes, and their histogram."},
     {"refine", refine, METH_VARARGS, "Raise coarse codes in place by the refinements their byte planes hold."},
     {"reconstruct", reconstruct, METH_VARARGS, "Dequantize codes to the source dtype, optionally with lossless contexts."},
+    {"grid_errors", grid_errors, METH_VARARGS, "Squared error of each group's weights on each candidate base grid."},
     {"restore_planes", restore_planes, METH_VARARGS, "Add the residuals their byte planes hold to float bit patterns, in place."},
     {NULL, NULL, 0, NULL},
 };

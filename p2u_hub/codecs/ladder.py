@@ -30,6 +30,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .entropy import _native, native_enabled
+
 SCALE_DTYPE = torch.float16
 _SCALE_MAX = torch.finfo(SCALE_DTYPE).max
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))
@@ -69,29 +71,27 @@ def base_grid(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     range ``[min, max]``, centred on the range's middle with the offset rounded down and up
     (both: the choice also sets the sign of the group's mean error, which the output sums up,
     and trying both gains about 0.008 of MiniLM's 4-bit cosine over rounding to nearest). The
-    error is measured at the base width on the group's finite weights.
+    error is measured at the base width on the group's finite weights (``_grid_errors``); among
+    equal errors the earlier candidate wins.
 
     Returns:
         ``(scales, offsets)``: float16 and int32, one per group.
     """
     finite = _finite(groups)
     low, high = finite.amin(dim=1), finite.amax(dim=1)
-    best_scales = base_scales(groups, bits)
-    best_offsets = torch.zeros(groups.shape[0], dtype=torch.int32)
-    best_error = _grid_error(finite, best_scales, best_offsets, bits)
+    candidate_scales = [base_scales(groups, bits)]
+    candidate_offsets = [torch.zeros(groups.shape[0], dtype=torch.int32)]
     limit = 2 ** (bits - 1)
     for ratio in CLIP_RATIOS:
         scales = _to_scale((high - low) * ratio / 2.0**bits)
         step = scales.to(torch.float32)
         centre = torch.where(step > 0, -(high + low) / (2 * step), torch.zeros_like(step))
         for offsets in (centre.floor(), centre.ceil()):
-            offsets = offsets.clamp(-limit, limit - 1).to(torch.int32)
-            error = _grid_error(finite, scales, offsets, bits)
-            better = error < best_error
-            best_scales = torch.where(better, scales, best_scales)
-            best_offsets = torch.where(better, offsets, best_offsets)
-            best_error = torch.where(better, error, best_error)
-    return best_scales, best_offsets
+            candidate_scales.append(scales)
+            candidate_offsets.append(offsets.clamp(-limit, limit - 1).to(torch.int32))
+    scales, offsets = torch.stack(candidate_scales), torch.stack(candidate_offsets)
+    best = _grid_errors(finite, scales.to(torch.float32), offsets, bits).argmin(dim=0, keepdim=True)  # the first minimum
+    return scales.gather(0, best)[0], offsets.gather(0, best)[0]
 
 
 def _finite(groups: torch.Tensor) -> torch.Tensor:
@@ -102,17 +102,32 @@ def _to_scale(values: torch.Tensor) -> torch.Tensor:
     return values.clamp(max=_SCALE_MAX).to(SCALE_DTYPE)
 
 
-def _grid_error(groups: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int) -> torch.Tensor:
-    """Squared error per group of quantizing ``groups`` on the given base grid.
+def _grid_errors(groups: torch.Tensor, steps: torch.Tensor, offsets: torch.Tensor, bits: int) -> torch.Tensor:
+    """Squared error of quantizing each group (``groups``: finite float32, one row each) on each candidate grid.
 
-    Computed in units of the step (``(v + 0.5 - r)**2 * s**2`` with ``r = w / s + o``), which
-    needs half the passes of quantize + dequantize; a zero scale reconstructs 0.
+    ``steps`` (float32) and ``offsets`` (int32) have one row per candidate and one column per group;
+    so has the float32 result. Per weight ``w``, in float32: ``r = o + w * (1 / s)``, the code
+    ``floor(clamp(r))`` at the base width, ``d = (code + 0.5) - r``; the ``d * d`` are summed in weight
+    order and the sum times ``s * s`` is the error (in units of the step, half the passes of quantize +
+    dequantize); a zero step reconstructs 0 and costs the sum of ``w * w``. Every operation is rounded
+    on its own and each sum runs in weight order, so the C loop (``_native.grid_errors``, about 10x
+    faster) and this numpy one give the same bits and the same grids.
     """
-    step = scales.to(torch.float32)
-    ratio = torch.addcmul(offsets.to(torch.float32).unsqueeze(1), groups, torch.where(step > 0, 1 / step, 0).unsqueeze(1))
-    codes = ratio.floor().clamp_(-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1)
-    error = codes.add_(0.5).sub_(ratio).square_().sum(dim=1) * step.square()
-    return torch.where(step > 0, error, groups.square().sum(dim=1))
+    errors = torch.empty(steps.shape, dtype=torch.float32)
+    if native_enabled():
+        _native.grid_errors(
+            groups.contiguous().numpy(), groups.shape[1], steps.contiguous().numpy(), offsets.contiguous().numpy(), bits, errors.numpy()
+        )
+        return errors
+    weights, low, high = groups.numpy(), np.float32(-(2 ** (bits - 1))), np.float32(2 ** (bits - 1) - 1)
+    squares = np.cumsum(weights * weights, axis=1, dtype=np.float32)[:, -1]
+    for row, (step, offset) in enumerate(zip(steps.numpy(), offsets.numpy().astype(np.float32))):
+        inverse = np.divide(np.float32(1), step, out=np.zeros_like(step), where=step > 0)
+        ratio = offset[:, None] + weights * inverse[:, None]
+        difference = (np.floor(np.clip(ratio, low, high)) + np.float32(0.5)) - ratio
+        sums = np.cumsum(difference * difference, axis=1, dtype=np.float32)[:, -1]
+        errors[row] = torch.from_numpy(np.where(step > 0, sums * (step * step), squares))
+    return errors
 
 
 def level_scales(scales: torch.Tensor, base_bits: int, bits: int) -> torch.Tensor:
@@ -198,6 +213,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     So 8 codes fill exactly ``bits`` bytes, and for ``bits=4`` code ``2j`` is the low nibble
     of byte ``j``.
     """
+    if 8 % bits == 0 and codes.numel() % (8 // bits) == 0:  # byte-wide ops: over 10x faster than the bit matrix
+        return pack_unsigned((codes.reshape(-1) + (1 << (bits - 1))).to(torch.uint8), bits)
     unsigned = (codes.reshape(-1).numpy() + (1 << (bits - 1))).astype(np.uint8)
     bit_matrix = np.unpackbits(unsigned[:, None], axis=1, bitorder="little")[:, :bits]
     return torch.from_numpy(np.packbits(bit_matrix.reshape(-1), bitorder="little"))
