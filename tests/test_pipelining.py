@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 import p2u_hub
 from p2u_hub.core import format as fmt
+from p2u_hub.core.hub import download_file
 from p2u_hub.core.release import LinkShare, Release, TensorPrefetch
 from p2u_hub.core.split import MIN_STAGE_SHARD_BYTES, STAGE_SHARDS, default_stage_shard_bytes
 from p2u_hub.core.storage import DEFAULT_MAX_SHARD_BYTES
@@ -223,3 +225,29 @@ def test_files_of_equal_size_download_four_at_a_time():
     assert link.admit() == [4]
     link.finished(0)
     assert link.admit() == [5]
+
+
+def test_a_file_two_callers_want_at_once_is_fetched_once(local_hub: LocalHub, sharded):
+    """A prefetch and then the upgrade ask for the same stage file: the second waits for the first one's download (one
+    HEAD, one GET) rather than for huggingface_hub's file lock, which it would notice only at the lock's next poll."""
+    _, release = sharded
+    push(release, REPO)
+    folder, _ = Release(Path(snapshot_download(REPO))).stage(2)
+    name = _last_shard(release, "stage-2")
+    released = local_hub.hold_downloads(name)
+    paths: list[Path] = []
+    first, second = (threading.Thread(target=lambda: paths.append(download_file(folder, name)), daemon=True) for _ in range(2))
+    try:
+        first.start()
+        deadline = time.monotonic() + WAIT_S
+        while local_hub.file_requests(name)["GET"] == 0 and time.monotonic() < deadline:  # its body is held now
+            time.sleep(0.01)
+        second.start()
+        second.join(1.0)  # time for a second request, if one were made, while the first download is still held
+        assert local_hub.file_requests(name) == {"HEAD": 1, "GET": 1}
+    finally:
+        released.set()
+    for caller in (first, second):
+        caller.join(WAIT_S)
+    assert paths == [folder / name] * 2 and (folder / name).read_bytes() == (release / "stage-2" / name).read_bytes()
+    assert local_hub.file_requests(name) == {"HEAD": 1, "GET": 1}

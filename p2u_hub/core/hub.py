@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import httpx2
@@ -100,21 +102,48 @@ def download_stage(entry: fmt.StageEntry, *, default_repo_id: str | None, token:
     raise StageUnavailableError(f"{entry.name}: {failure}")
 
 
+_downloading: dict[Path, Future[None]] = {}
+"""Files this process is fetching now (``download_file``), each with the future its other callers wait on."""
+_downloading_lock = threading.Lock()
+
+
 def download_file(snapshot: Path, name: str, *, token: str | bool | None = None) -> Path:
     """File ``name`` of a snapshot folder of the HF cache (``models--org--name/snapshots/<commit>``), downloaded at that commit if absent.
 
     The snapshot's commit pins every file to the one the stage record came from, even if the
-    branch moves meanwhile; a file already in the cache is returned without a request.
+    branch moves meanwhile; a file already in the cache is returned without a request. Callers
+    in this process asking for a file that another one is fetching (a prefetch, then the
+    upgrade) wait for that download instead of starting their own: no second request, and no
+    wait on huggingface_hub's file lock, which notices a released lock only at its next poll
+    (every 50 ms). If that download fails, the caller tries on its own (with its own token).
     """
     path = fmt.release_file(snapshot, name)
     repo_id = cached_repo_id(snapshot)
     if path.is_file() or repo_id is None:
         return path
+    with _downloading_lock:
+        running = _downloading.get(path)
+        if running is None:
+            _downloading[path] = mine = Future[None]()
+    if running is not None:
+        with contextlib.suppress(Exception):
+            running.result()
+            return fmt.release_file(snapshot, name)
+        return download_file(snapshot, name, token=token)
     try:
         with hub_errors(f"{repo_id}@{snapshot.name}: {name}"):
             hf_hub_download(repo_id, name, revision=snapshot.name, cache_dir=snapshot.parent.parent.parent, token=token)
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, HfHubHTTPError, OSError) as error:
+        mine.set_exception(error)
         raise StageUnavailableError(f"{repo_id}@{snapshot.name}: cannot download {name} ({' '.join(str(error).split())})") from None
+    except BaseException as error:
+        mine.set_exception(error)
+        raise
+    else:
+        mine.set_result(None)
+    finally:
+        with _downloading_lock:
+            del _downloading[path]
     return fmt.release_file(snapshot, name)  # checked again now that it is a link into the cache's blobs
 
 

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -813,6 +814,7 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- downloads
 
     def resolve(self, ns: str, name: str, rev: str, path: str, kind: str = "models") -> None:
+        self.server.hub._count_request(self.command, path)
         self._readable(*_repo_key(kind, ns, name))
         _, commit = self._store.lookup(*_repo_key(kind, ns, name), rev)
         headers = {"X-Repo-Commit": commit["oid"]}
@@ -963,6 +965,7 @@ class LocalHub:
         self._next_send = 0.0
         self._drops_pending = 0
         self._holds: dict[str, threading.Event] = {}
+        self._resolved: list[tuple[str, str]] = []  # (method, file path) of every /resolve request, for file_requests
         self._upload_key = secrets.token_bytes(32)
         self._server: _HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -1038,6 +1041,15 @@ class LocalHub:
         with self._lock:
             self._holds[pattern] = released
         return released
+
+    def file_requests(self, pattern: str) -> Counter[str]:
+        """How many ``/resolve`` requests of files matching the glob ``pattern`` arrived so far, per method (HEAD, GET)."""
+        with self._lock:
+            return Counter(method for method, path in self._resolved if fnmatch.fnmatchcase(path, pattern))
+
+    def _count_request(self, method: str, path: str) -> None:
+        with self._lock:
+            self._resolved.append((method, path))
 
     def _wait_if_held(self, path: str) -> None:
         with self._lock:
