@@ -74,19 +74,20 @@ static const uint8_t length_code_order[LENGTH_CODES] = {16, 17, 18, 0, 8, 7, 9, 
  * splitting the deepest shorter code, then the lengths dealt out shortest first to the most
  * frequent symbols. */
 static void code_lengths(const uint32_t *freq, int m, int limit, uint8_t *lengths) {
-    uint64_t key[LITERALS]; /* frequency << 9 | symbol: unique, so the sort order is fixed */
-    int n = 0;
+    uint16_t order[LITERALS], spare[LITERALS]; /* the used symbols by (frequency, symbol): a stable radix sort */
+    int n = 0, high = 0;
     for (int s = 0; s < m; s++) {
         lengths[s] = 0;
-        if (freq[s]) key[n++] = (uint64_t)freq[s] << 9 | (uint64_t)s;
+        if (freq[s]) order[n++] = (uint16_t)s, high |= (int)freq[s];
     }
-    for (int i = 1; i < n; i++) { /* insertion sort: blocks mostly arrive in a few runs */
-        uint64_t k = key[i];
-        int j = i;
-        for (; j > 0 && key[j - 1] > k; j--) key[j] = key[j - 1];
-        key[j] = k;
+    for (int shift = 0; shift < 16 && high >> shift; shift += 8) { /* frequencies < 2^16: blocks hold <= 65535 bytes */
+        int start[257] = {0};
+        for (int i = 0; i < n; i++) start[((freq[order[i]] >> shift) & 255) + 1]++;
+        for (int d = 1; d < 257; d++) start[d] += start[d - 1];
+        for (int i = 0; i < n; i++) spare[start[(freq[order[i]] >> shift) & 255]++] = order[i];
+        memcpy(order, spare, n * sizeof(uint16_t));
     }
-    if (n == 1) lengths[key[0] & 511] = 1;
+    if (n == 1) lengths[order[0]] = 1;
     if (n < 2) return;
     uint64_t weight[LITERALS];
     int leaf_parent[LITERALS], node_parent[LITERALS], depth[LITERALS], count[LITERALS + 1] = {0};
@@ -94,8 +95,8 @@ static void code_lengths(const uint32_t *freq, int m, int limit, uint8_t *length
     for (int k = 0; k < n - 1; k++) {
         uint64_t sum = 0;
         for (int pick = 0; pick < 2; pick++) {
-            if (leaf < n && (node >= k || (key[leaf] >> 9) <= weight[node])) {
-                sum += key[leaf] >> 9;
+            if (leaf < n && (node >= k || freq[order[leaf]] <= weight[node])) {
+                sum += freq[order[leaf]];
                 leaf_parent[leaf++] = k;
             } else {
                 sum += weight[node];
@@ -122,7 +123,7 @@ static void code_lengths(const uint32_t *freq, int m, int limit, uint8_t *length
             }
     }
     for (int d = 1, j = n; d <= limit; d++)
-        for (int c = 0; c < count[d]; c++) lengths[key[--j] & 511] = (uint8_t)d;
+        for (int c = 0; c < count[d]; c++) lengths[order[--j]] = (uint8_t)d;
 }
 
 /* Canonical codes of `lengths` (RFC 1951 3.2.2), bit-reversed: DEFLATE sends a code's first bit
@@ -186,19 +187,20 @@ static void run_length_code(const uint8_t *lengths, int m, length_header *h) {
     }
 }
 
-/* One block of a plane (entropy._block_bits): the cheapest of a stored, a fixed-code and a
- * dynamic-code block, ties going to stored, then fixed (the faster ones to inflate). */
-static void deflate_block(bit_writer *w, const uint8_t *data, Py_ssize_t n, int final, const uint16_t *fixed_codes,
-                          const uint8_t *fixed_lengths) {
+/* One block of a plane, its byte i at data[i * stride] (entropy._block_bits): the cheapest of a
+ * stored, a fixed-code and a dynamic-code block, ties going to stored, then fixed (the faster ones
+ * to inflate). */
+static void deflate_block(bit_writer *w, const uint8_t *data, Py_ssize_t n, Py_ssize_t stride, int final,
+                          const uint16_t *fixed_codes, const uint8_t *fixed_lengths) {
     uint32_t part[4][256] = {{0}}, freq[LITERALS];
     Py_ssize_t i = 0;
     for (; i + 4 <= n; i += 4) {
-        part[0][data[i]]++;
-        part[1][data[i + 1]]++;
-        part[2][data[i + 2]]++;
-        part[3][data[i + 3]]++;
+        part[0][data[i * stride]]++;
+        part[1][data[(i + 1) * stride]]++;
+        part[2][data[(i + 2) * stride]]++;
+        part[3][data[(i + 3) * stride]]++;
     }
-    for (; i < n; i++) part[0][data[i]]++;
+    for (; i < n; i++) part[0][data[i * stride]]++;
     for (int s = 0; s < 256; s++) freq[s] = part[0][s] + part[1][s] + part[2][s] + part[3][s];
     freq[END_OF_BLOCK] = 1;
     uint8_t lengths[LITERALS], length_lengths[LENGTH_CODES], distance_lengths[2] = {1, 1};
@@ -222,8 +224,9 @@ static void deflate_block(bit_writer *w, const uint8_t *data, Py_ssize_t n, int 
         put_bits(w, (uint64_t)final, 3);
         if (w->used) put_bits(w, 0, 8 - w->used);
         put_bits(w, (uint64_t)n | (uint64_t)(~n & 0xFFFF) << 16, 32);
-        memcpy(w->out, data, n);
-        w->out += n;
+        uint8_t *out = w->out;
+        for (i = 0; i < n; i++) out[i] = data[i * stride];
+        w->out = out + n;
         return;
     }
     if (fixed <= dynamic) {
@@ -247,7 +250,7 @@ static void deflate_block(bit_writer *w, const uint8_t *data, Py_ssize_t n, int 
     uint8_t *out = w->out;
     i = 0;
     for (; i + 3 <= n; i += 3) { /* 3 codes of <= 15 bits fit the 64-bit buffer beside <= 7 bits left */
-        uint32_t a = table[data[i]], b = table[data[i + 1]], c = table[data[i + 2]];
+        uint32_t a = table[data[i * stride]], b = table[data[(i + 1) * stride]], c = table[data[(i + 2) * stride]];
         bits |= (uint64_t)(a >> 4) << used;
         used += a & 15;
         bits |= (uint64_t)(b >> 4) << used;
@@ -260,7 +263,7 @@ static void deflate_block(bit_writer *w, const uint8_t *data, Py_ssize_t n, int 
         used &= 7;
     }
     w->bits = bits, w->used = used, w->out = out;
-    for (; i < n; i++) put_bits(w, table[data[i]] >> 4, table[data[i]] & 15);
+    for (; i < n; i++) put_bits(w, table[data[i * stride]] >> 4, table[data[i * stride]] & 15);
     put_bits(w, code[END_OF_BLOCK], length[END_OF_BLOCK]);
 }
 
@@ -277,16 +280,86 @@ static void fixed_literal_code(uint16_t *codes, uint8_t *lengths) {
 /* Upper bound of a coded plane of n bytes: no block codes larger than stored (n + 5.25 bytes each). */
 static size_t deflated_bound(size_t n, size_t block_symbols) { return n + 6 * ((n + block_symbols - 1) / block_symbols) + 1; }
 
-/* Code one plane of n >= 1 bytes as raw DEFLATE in blocks of block_symbols bytes (the last one
- * final); returns the coded length. */
-static size_t deflate_plane(uint8_t *out, const uint8_t *data, size_t n, size_t block_symbols, const uint16_t *fixed_codes,
-                            const uint8_t *fixed_lengths) {
+/* Code one plane of n >= 1 bytes, its byte i at data[i * stride], as raw DEFLATE in blocks of
+ * block_symbols bytes (the last one final); returns the coded length. */
+static size_t deflate_plane(uint8_t *out, const uint8_t *data, size_t n, size_t stride, size_t block_symbols,
+                            const uint16_t *fixed_codes, const uint8_t *fixed_lengths) {
     bit_writer w = {out, 0, 0};
     for (size_t start = 0; start < n; start += block_symbols) {
         size_t size = n - start < block_symbols ? n - start : block_symbols;
-        deflate_block(&w, data + start, (Py_ssize_t)size, start + size == n, fixed_codes, fixed_lengths);
+        deflate_block(&w, data + start * stride, (Py_ssize_t)size, (Py_ssize_t)stride, start + size == n, fixed_codes,
+                      fixed_lengths);
     }
     return (size_t)(w.out - out) + (w.used > 0);
+}
+
+/* Sort symbols by context, stably, into `ordered` as integers of T: a counting sort whose two
+ * halves run side by side, each with its own cursors (a context's cursor is a load-increment-store:
+ * two independent chains keep close repeats of one context from stalling the loop). */
+#define SORT_BY_CONTEXT(T)                                                                       \
+    {                                                                                            \
+        T *out_ = (T *)ordered;                                                                  \
+        for (Py_ssize_t i = 0; i < half; i++) {                                                  \
+            out_[cursor[0][ctx[i]]++] = (T)load_symbol(sym, itemsize, i);                        \
+            out_[cursor[1][ctx[half + i]]++] = (T)load_symbol(sym, itemsize, half + i);          \
+        }                                                                                        \
+        if (n % 2) out_[cursor[1][ctx[n - 1]]++] = (T)load_symbol(sym, itemsize, n - 1);         \
+    }
+
+/* Each context's symbol count in the block's first half (`first`) and in all, and its plane count
+ * (the bytes of its largest symbol); returns the widest. Four interleaved tables, as in
+ * count_contexts: close repeats of a context would otherwise serialise on one counter. */
+static int count_planes(const char *sym, int itemsize, const uint8_t *ctx, Py_ssize_t n, int64_t *first, int64_t *counts,
+                        int *width) {
+    int64_t part[4][CONTEXTS] = {{0}};
+    uint64_t seen[4][CONTEXTS] = {{0}};
+    Py_ssize_t half = n / 2;
+    for (Py_ssize_t i = 0; i + 1 < half; i += 2)
+        for (int t = 0; t < 4; t++) {
+            Py_ssize_t at = (t & 1) + (t < 2 ? i : half + i);
+            part[t][ctx[at]]++;
+            seen[t][ctx[at]] |= load_symbol(sym, itemsize, at);
+        }
+    for (Py_ssize_t at = half - half % 2; at < half; at++) {
+        part[0][ctx[at]]++;
+        seen[0][ctx[at]] |= load_symbol(sym, itemsize, at);
+    }
+    for (Py_ssize_t at = 2 * half - half % 2; at < n; at++) {
+        part[2][ctx[at]]++;
+        seen[2][ctx[at]] |= load_symbol(sym, itemsize, at);
+    }
+    int max_width = 0;
+    for (int c = 0; c < CONTEXTS; c++) {
+        first[c] = part[0][c] + part[1][c];
+        counts[c] = first[c] + part[2][c] + part[3][c];
+        uint64_t all = seen[0][c] | seen[1][c] | seen[2][c] | seen[3][c];
+        for (width[c] = 0; width[c] < 8 && all >> (8 * width[c]); width[c]++) {
+        }
+        if (width[c] > max_width) max_width = width[c];
+    }
+    return max_width;
+}
+
+/* The bytes of the narrowest integer holding `width` bytes: 1, 2, 4 or 8. */
+static int stride_of(int width) { return width <= 1 ? 1 : width <= 2 ? 2 : width <= 4 ? 4 : 8; }
+
+/* Sort the symbols by context into `ordered` (each as `stride` bytes, see stride_of); context c's
+ * plane p is then the byte p of each of its run's symbols (deflate_plane reads it strided: no
+ * pass rearranges the bytes into planes). */
+static void sort_by_context(const char *sym, int itemsize, const uint8_t *ctx, Py_ssize_t n, const int64_t *first,
+                            const int64_t *counts, int stride, uint8_t *ordered) {
+    int64_t cursor[2][CONTEXTS], start = 0;
+    Py_ssize_t half = n / 2;
+    for (int c = 0; c < CONTEXTS; start += counts[c++]) {
+        cursor[0][c] = start;
+        cursor[1][c] = start + first[c];
+    }
+    switch (stride) {
+    case 1: SORT_BY_CONTEXT(uint8_t) break;
+    case 2: SORT_BY_CONTEXT(uint16_t) break;
+    case 4: SORT_BY_CONTEXT(uint32_t) break;
+    default: SORT_BY_CONTEXT(uint64_t) break;
+    }
 }
 
 /* encode_stream(symbols, itemsize, contexts, block_symbols) -> bytes: entropy.encode's stream.
@@ -294,7 +367,7 @@ static size_t deflate_plane(uint8_t *out, const uint8_t *data, size_t n, size_t 
  * symbols: n unsigned little-endian integers of `itemsize` bytes (1, 2, 4 or 8); contexts: n uint8.
  * One pass counts each context's symbols and ORs them (its plane count: the bytes of the largest),
  * one moves each symbol's bytes straight to its context's planes (a stable counting sort), then
- * every plane is deflated in place into the stream.
+ * every plane is deflated into the stream.
  */
 static PyObject *encode_stream(PyObject *self, PyObject *args) {
     Py_buffer symbols, contexts;
@@ -302,7 +375,7 @@ static PyObject *encode_stream(PyObject *self, PyObject *args) {
     Py_ssize_t block_symbols;
     if (!PyArg_ParseTuple(args, "y*iy*n", &symbols, &itemsize, &contexts, &block_symbols)) return NULL;
     PyObject *result = NULL;
-    uint8_t *planes = NULL, *stream = NULL;
+    uint8_t *ordered = NULL, *stream = NULL;
     if (itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8) {
         PyErr_Format(PyExc_ValueError, "symbol width must be 1, 2, 4 or 8 bytes, got %d", itemsize);
         goto done;
@@ -315,52 +388,34 @@ static PyObject *encode_stream(PyObject *self, PyObject *args) {
     if (!check_same_length(symbols.len / itemsize, n)) goto done;
     const uint8_t *ctx = contexts.buf;
     const char *sym = symbols.buf;
-    int64_t counts[CONTEXTS] = {0}, cursor[CONTEXTS];
-    uint64_t seen[CONTEXTS] = {0};
-    int width[CONTEXTS];
-    size_t total = 0, bound = 8;
+    int64_t first[CONTEXTS], counts[CONTEXTS];
+    int width[CONTEXTS], stride;
+    size_t bound = 8;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) {
-        counts[ctx[i]]++;
-        seen[ctx[i]] |= load_symbol(sym, itemsize, i);
-    }
+    stride = stride_of(count_planes(sym, itemsize, ctx, n, first, counts, width));
     Py_END_ALLOW_THREADS
-    uint8_t *plane_at[CONTEXTS][8];
-    for (int c = 0; c < CONTEXTS; c++) {
-        for (width[c] = 0; width[c] < 8 && seen[c] >> (8 * width[c]); width[c]++) {
-        }
-        total += (size_t)counts[c] * width[c];
+    for (int c = 0; c < CONTEXTS; c++)
         if (counts[c]) bound += 1 + 4 * width[c] + width[c] * deflated_bound(counts[c], block_symbols);
-    }
-    planes = malloc(total ? total : 1);
+    ordered = malloc(n ? n * stride : 1);
     stream = malloc(bound);
-    if (!planes || !stream) {
+    if (!ordered || !stream) {
         PyErr_NoMemory();
         goto done;
     }
     uint8_t *out = stream;
     Py_BEGIN_ALLOW_THREADS
-    size_t start = 0;
-    for (int c = 0; c < CONTEXTS; c++) {
-        cursor[c] = 0;
-        for (int p = 0; p < width[c]; p++, start += counts[c]) plane_at[c][p] = planes + start;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int c = ctx[i];
-        uint64_t value = load_symbol(sym, itemsize, i);
-        int64_t k = cursor[c]++;
-        for (int p = 0; p < width[c]; p++) plane_at[c][p][k] = (uint8_t)(value >> (8 * p));
-    }
+    sort_by_context(sym, itemsize, ctx, n, first, counts, stride, ordered);
     uint16_t fixed_codes[LITERALS];
     uint8_t fixed_lengths[LITERALS];
     fixed_literal_code(fixed_codes, fixed_lengths);
-    for (int c = 0; c < CONTEXTS; c++) {
+    const uint8_t *run = ordered;
+    for (int c = 0; c < CONTEXTS; run += counts[c++] * stride) {
         if (!counts[c]) continue;
         uint8_t *lengths = out + 1;
         *out = (uint8_t)width[c];
         out += 1 + 4 * width[c];
         for (int p = 0; p < width[c]; p++) {
-            size_t length = deflate_plane(out, plane_at[c][p], counts[c], block_symbols, fixed_codes, fixed_lengths);
+            size_t length = deflate_plane(out, run + p, counts[c], stride, block_symbols, fixed_codes, fixed_lengths);
             for (int b = 0; b < 4; b++) lengths[4 * p + b] = (uint8_t)(length >> (8 * b));
             out += length;
         }
@@ -368,7 +423,7 @@ static PyObject *encode_stream(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     result = PyBytes_FromStringAndSize((const char *)stream, out - stream);
 done:
-    free(planes);
+    free(ordered);
     free(stream);
     PyBuffer_Release(&symbols);
     PyBuffer_Release(&contexts);
