@@ -180,9 +180,10 @@ def _fixed_literal_code() -> tuple[np.ndarray, np.ndarray]:
 _FIXED_CODES, _FIXED_LENGTHS = _fixed_literal_code()
 
 
-def _block_bits(block: np.ndarray, final: bool, position: int) -> tuple[np.ndarray, np.ndarray]:
-    """The values and bit counts, in writing order, of one DEFLATE block of the bytes ``block``.
+def _block_bits(block: np.ndarray, final: bool, position: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The values and bit counts, in writing order, of one DEFLATE block of the bytes ``block``, and whether it is stored.
 
+    A stored block's bits are its header; its bytes follow them unchanged.
     ``position`` is the plane's bit count so far (a stored block pads to a byte boundary).
     The block is stored, fixed-code or dynamic-code, whichever is fewest bits (ties: stored, then
     fixed). Dynamic: HLIT 257, HDIST 2, HCLEN the code-length code lengths in RFC order up to
@@ -201,10 +202,8 @@ def _block_bits(block: np.ndarray, final: bool, position: int) -> tuple[np.ndarr
     dynamic = 3 + 5 + 5 + 4 + 3 * hclen + int(length_lengths[symbols].sum() + extra_bits.sum()) + int(freq @ lengths)
     fixed = 3 + int(freq @ _FIXED_LENGTHS)
     stored = 3 + (-(position + 3) % 8) + 32 + 8 * len(block)
-    if stored <= min(fixed, dynamic):
-        n = len(block)
-        values = np.concatenate([[int(final), 0, n, ~n & 0xFFFF], block])
-        return values, np.concatenate([[3, -(position + 3) % 8, 16, 16], np.full(n, 8)])
+    if stored <= min(fixed, dynamic):  # the header, padded to a byte boundary, then the bytes as they are
+        return np.array([int(final), 0, len(block), ~len(block) & 0xFFFF]), np.array([3, -(position + 3) % 8, 16, 16]), True
     if fixed <= dynamic:
         head_values, head_bits = [int(final) | 1 << 1], [3]
         codes, lengths = _FIXED_CODES, _FIXED_LENGTHS
@@ -217,36 +216,43 @@ def _block_bits(block: np.ndarray, final: bool, position: int) -> tuple[np.ndarr
             head_bits += [int(length_lengths[symbol]), bits]
         codes = _canonical_codes(lengths)
     literals = np.append(block, _END_OF_BLOCK)
-    return np.concatenate([head_values, codes[literals]]), np.concatenate([head_bits, lengths[literals]])
+    return np.concatenate([head_values, codes[literals]]), np.concatenate([head_bits, lengths[literals]]), False
 
 
 def _pack_bits(values: np.ndarray, bits: np.ndarray) -> bytes:
     """Concatenate ``values[i]`` of ``bits[i]`` bits each (<= 16), least significant bit first, zero-padded to bytes.
 
-    No two values share a bit, so a byte is the sum of every value's part in it: each value,
-    shifted to its bit offset, touches at most three bytes, summed with one ``bincount`` per byte.
+    No two values share a bit, so a 32-bit word is the sum of every value's part in it: each
+    value, shifted to its offset in its word, reaches into at most the next word; one
+    ``bincount`` per word sums them (exactly: float64 holds 32-bit sums).
     """
     position = np.cumsum(bits) - bits
-    shifted = values.astype(np.uint64) << (position & 7).astype(np.uint64)
+    shifted = values.astype(np.uint64) << (position & 31).astype(np.uint64)
     size = (int(position[-1] + bits[-1]) + 7) // 8
-    out = np.zeros(size + 3, dtype=np.float64)
-    for k in range(3):
-        out += np.bincount(
-            (position >> 3) + k, weights=((shifted >> np.uint64(8 * k)) & np.uint64(255)).astype(np.float64), minlength=size + 3
-        )
-    return out[:size].astype(np.uint8).tobytes()
+    word = position >> 5
+    words = np.bincount(word, weights=(shifted & np.uint64(0xFFFFFFFF)).astype(np.float64), minlength=size // 4 + 2)
+    words += np.bincount(word + 1, weights=(shifted >> np.uint64(32)).astype(np.float64), minlength=size // 4 + 2)
+    return words.astype("<u4").tobytes()[:size]
 
 
 def _deflate(plane: np.ndarray) -> bytes:
     """Raw DEFLATE of one byte plane (uint8, at least one byte), as _native.encode_stream codes it."""
+    out = bytearray()
     values, bits = [], []
-    position = 0
+    position = 0  # bits written so far
     for start in range(0, len(plane), BLOCK_SYMBOLS):
-        block_values, block_bits = _block_bits(plane[start : start + BLOCK_SYMBOLS], start + BLOCK_SYMBOLS >= len(plane), position)
+        block = plane[start : start + BLOCK_SYMBOLS]
+        block_values, block_bits, stored = _block_bits(block, start + BLOCK_SYMBOLS >= len(plane), position)
         values.append(block_values)
         bits.append(block_bits)
         position += int(block_bits.sum())
-    return _pack_bits(np.concatenate(values), np.concatenate(bits))
+        if stored:  # the bits so far end on a byte boundary
+            out += _pack_bits(np.concatenate(values), np.concatenate(bits)) + block.tobytes()
+            values, bits = [], []
+            position += 8 * len(block)
+    if values:
+        out += _pack_bits(np.concatenate(values), np.concatenate(bits))
+    return bytes(out)
 
 
 def _decompress(data, expected: int, inflater=zlib) -> bytes:
