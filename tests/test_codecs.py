@@ -137,6 +137,16 @@ def test_entropy_roundtrip_and_corruption():
         entropy.decode(stream + b"\x00", contexts)
 
 
+def test_entropy_stream_is_the_same_for_every_integer_dtype_of_the_symbols():
+    generator = torch.Generator().manual_seed(2)
+    contexts = torch.randint(0, 7, (20_000,), generator=generator).to(torch.uint8)
+    symbols = torch.randint(0, 200, (20_000,), generator=generator) * (contexts > 2)  # contexts 0-2: all zero, no plane
+    stream = entropy.encode(symbols, contexts)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert entropy.encode(symbols.to(dtype), contexts) == stream, dtype
+    assert torch.equal(entropy.decode(stream, contexts).to(torch.int64), symbols)
+
+
 def test_code_lengths_are_huffman_limited_in_depth_and_complete():
     fibonacci = [1, 2]
     while len(fibonacci) < 20:

@@ -293,7 +293,11 @@ def _group_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode(symbols: torch.Tensor, contexts: torch.Tensor) -> bytes:
-    """Code non-negative int64 ``symbols`` grouped by uint8 ``contexts`` (same shape)."""
+    """Code non-negative integer ``symbols`` grouped by uint8 ``contexts`` (same shape).
+
+    Any integer dtype gives the same stream (planes are the values' bytes); narrower symbols are
+    read faster (int32 instead of int64 saves ~1 ns per symbol in C).
+    """
     keys = _context_keys(contexts)
     values = symbols.reshape(-1).numpy()
     if native_enabled():
