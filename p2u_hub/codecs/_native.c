@@ -50,6 +50,18 @@ static int check_same_length(Py_ssize_t a_items, Py_ssize_t b_items) {
     return 1;
 }
 
+/* histogram(contexts) -> bytes: 256 native int64 counts. */
+static PyObject *histogram(PyObject *self, PyObject *args) {
+    Py_buffer contexts;
+    if (!PyArg_ParseTuple(args, "y*", &contexts)) return NULL;
+    int64_t counts[CONTEXTS];
+    Py_BEGIN_ALLOW_THREADS
+    count_contexts(contexts.buf, contexts.len, counts);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&contexts);
+    return PyBytes_FromStringAndSize((const char *)counts, sizeof(counts));
+}
+
 /* ---- Encoding: byte planes coded as Huffman-only raw DEFLATE (RFC 1951) ----
  *
  * entropy.py's numpy path (_deflate and its helpers) is the reference and spells the algorithm
@@ -444,18 +456,6 @@ done:
     PyBuffer_Release(&symbols);
     PyBuffer_Release(&contexts);
     return result;
-}
-
-/* histogram(contexts) -> bytes: 256 native int64 counts. */
-static PyObject *histogram(PyObject *self, PyObject *args) {
-    Py_buffer contexts;
-    if (!PyArg_ParseTuple(args, "y*", &contexts)) return NULL;
-    int64_t counts[CONTEXTS];
-    Py_BEGIN_ALLOW_THREADS
-    count_contexts(contexts.buf, contexts.len, counts);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&contexts);
-    return PyBytes_FromStringAndSize((const char *)counts, sizeof(counts));
 }
 
 /* Collect each present context's plane pointers from a list of bytes (stream order), checking
