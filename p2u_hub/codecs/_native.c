@@ -154,6 +154,11 @@ static void canonical_codes(const uint8_t *lengths, int m, uint16_t *codes) {
     }
 }
 
+/* `value` as 8 little-endian bytes (compilers make it one store on little-endian machines). */
+static inline void store_le64(uint8_t *out, uint64_t value) {
+    for (int b = 0; b < 8; b++) out[b] = (uint8_t)(value >> (8 * b));
+}
+
 /* Writes bits least significant first, storing 8 bytes at a time: the output needs 8 bytes of slack. */
 typedef struct {
     uint8_t *out;
@@ -164,7 +169,7 @@ typedef struct {
 static inline void put_bits(bit_writer *w, uint64_t value, int count) {
     w->bits |= value << w->used;
     w->used += count;
-    memcpy(w->out, &w->bits, 8);
+    store_le64(w->out, w->bits);
     w->out += w->used >> 3;
     w->bits >>= w->used & ~7;
     w->used &= 7;
@@ -269,7 +274,7 @@ static void deflate_block(bit_writer *w, const uint8_t *data, Py_ssize_t n, Py_s
         used += b & 15;
         bits |= (uint64_t)(c >> 4) << used;
         used += c & 15;
-        memcpy(out, &bits, 8);
+        store_le64(out, bits);
         out += used >> 3;
         bits >>= used & ~7;
         used &= 7;
@@ -437,6 +442,8 @@ static PyObject *encode_stream(PyObject *self, PyObject *args) {
     uint16_t fixed_codes[LITERALS];
     uint8_t fixed_lengths[LITERALS];
     fixed_literal_code(fixed_codes, fixed_lengths);
+    const uint16_t one = 1;
+    int big_endian = *(const uint8_t *)&one == 0; /* then byte p of a symbol is at offset stride - 1 - p */
     const uint8_t *run = ordered;
     for (int c = 0; c < CONTEXTS; run += counts[c++] * stride) {
         if (!counts[c]) continue;
@@ -444,7 +451,8 @@ static PyObject *encode_stream(PyObject *self, PyObject *args) {
         *out = (uint8_t)width[c];
         out += 1 + 4 * width[c];
         for (int p = 0; p < width[c]; p++) {
-            size_t length = deflate_plane(out, run + p, counts[c], stride, block_symbols, fixed_codes, fixed_lengths);
+            const uint8_t *plane = run + (big_endian ? (int)stride - 1 - p : p);
+            size_t length = deflate_plane(out, plane, counts[c], stride, block_symbols, fixed_codes, fixed_lengths);
             for (int b = 0; b < 4; b++) lengths[4 * p + b] = (uint8_t)(length >> (8 * b));
             out += length;
         }
