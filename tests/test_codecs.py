@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,6 +135,31 @@ def test_entropy_roundtrip_and_corruption():
         entropy.decode(stream[:-3], contexts)
     with pytest.raises(entropy.CorruptStreamError):
         entropy.decode(stream + b"\x00", contexts)
+
+
+def test_entropy_stream_is_the_same_for_every_integer_dtype_of_the_symbols():
+    generator = torch.Generator().manual_seed(2)
+    contexts = torch.randint(0, 7, (20_000,), generator=generator).to(torch.uint8)
+    symbols = torch.randint(0, 200, (20_000,), generator=generator) * (contexts > 2)  # contexts 0-2: all zero, no plane
+    stream = entropy.encode(symbols, contexts)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert entropy.encode(symbols.to(dtype), contexts) == stream, dtype
+    assert torch.equal(entropy.decode(stream, contexts).to(torch.int64), symbols)
+
+
+def test_code_lengths_are_huffman_limited_in_depth_and_complete():
+    fibonacci = [1, 2]
+    while len(fibonacci) < 20:
+        fibonacci.append(fibonacci[-1] + fibonacci[-2])
+    assert entropy._code_lengths(np.array([1, 1, 2, 3, 5, 0]), 15).tolist() == [4, 4, 3, 2, 1, 0]  # Huffman, unused symbol 0
+    for freq, limit in [(np.array([0, *fibonacci, 0, 1]), 15), (np.array(fibonacci[:19]), 7)]:  # Fibonacci: the deepest codes
+        assert entropy._code_lengths(freq, 64).max() > limit
+        lengths = entropy._code_lengths(freq, limit)
+        used = lengths[freq > 0]
+        assert used.min() > 0 and used.max() == limit and not lengths[freq == 0].any()
+        assert sum(1 << (limit - int(length)) for length in used) == 1 << limit  # Kraft equality: a complete prefix code
+        by_frequency = lengths[np.argsort(freq, kind="stable")][freq[np.argsort(freq, kind="stable")] > 0]
+        assert (np.diff(by_frequency) <= 0).all()  # a more frequent symbol never has a longer code
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
+import numpy as np
 import pytest
 import torch
 
@@ -63,6 +67,65 @@ def test_entropy_paths_agree_on_wide_symbols_and_every_context(monkeypatch):
     assert torch.equal(entropy.decode(stream, contexts), symbols)
     with pytest.raises(entropy.CorruptStreamError, match="trailing"):
         entropy.decode(stream + b"\x00", contexts)
+
+
+def _plane(case: str) -> np.ndarray:
+    """Byte planes that take every branch of the encoder: block kinds, a short last block, the 15-bit limit."""
+    rng = np.random.default_rng(7)
+    skewed = np.minimum(rng.geometric(0.3, 1 << 20), 255).astype(np.uint8)
+    fibonacci = [1, 2]
+    while len(fibonacci) < 20:
+        fibonacci.append(fibonacci[-1] + fibonacci[-2])
+    return {
+        "one byte": np.array([7], dtype=np.uint8),
+        "one value": np.full(5000, 9, dtype=np.uint8),
+        "two values": rng.integers(1, 3, 1000).astype(np.uint8),
+        "every value once": rng.permutation(256).astype(np.uint8),
+        "uniform 1M": rng.integers(0, 256, 1 << 20).astype(np.uint8),
+        "skewed 1M": skewed,
+        "skewed, short last block": skewed[: 3 * entropy.BLOCK_SYMBOLS + 1001],
+        # byte b occurs fibonacci(b + 1) times, 28,655 bytes in one block: with end-of-block, a Huffman code 20 bits deep
+        "fibonacci": rng.permutation(np.repeat(np.arange(1, 21, dtype=np.uint8), fibonacci)),
+    }[case]
+
+
+@pytest.mark.parametrize(
+    "case", ["one byte", "one value", "two values", "every value once", "uniform 1M", "skewed 1M", "skewed, short last block", "fibonacci"]
+)
+def test_planes_are_the_same_raw_deflate_on_both_paths_and_every_inflater_reads_them(monkeypatch, case):
+    plane = _plane(case)
+    symbols, contexts = torch.from_numpy(plane).to(torch.int64), torch.zeros(len(plane), dtype=torch.uint8)
+    monkeypatch.setenv("P2U_NO_NATIVE", "")
+    stream = entropy.encode(symbols, contexts)
+    monkeypatch.setenv("P2U_NO_NATIVE", "1")
+    assert entropy.encode(symbols, contexts) == stream
+    (length,) = struct.unpack_from("<I", stream, 1)
+    assert stream[0] == 1 and len(stream) == 5 + length
+    coded = stream[5:]
+    isal_zlib = pytest.importorskip("isal.isal_zlib")
+    for inflater in (zlib, isal_zlib):
+        inflate = inflater.decompressobj(-15)
+        assert inflate.decompress(coded) == plane.tobytes() and inflate.eof and not inflate.unused_data, inflater.__name__
+    reference = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
+    assert len(coded) <= len(reference.compress(plane.tobytes()) + reference.flush()) * 1.003
+
+
+@pytest.mark.parametrize("case,block_type", [("one byte", 1), ("uniform 1M", 0), ("skewed 1M", 2)])
+def test_each_block_is_the_cheapest_of_stored_fixed_and_dynamic(case, block_type):
+    """A lone byte is cheapest with the fixed code, noise stored, skewed bytes with their own code."""
+    plane = _plane(case)
+    coded = entropy._native.encode_stream(plane, 1, np.zeros(len(plane), dtype=np.uint8), entropy.BLOCK_SYMBOLS)[5:]
+    assert coded[0] & 1 == (len(plane) <= entropy.BLOCK_SYMBOLS) and (coded[0] >> 1) & 3 == block_type
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [((1, 0), "blocks hold 1 to 65535 symbols, got 0"), ((1, 65536), "got 65536"), ((3, 4096), "symbol width must be 1, 2, 4 or 8")],
+)
+def test_encode_stream_refuses_bad_widths_and_block_sizes(arguments, message):
+    itemsize, block_symbols = arguments
+    with pytest.raises(ValueError, match=message):
+        entropy._native.encode_stream(bytes(12), itemsize, bytes(4 if itemsize == 3 else 12), block_symbols)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
