@@ -276,7 +276,7 @@ def _encode_block(
     for low, high in zip(widths, widths[1:]):
         fine = ladder.coarsen(top_codes, top_bits, high)
         refinements = ladder.refinement(fine, coarse, low, high, spec.corrected and low == spec.base_bits)
-        deltas.append(entropy.encode(refinements.to(torch.int64), _refinement_contexts(coarse, low)))
+        deltas.append(entropy.encode(refinements, _refinement_contexts(coarse, low)))
         coarse = fine
     reconstruction = _reconstruct(top_codes, scales, offsets, spec, top_bits, weight)
     residual = lossless.residual(weight.contiguous(), reconstruction)
