@@ -71,7 +71,7 @@ def _one_torch_thread():
 def _map_blocks(function, count: int) -> list:
     """``[function(i) for i in range(count)]``, on ``codec_threads()`` threads.
 
-    The heavy steps (the C loops, zlib, numpy, torch) release the GIL; a single block or a
+    The heavy steps (the C loops, inflate, numpy, torch) release the GIL; a single block or a
     single thread runs inline, where a thread pool only costs.
     """
     workers = min(count, codec_threads())
