@@ -184,24 +184,39 @@ typedef struct {
     int64_t mask[CONTEXTS][8];
     int64_t cursor[CONTEXTS];
     int max_width;
+    /* One plane wide (most refinement and bfloat16 residual blocks): each context's next byte, a
+     * pointer bumped per symbol, with no cursor, index or mask; a context without planes reads
+     * zeros from `zeros`. */
+    const uint8_t *next[CONTEXTS];
+    uint8_t *zeros;
 } symbol_reader;
 
 static const uint8_t zero_byte = 0;
 
-/* A reader of the planes for `items` elements of `contexts` (a new one, for free()); NULL with an
- * exception set when the buffers do not fit: the planes are checked (collect_planes), and the
- * contexts' histogram must be `counts`, so that no cursor leaves its run. */
-static symbol_reader *open_reader(PyObject *plane_list, Py_buffer *count_buffer, Py_buffer *plane_counts, Py_buffer *contexts,
-                                  Py_ssize_t items) {
+/* A reader of the planes for `n` symbols whose contexts have the histogram `seen` (a new one, for
+ * free()); NULL with an exception set when the buffers do not fit: the planes are checked
+ * (collect_planes), and `seen` must be `counts`, so that no cursor leaves its run. */
+static symbol_reader *reader_of(PyObject *plane_list, Py_buffer *count_buffer, Py_buffer *plane_counts, const int64_t *seen,
+                                Py_ssize_t n) {
     const uint8_t *plane_at[CONTEXTS][8];
     const int64_t *counts = count_buffer->buf;
-    const uint8_t *width = plane_counts->buf, *ctx = contexts->buf;
-    Py_ssize_t n = contexts->len;
-    if (!check_counts(count_buffer, plane_counts) || !check_same_length(items, n) ||
-        !collect_planes(plane_list, counts, width, 8, n, plane_at))
+    const uint8_t *width = plane_counts->buf;
+    if (!check_counts(count_buffer, plane_counts) || !collect_planes(plane_list, counts, width, 8, n, plane_at)) return NULL;
+    if (memcmp(seen, counts, CONTEXTS * sizeof(int64_t))) {
+        PyErr_SetString(PyExc_ValueError, "the contexts' histogram is not the counts given");
         return NULL;
+    }
+    int64_t zero_run = 0;
+    for (int c = 0; c < CONTEXTS; c++)
+        if (!width[c] && counts[c] > zero_run) zero_run = counts[c];
     symbol_reader *reader = malloc(sizeof(symbol_reader));
-    if (!reader) return (symbol_reader *)PyErr_NoMemory();
+    uint8_t *zeros = calloc(zero_run ? zero_run : 1, 1);
+    if (!reader || !zeros) {
+        free(reader);
+        free(zeros);
+        return (symbol_reader *)PyErr_NoMemory();
+    }
+    reader->zeros = zeros;
     reader->max_width = 0;
     for (int c = 0; c < CONTEXTS; c++) {
         int present = counts[c] ? width[c] : 0;
@@ -210,23 +225,31 @@ static symbol_reader *open_reader(PyObject *plane_list, Py_buffer *count_buffer,
             reader->plane[c][p] = p < present ? plane_at[c][p] : &zero_byte;
             reader->mask[c][p] = p < present ? -1 : 0;
         }
+        reader->next[c] = present ? plane_at[c][0] : zeros;
     }
-    int64_t seen[CONTEXTS];
-    Py_BEGIN_ALLOW_THREADS
-    count_contexts(ctx, n, seen);
-    Py_END_ALLOW_THREADS
     memset(reader->cursor, 0, sizeof(reader->cursor));
-    if (memcmp(seen, counts, sizeof(seen))) {
-        free(reader);
-        PyErr_SetString(PyExc_ValueError, "the contexts' histogram is not the counts given");
-        return NULL;
-    }
     return reader;
+}
+
+/* reader_of for `items` elements of `contexts`: their histogram must be `counts`. */
+static symbol_reader *open_reader(PyObject *plane_list, Py_buffer *count_buffer, Py_buffer *plane_counts, Py_buffer *contexts,
+                                  Py_ssize_t items) {
+    int64_t seen[CONTEXTS];
+    if (!check_same_length(items, contexts->len)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    count_contexts(contexts->buf, contexts->len, seen);
+    Py_END_ALLOW_THREADS
+    return reader_of(plane_list, count_buffer, plane_counts, seen, contexts->len);
+}
+
+static void close_reader(symbol_reader *reader) {
+    if (reader) free(reader->zeros);
+    free(reader);
 }
 
 static void release_planes_call(symbol_reader *reader, Py_buffer *target, Py_buffer *contexts, Py_buffer *count_buffer,
                                 Py_buffer *plane_counts) {
-    free(reader);
+    close_reader(reader);
     PyBuffer_Release(target);
     PyBuffer_Release(contexts);
     PyBuffer_Release(count_buffer);
@@ -234,6 +257,7 @@ static void release_planes_call(symbol_reader *reader, Py_buffer *target, Py_buf
 }
 
 static inline uint64_t read_symbol(symbol_reader *reader, int c, int width) {
+    if (width == 1) return *reader->next[c]++;
     int64_t k = reader->cursor[c]++;
     uint64_t symbol = 0;
     for (int p = 0; p < width; p++) symbol |= (uint64_t)reader->plane[c][p][k & reader->mask[c][p]] << (8 * p);
@@ -249,7 +273,7 @@ static inline uint64_t read_symbol(symbol_reader *reader, int c, int width) {
 
 #define EACH_SYMBOL(BODY)                                                                        \
     switch (reader->max_width) {                                                                 \
-    case 0: EACH_SYMBOL_OF_WIDTH(0, BODY) break;                                                 \
+    case 0:                                                                                      \
     case 1: EACH_SYMBOL_OF_WIDTH(1, BODY) break;                                                 \
     case 2: EACH_SYMBOL_OF_WIDTH(2, BODY) break;                                                 \
     case 3: EACH_SYMBOL_OF_WIDTH(3, BODY) break;                                                 \
@@ -639,6 +663,65 @@ static inline uint16_t float_to_bfloat(uint32_t x) { return (uint16_t)((x + 0x7F
 
 enum { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 
+/* What dequantizes a block's codes: widths, group size, lossless context bounds, the output dtype. */
+typedef struct {
+    int base_bits, bits, group_size, dtype, low, high;
+    float level, top_level; /* 2**(base_bits - bits) and 2**(base_bits - top_bits) */
+} dequantizer;
+
+static dequantizer dequantizer_of(int base_bits, int bits, int top_bits, int group_size, int dtype, int low, int high) {
+    dequantizer q = {base_bits, bits, group_size, dtype, low, high, float_of((uint32_t)(127 + base_bits - bits) << 23),
+                     float_of((uint32_t)(127 + base_bits - top_bits) << 23)};
+    return q;
+}
+
+/* reconstruct's loop over n codes `v` from a group's start: group g has scale s[g] (float16 bits) and
+ * offset o[g]; the values go to `values` (as q->dtype's bit patterns), the lossless contexts to ctx
+ * unless it is NULL. One loop per output type and with/without contexts, with the group's constants
+ * hoisted, so each inner loop is straight-line code the compiler can vectorise. */
+static void dequantize_groups(const int32_t *v, Py_ssize_t n, const uint16_t *s, const int32_t *o, void *values, uint8_t *ctx,
+                              const dequantizer *q) {
+    const int group_size = q->group_size, low = q->low, high = q->high;
+#define DEQUANTIZE(T, CAST, MANTISSA, BIAS, FIELD, WITH_CONTEXTS)                                     \
+    for (Py_ssize_t start = 0, g = 0; start < n; start += group_size, g++) {                         \
+        const float scale = half_to_float(s[g]), step = scale * q->level;                            \
+        const uint32_t offset = (uint32_t)o[g] << (q->bits - q->base_bits);                          \
+        const int floor_ = low + (int)((pattern_of(scale * q->top_level) >> 23) & 0xFF) - 127 + (BIAS); \
+        Py_ssize_t stop = start + group_size < n ? start + group_size : n;                           \
+        T *x = (T *)values;                                                                          \
+        for (Py_ssize_t i = start; i < stop; i++) {                                                  \
+            float value = (float)(int32_t)((uint32_t)v[i] - offset) + 0.5f;                          \
+            value = value * step;                                                                    \
+            uint32_t stored = CAST(pattern_of(value));                                               \
+            x[i] = (T)stored;                                                                        \
+            if (WITH_CONTEXTS) {                                                                     \
+                int relative = (int)((stored >> (MANTISSA)) & (FIELD)) - floor_;                     \
+                ctx[i] = (uint8_t)(relative < 0 ? 0 : relative > high - low ? high - low : relative); \
+            }                                                                                        \
+        }                                                                                            \
+    }
+#define DEQUANTIZE_TYPE(T, CAST, MANTISSA, BIAS, FIELD)                                               \
+    if (ctx) DEQUANTIZE(T, CAST, MANTISSA, BIAS, FIELD, 1) else DEQUANTIZE(T, CAST, MANTISSA, BIAS, FIELD, 0)
+    if (q->dtype == FLOAT32) DEQUANTIZE_TYPE(uint32_t, (uint32_t), 23, 127, 0xFF)
+    else if (q->dtype == BFLOAT16) DEQUANTIZE_TYPE(uint16_t, float_to_bfloat, 7, 127, 0xFF)
+    else DEQUANTIZE_TYPE(uint16_t, float_to_half, 10, 15, 0x1F)
+#undef DEQUANTIZE_TYPE
+#undef DEQUANTIZE
+}
+
+/* The optional lossless contexts of reconstruct and decode_refined: 1 when `object` is a writable
+ * buffer of n bytes (held in `contexts`, for the caller to release), 0 for None, -1 with an
+ * exception set. */
+static int optional_contexts(PyObject *object, Py_buffer *contexts, Py_ssize_t n) {
+    if (object == Py_None) return 0;
+    if (PyObject_GetBuffer(object, contexts, PyBUF_WRITABLE) < 0) return -1;
+    if (!check_same_length(contexts->len, n)) {
+        PyBuffer_Release(contexts);
+        return -1;
+    }
+    return 1;
+}
+
 /* reconstruct(codes, scales, offsets, base_bits, bits, top_bits, group_size, dtype, out, contexts) -> counts or None
  *
  * out[i] = cast((float32(v_i - o_g * 2**(bits-b)) + 0.5) * s_g * 2**(b-bits)) for the first len(out)
@@ -671,55 +754,156 @@ static PyObject *reconstruct(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "%zd outputs, %zd codes and %zd groups given", n, codes.len / 4, groups);
         goto done;
     }
-    if (context_object != Py_None) {
-        if (PyObject_GetBuffer(context_object, &contexts, PyBUF_WRITABLE) < 0) goto done;
-        have_contexts = 1;
-        if (!check_same_length(contexts.len, n)) goto done;
-    }
-    const int32_t *v = codes.buf;
-    const uint16_t *s = scales.buf;
-    const int32_t *o = offsets.buf;
+    if ((have_contexts = optional_contexts(context_object, &contexts, n)) < 0) goto done;
     uint8_t *ctx = have_contexts ? contexts.buf : NULL;
-    const float level = float_of((uint32_t)(127 + base_bits - bits) << 23), top_level = float_of((uint32_t)(127 + base_bits - top_bits) << 23);
+    const dequantizer q = dequantizer_of(base_bits, bits, top_bits, group_size, dtype, low, high);
     Py_BEGIN_ALLOW_THREADS
-    /* One loop per output type and with/without contexts, with the group's constants hoisted,
-     * so each inner loop is straight-line code the compiler can vectorise. */
-#define RECONSTRUCT(T, CAST, MANTISSA, BIAS, FIELD, WITH_CONTEXTS)                                    \
-    for (Py_ssize_t start = 0, g = 0; start < n; start += group_size, g++) {                         \
-        const float scale = half_to_float(s[g]), step = scale * level;                               \
-        const uint32_t offset = (uint32_t)o[g] << (bits - base_bits);                                \
-        const int floor_ = low + (int)((pattern_of(scale * top_level) >> 23) & 0xFF) - 127 + (BIAS); \
-        Py_ssize_t stop = start + group_size < n ? start + group_size : n;                           \
-        T *x = (T *)out.buf;                                                                         \
-        for (Py_ssize_t i = start; i < stop; i++) {                                                  \
-            float value = (float)(int32_t)((uint32_t)v[i] - offset) + 0.5f;                         \
-            value = value * step;                                                                    \
-            uint32_t stored = CAST(pattern_of(value));                                               \
-            x[i] = (T)stored;                                                                        \
-            if (WITH_CONTEXTS) {                                                                     \
-                int relative = (int)((stored >> (MANTISSA)) & (FIELD)) - floor_;                     \
-                ctx[i] = (uint8_t)(relative < 0 ? 0 : relative > high - low ? high - low : relative); \
-            }                                                                                        \
-        }                                                                                            \
-    }
-#define RECONSTRUCT_TYPE(T, CAST, MANTISSA, BIAS, FIELD)                                              \
-    if (ctx) RECONSTRUCT(T, CAST, MANTISSA, BIAS, FIELD, 1) else RECONSTRUCT(T, CAST, MANTISSA, BIAS, FIELD, 0)
-    if (dtype == FLOAT32) RECONSTRUCT_TYPE(uint32_t, (uint32_t), 23, 127, 0xFF)
-    else if (dtype == BFLOAT16) RECONSTRUCT_TYPE(uint16_t, float_to_bfloat, 7, 127, 0xFF)
-    else RECONSTRUCT_TYPE(uint16_t, float_to_half, 10, 15, 0x1F)
-#undef RECONSTRUCT_TYPE
-#undef RECONSTRUCT
+    dequantize_groups(codes.buf, n, scales.buf, offsets.buf, out.buf, ctx, &q);
     if (ctx) count_contexts(ctx, n, counts);
     Py_END_ALLOW_THREADS
-    if (have_contexts)
-        result = PyBytes_FromStringAndSize((const char *)counts, sizeof(counts));
-    else {
-        result = Py_None;
-        Py_INCREF(result);
-    }
+    result = have_contexts > 0 ? PyBytes_FromStringAndSize((const char *)counts, sizeof(counts)) : Py_NewRef(Py_None);
 done:
-    if (have_contexts) PyBuffer_Release(&contexts);
+    if (have_contexts > 0) PyBuffer_Release(&contexts);
     PyBuffer_Release(&codes);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* Histogram of the refinement contexts of `bits`-wide base codes packed in `packed` (`codes` of
+ * them): a base code's context is its packed field itself (v + 2**(bits-1), in range, so the
+ * clamp of refinement_contexts never acts). Four codes per byte at once through a byte histogram
+ * when the width divides 8. */
+static void count_packed_contexts(const uint8_t *packed, Py_ssize_t length, int bits, Py_ssize_t codes, int64_t *counts) {
+    const uint32_t mask = (1u << bits) - 1;
+    memset(counts, 0, CONTEXTS * sizeof(int64_t));
+    if (8 % bits == 0) {
+        int64_t bytes[CONTEXTS];
+        count_contexts(packed, length, bytes);
+        for (int b = 0; b < CONTEXTS; b++)
+            for (int shift = 0; shift < 8; shift += bits) counts[(b >> shift) & mask] += bytes[b];
+        return;
+    }
+    for (Py_ssize_t i = 0; i < codes; i++) {
+        Py_ssize_t bit = i * bits, byte = bit >> 3;
+        uint32_t window = packed[byte] | (byte + 1 < length ? (uint32_t)packed[byte + 1] << 8 : 0);
+        counts[(window >> (bit & 7)) & mask]++;
+    }
+}
+
+/* packed_contexts(packed, bits) -> counts: the histogram (256 native int64) of the refinement
+ * contexts of the base codes ladder.pack wrote at `bits` (1 to 8), as refinement_contexts of the
+ * unpacked codes gives it: what bounds the first stage's planes before any code is unpacked. */
+static PyObject *packed_contexts(PyObject *self, PyObject *args) {
+    Py_buffer packed;
+    int bits;
+    if (!PyArg_ParseTuple(args, "y*i", &packed, &bits)) return NULL;
+    PyObject *result = NULL;
+    int64_t counts[CONTEXTS];
+    if (bits < 1 || bits > 8 || packed.len * 8 % bits) {
+        PyErr_Format(PyExc_ValueError, "%zd bytes are not whole %d-bit codes", packed.len, bits);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    count_packed_contexts(packed.buf, packed.len, bits, packed.len * 8 / bits, counts);
+    Py_END_ALLOW_THREADS
+    result = PyBytes_FromStringAndSize((const char *)counts, sizeof(counts));
+done:
+    PyBuffer_Release(&packed);
+    return result;
+}
+
+/* Codes decode_refined refines before it dequantizes them: a stretch that stays in the L1 cache. */
+#define REFINED_CHUNK 4096
+
+/* decode_refined(packed, base_bits, counts, plane_counts, planes, bits, scales, offsets, top_bits,
+ *                group_size, dtype, out, contexts, low, high) -> counts or None
+ *
+ * unpack_codes, refine from base_bits to `bits` and reconstruct in one pass, without the block's
+ * int32 codes: each element's base code comes from its packed field (also its refinement context,
+ * packed_contexts gives `counts`), takes its refinement from the planes and is dequantized and
+ * cast into `out` at once (and its lossless context written, as reconstruct does). The same
+ * arithmetic as those three calls, so the same bits. */
+static PyObject *decode_refined(PyObject *self, PyObject *args) {
+    PyObject *plane_list, *context_object;
+    Py_buffer packed, count_buffer, plane_counts, scales, offsets, out;
+    int base_bits, bits, top_bits, group_size, dtype, low, high;
+    if (!PyArg_ParseTuple(args, "y*iy*y*O!iy*y*iiiw*Oii", &packed, &base_bits, &count_buffer, &plane_counts, &PyList_Type,
+                          &plane_list, &bits, &scales, &offsets, &top_bits, &group_size, &dtype, &out, &context_object, &low,
+                          &high))
+        return NULL;
+    PyObject *result = NULL;
+    symbol_reader *reader = NULL;
+    int32_t *local = NULL;
+    Py_buffer contexts = {0};
+    int have_contexts = 0;
+    int64_t counts[CONTEXTS];
+    int width = dtype == FLOAT32 ? 4 : 2;
+    Py_ssize_t n = out.len / width, groups = scales.len / 2, codes = base_bits >= 1 && base_bits <= 8 ? packed.len * 8 / base_bits : 0;
+    if (dtype < FLOAT32 || dtype > FLOAT16 || base_bits < 1 || base_bits > 8 || bits <= base_bits || top_bits < bits ||
+        top_bits > 16 || group_size <= 0 || packed.len * 8 % base_bits) {
+        PyErr_SetString(PyExc_ValueError, "unsupported dtype, widths, group size or packed length");
+        goto done;
+    }
+    if (!check_same_length(offsets.len / 4, groups)) goto done;
+    if (n > codes || n > groups * (Py_ssize_t)group_size) {
+        PyErr_Format(PyExc_ValueError, "%zd outputs, %zd codes and %zd groups given", n, codes, groups);
+        goto done;
+    }
+    if ((have_contexts = optional_contexts(context_object, &contexts, n)) < 0) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    count_packed_contexts(packed.buf, packed.len, base_bits, codes, counts);
+    Py_END_ALLOW_THREADS
+    if (!(reader = reader_of(plane_list, &count_buffer, &plane_counts, counts, codes))) goto done;
+    const Py_ssize_t chunk = group_size < REFINED_CHUNK ? REFINED_CHUNK / group_size * group_size : group_size;
+    if (!(local = malloc(chunk * sizeof(int32_t)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const uint8_t *in = packed.buf;
+    const Py_ssize_t length = packed.len;
+    uint8_t *ctx = have_contexts ? contexts.buf : NULL;
+    const int shift = bits - base_bits;
+    const int32_t span = 1 << shift, zero = 1 << (base_bits - 1);
+    const uint32_t mask = (1u << base_bits) - 1;
+    const dequantizer q = dequantizer_of(base_bits, bits, top_bits, group_size, dtype, low, high);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t first = 0; first < n; first += chunk) {
+        const Py_ssize_t last = first + chunk < n ? first + chunk : n;
+        /* Element i's code: its base field, refined (refine's arithmetic, the bottom bin's fold on field 0). */
+#define REFINE(FIELD_OF_I, WIDTH)                                                                    \
+    for (Py_ssize_t i = first; i < last; i++) {                                                      \
+        uint32_t field = FIELD_OF_I;                                                                 \
+        int32_t d = (int32_t)(uint32_t)read_symbol(reader, (int)field, WIDTH);                       \
+        if (d >= span && field == 0) d = (int32_t)((uint32_t)span - 1u - (uint32_t)d);               \
+        local[i - first] = (int32_t)((((uint32_t)field - (uint32_t)zero) << shift) + (uint32_t)d);   \
+    }
+#define NIBBLE ((uint32_t)(in[i >> 1] >> ((i & 1) << 2)) & 15u)
+#define PACKED_FIELD                                                                                 \
+    ((((uint32_t)in[(i * base_bits) >> 3] |                                                          \
+       (((i * base_bits) >> 3) + 1 < length ? (uint32_t)in[((i * base_bits) >> 3) + 1] << 8 : 0)) >> \
+      ((i * base_bits) & 7)) & mask)
+        if (reader->max_width <= 1 && base_bits == 4) REFINE(NIBBLE, 1)
+        else if (reader->max_width <= 1) REFINE(PACKED_FIELD, 1)
+        else REFINE(PACKED_FIELD, 8)
+#undef PACKED_FIELD
+#undef NIBBLE
+#undef REFINE
+        dequantize_groups(local, last - first, (const uint16_t *)scales.buf + first / group_size,
+                          (const int32_t *)offsets.buf + first / group_size, (char *)out.buf + first * width,
+                          ctx ? ctx + first : NULL, &q);
+    }
+    if (ctx) count_contexts(ctx, n, counts);
+    Py_END_ALLOW_THREADS
+    result = have_contexts > 0 ? PyBytes_FromStringAndSize((const char *)counts, sizeof(counts)) : Py_NewRef(Py_None);
+done:
+    close_reader(reader);
+    free(local);
+    if (have_contexts > 0) PyBuffer_Release(&contexts);
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&count_buffer);
+    PyBuffer_Release(&plane_counts);
     PyBuffer_Release(&scales);
     PyBuffer_Release(&offsets);
     PyBuffer_Release(&out);
@@ -856,6 +1040,8 @@ static PyMethodDef methods[] = {
     {"reconstruct", reconstruct, METH_VARARGS, "Dequantize codes to the source dtype, optionally with lossless contexts."},
     {"grid_errors", grid_errors, METH_VARARGS, "Squared error of each group's weights on each candidate base grid."},
     {"restore_planes", restore_planes, METH_VARARGS, "Add the residuals their byte planes hold to float bit patterns, in place."},
+    {"packed_contexts", packed_contexts, METH_VARARGS, "Histogram of the refinement contexts of packed base codes."},
+    {"decode_refined", decode_refined, METH_VARARGS, "Unpack, refine one stage and dequantize base codes in one pass."},
     {NULL, NULL, 0, NULL},
 };
 
