@@ -172,3 +172,31 @@ def test_fused_decoder_rejects_planes_and_buffers_that_do_not_fit_its_codes():
         decode(packed=packed[:-32])
     with pytest.raises(ValueError, match="outputs"):
         decode(out=torch.empty(weight.numel() + 64, dtype=torch.int16).numpy())
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_symbol_readers_reject_contexts_whose_histogram_is_not_the_counts(width):
+    """The readers check their pointers as they go: contexts crowding into one small run raise, with no read past the store."""
+    n = 100_000
+    symbols = torch.arange(n, dtype=torch.int64) % 251 * 65537  # three planes: 4-byte runs
+    contexts = (torch.arange(n) % 7).to(torch.uint8)
+    stream = entropy.encode(symbols, contexts)
+    counts = entropy._native.histogram(contexts.numpy())
+    widths, planes = entropy.inflate_planes(stream, counts)
+    values = torch.zeros(n, dtype=torch.int16 if width == 2 else torch.int32)
+    crowded = torch.zeros(n, dtype=torch.uint8)  # every element reads context 0, which holds n / 7 symbols
+    crowded[-6:] = torch.arange(1, 7, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="histogram is not the counts"):
+        entropy._native.restore_planes(values.numpy(), crowded.numpy(), counts, widths, planes, width)
+    codes = torch.zeros(n, dtype=torch.int32)
+    with pytest.raises(ValueError, match="histogram is not the counts"):
+        entropy._native.refine(codes.numpy(), crowded.numpy(), counts, widths, planes, 4, 8)
+    unread = contexts.clone()
+    unread[0] = 9  # a context without a run: its pointer passes its end at once
+    with pytest.raises(ValueError, match="histogram is not the counts"):
+        entropy._native.restore_planes(values.numpy(), unread.numpy(), counts, widths, planes, width)
+    values.zero_()  # the failed calls left what they had restored
+    entropy._native.restore_planes(values.numpy(), contexts.numpy(), counts, widths, planes, width)
+    restored = entropy.decode(stream, contexts)
+    expected = lossless.restore(torch.zeros_like(values).view(torch.float16 if width == 2 else torch.float32), restored)
+    assert torch.equal(values, expected.view(values.dtype))

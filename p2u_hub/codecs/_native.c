@@ -13,6 +13,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -179,11 +180,17 @@ static void assemble_runs(void *runs, int itemsize, const int64_t *counts, const
 #define ASSEMBLE(T)                                                                              \
     for (int c = 0; c < CONTEXTS; c++) {                                                         \
         T *run = (T *)runs + first[c];                                                           \
-        if (!counts[c]) continue;                                                                \
-        memset(run, 0, counts[c] * sizeof(T));                                                   \
-        for (int p = 0; p < width[c]; p++) {                                                     \
+        const int64_t count = counts[c];                                                         \
+        if (!count) continue;                                                                    \
+        if (!width[c]) memset(run, 0, count * sizeof(T));                                        \
+        else if (sizeof(T) == 1) memcpy(run, plane_at[c][0], count);                             \
+        else {                                                                                   \
+            const uint8_t *low = plane_at[c][0];                                                 \
+            for (int64_t k = 0; k < count; k++) run[k] = low[k];                                 \
+        }                                                                                        \
+        for (int p = 1; p < width[c]; p++) {                                                     \
             const uint8_t *plane = plane_at[c][p];                                               \
-            for (int64_t k = 0; k < counts[c]; k++) run[k] |= (T)((T)plane[k] << (8 * p));       \
+            for (int64_t k = 0; k < count; k++) run[k] |= (T)((T)plane[k] << (8 * p));           \
         }                                                                                        \
     }
     switch (itemsize) {
@@ -195,44 +202,46 @@ static void assemble_runs(void *runs, int itemsize, const int64_t *counts, const
 #undef ASSEMBLE
 }
 
+/* Symbols gathered at a time: a stretch that stays in the L1 cache. */
+#define SYMBOL_CHUNK 2048
+
 /* Reading symbols in element order, for the fused decoders: element i takes the next symbol of
- * its context's run, through a pointer per context bumped per symbol. One plane wide (refinements,
- * most bfloat16 residual blocks), the runs are the planes themselves (a context without planes
- * reads zeros). Wider, each context's planes are first assembled into a run of 2-, 4- or 8-byte
- * integers (the block's widest context decides, a constant per loop): one load per symbol
- * instead of one per plane with a mask for the planes a narrower context lacks (restore_planes
- * 1.5x faster on float32 residuals, 1.3x on bfloat16), and no branch on the data (with a branch on each context's width it
- * mispredicts, ~1.5x slower). (Cutting the block into stretches read side by side, to overlap the
- * per-context pointer updates, measured slower: twice the streams for the caches to follow.) */
+ * its context's run, through a pointer per context bumped per symbol. Each context's planes are
+ * first assembled into a run of 1-, 2-, 4- or 8-byte integers (the block's widest context
+ * decides, a constant per loop): one load per symbol instead of one per plane with a mask for the
+ * planes a narrower context lacks, and no branch on the data (with a branch on each context's
+ * width it mispredicts, ~1.5x slower). (Cutting the block into stretches read side by side, to
+ * overlap the per-context updates, measured slower: twice the streams for the caches to follow.)
+ *
+ * Untrusted contexts: the runs lie end to end in one store followed by SYMBOL_CHUNK symbols of
+ * slack, and gather checks after each chunk that no pointer passed its run's end; a pointer can
+ * pass it by at most one chunk, so every read stays in the store. reader_done then checks that
+ * every run was read to its end: the contexts' histogram was the counts. This replaces counting
+ * the contexts before the loop, which took a third of restore_planes's time. */
 typedef struct {
-    const char *next[CONTEXTS];
-    int itemsize; /* bytes per symbol in the runs: 1 (the planes), 2, 4 or 8 */
-    char *store;  /* what the reader owns: the zeros, or the assembled runs */
+    const char *next[CONTEXTS], *end[CONTEXTS];
+    int itemsize; /* bytes per symbol in the runs: 1, 2, 4 or 8 */
+    char *store;
 } symbol_reader;
 
-/* A reader of the planes for `n` symbols whose contexts have the histogram `seen` (a new one, for
- * close_reader()); NULL with an exception set when the buffers do not fit: the planes are checked
- * (collect_planes), and `seen` must be `counts`, so that no pointer leaves its run. */
-static symbol_reader *reader_of(PyObject *plane_list, Py_buffer *count_buffer, Py_buffer *plane_counts, const int64_t *seen,
-                                Py_ssize_t n) {
+static const char *const contexts_mismatch = "the contexts' histogram is not the counts given";
+
+/* A reader of the planes for `n` symbols (a new one, for close_reader()); NULL with an exception
+ * set when the planes do not fit the counts (collect_planes). */
+static symbol_reader *reader_of(PyObject *plane_list, Py_buffer *count_buffer, Py_buffer *plane_counts, Py_ssize_t n) {
     const uint8_t *plane_at[CONTEXTS][8];
     const int64_t *counts = count_buffer->buf;
     const uint8_t *width = plane_counts->buf;
     if (!check_counts(count_buffer, plane_counts) || !collect_planes(plane_list, counts, width, 8, n, plane_at)) return NULL;
-    if (memcmp(seen, counts, CONTEXTS * sizeof(int64_t))) {
-        PyErr_SetString(PyExc_ValueError, "the contexts' histogram is not the counts given");
-        return NULL;
-    }
     int max_width = 0;
-    int64_t zero_run = 0, first[CONTEXTS];
+    int64_t first[CONTEXTS];
     for (int c = 0; c < CONTEXTS; c++) {
         if (counts[c] && width[c] > max_width) max_width = width[c];
-        if (!width[c] && counts[c] > zero_run) zero_run = counts[c];
         first[c] = c ? first[c - 1] + counts[c - 1] : 0;
     }
     int itemsize = max_width <= 1 ? 1 : max_width <= 2 ? 2 : max_width <= 4 ? 4 : 8;
     symbol_reader *reader = malloc(sizeof(symbol_reader));
-    char *store = itemsize == 1 ? calloc(zero_run ? zero_run : 1, 1) : malloc((n ? n : 1) * itemsize);
+    char *store = malloc((n + SYMBOL_CHUNK) * itemsize);
     if (!reader || !store) {
         free(reader);
         free(store);
@@ -241,28 +250,31 @@ static symbol_reader *reader_of(PyObject *plane_list, Py_buffer *count_buffer, P
     reader->itemsize = itemsize;
     reader->store = store;
     for (int c = 0; c < CONTEXTS; c++) {
-        if (itemsize == 1)
-            reader->next[c] = counts[c] && width[c] ? (const char *)plane_at[c][0] : store;
-        else
-            reader->next[c] = store + first[c] * itemsize;
+        reader->next[c] = store + first[c] * itemsize;
+        reader->end[c] = reader->next[c] + counts[c] * itemsize;
     }
-    if (itemsize > 1) {
-        Py_BEGIN_ALLOW_THREADS
-        assemble_runs(store, itemsize, counts, first, width, plane_at);
-        Py_END_ALLOW_THREADS
-    }
+    Py_BEGIN_ALLOW_THREADS
+    assemble_runs(store, itemsize, counts, first, width, plane_at);
+    memset(store + n * itemsize, 0, SYMBOL_CHUNK * itemsize);
+    Py_END_ALLOW_THREADS
     return reader;
 }
 
-/* reader_of for `items` elements of `contexts`: their histogram must be `counts`. */
-static symbol_reader *open_reader(PyObject *plane_list, Py_buffer *count_buffer, Py_buffer *plane_counts, Py_buffer *contexts,
-                                  Py_ssize_t items) {
-    int64_t seen[CONTEXTS];
-    if (!check_same_length(items, contexts->len)) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    count_contexts(contexts->buf, contexts->len, seen);
-    Py_END_ALLOW_THREADS
-    return reader_of(plane_list, count_buffer, plane_counts, seen, contexts->len);
+/* Whether no context's pointer has passed the end of its run. */
+static int reader_in_bounds(const symbol_reader *reader) {
+    ptrdiff_t left = 0; /* negative when a pointer passed its end: an OR of differences vectorises */
+    for (int c = 0; c < CONTEXTS; c++) left |= reader->end[c] - reader->next[c];
+    return left >= 0;
+}
+
+/* After the last symbol: 1 when every run was read to its end, else 0 with an exception set. */
+static int reader_done(const symbol_reader *reader) {
+    for (int c = 0; c < CONTEXTS; c++)
+        if (reader->next[c] != reader->end[c]) {
+            PyErr_SetString(PyExc_ValueError, contexts_mismatch);
+            return 0;
+        }
+    return 1;
 }
 
 static void close_reader(symbol_reader *reader) {
@@ -279,7 +291,7 @@ static void release_planes_call(symbol_reader *reader, Py_buffer *target, Py_buf
     PyBuffer_Release(plane_counts);
 }
 
-/* The next symbol of context c, from runs of `itemsize` bytes (a constant where it matters). */
+/* The next symbol of context c, from runs of `itemsize` bytes (a constant in each loop). */
 static inline uint64_t read_symbol(symbol_reader *reader, int c, int itemsize) {
 #define BUMP(T)                                                                                  \
     {                                                                                            \
@@ -296,39 +308,23 @@ static inline uint64_t read_symbol(symbol_reader *reader, int c, int itemsize) {
 #undef BUMP
 }
 
-/* Run BODY (which reads `i` and `symbol`) for every element, symbols read from runs of ITEMSIZE bytes. */
-#define EACH_SYMBOL_OF_SIZE(ITEMSIZE, BODY)                                                      \
-    for (Py_ssize_t i = 0; i < n; i++) {                                                         \
-        uint64_t symbol = read_symbol(reader, ctx[i], ITEMSIZE);                                 \
-        BODY                                                                                     \
-    }
-
-#define EACH_SYMBOL(BODY)                                                                        \
-    switch (reader->itemsize) {                                                                  \
-    case 1: EACH_SYMBOL_OF_SIZE(1, BODY) break;                                                  \
-    case 2: EACH_SYMBOL_OF_SIZE(2, BODY) break;                                                  \
-    case 4: EACH_SYMBOL_OF_SIZE(4, BODY) break;                                                  \
-    default: EACH_SYMBOL_OF_SIZE(8, BODY) break;                                                 \
-    }
-
-/* The next symbols of the contexts ctx[0..count), in element order, into out: the only loop that
- * follows the per-context pointers, so the arithmetic on the symbols runs in separate loops the
- * compiler vectorises (one scalar loop doing both was bound by its instruction count). */
+/* The next symbols of the contexts ctx[0..count) (count <= SYMBOL_CHUNK), in element order, into
+ * out; 0 when a pointer passed its run's end (out is then garbage). The only loop that follows
+ * the per-context pointers, so the arithmetic on the symbols runs in separate loops the compiler
+ * vectorises (one scalar loop doing both was bound by its instruction count). */
 #define GATHER_FUNCTION(NAME, S)                                                                 \
-    static void NAME(symbol_reader *reader, const uint8_t *ctx, Py_ssize_t count, S *out) {      \
+    static int NAME(symbol_reader *reader, const uint8_t *ctx, Py_ssize_t count, S *out) {       \
         switch (reader->itemsize) {                                                              \
         case 1: for (Py_ssize_t j = 0; j < count; j++) out[j] = (S)read_symbol(reader, ctx[j], 1); break; \
         case 2: for (Py_ssize_t j = 0; j < count; j++) out[j] = (S)read_symbol(reader, ctx[j], 2); break; \
         case 4: for (Py_ssize_t j = 0; j < count; j++) out[j] = (S)read_symbol(reader, ctx[j], 4); break; \
         default: for (Py_ssize_t j = 0; j < count; j++) out[j] = (S)read_symbol(reader, ctx[j], 8); break; \
         }                                                                                        \
+        return reader_in_bounds(reader);                                                         \
     }
 GATHER_FUNCTION(gather32, uint32_t) /* symbols truncated to 32 bits: all a 16- or 32-bit result needs of most */
 GATHER_FUNCTION(gather64, uint64_t)
 #undef GATHER_FUNCTION
-
-/* Symbols gathered at a time: a stretch that stays in the L1 cache. */
-#define SYMBOL_CHUNK 2048
 
 /* Assemble each context's run from its planes (sequential), then scatter the runs back to
  * element order (a stable counting sort), in symbols of type T. */
@@ -644,19 +640,25 @@ static PyObject *refine(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "cannot refine %d-bit codes to %d bits", from_bits, to_bits);
         goto done;
     }
-    if (!(reader = open_reader(plane_list, &count_buffer, &plane_counts, &contexts, codes.len / 4))) goto done;
+    if (!check_same_length(codes.len / 4, n) || !(reader = reader_of(plane_list, &count_buffer, &plane_counts, n))) goto done;
     int32_t *v = codes.buf;
     const int step = to_bits - from_bits;
     const int32_t span = 1 << step, bottom = -(1 << (from_bits - 1));
+    int fits = 1;
+    uint32_t symbols[SYMBOL_CHUNK];
     Py_BEGIN_ALLOW_THREADS
-    EACH_SYMBOL({
-        int32_t d = (int32_t)(uint32_t)symbol;
-        if (d >= span && v[i] == bottom) d = (int32_t)((uint32_t)span - 1u - (uint32_t)d);
-        v[i] = (int32_t)(((uint32_t)v[i] << step) + (uint32_t)d);
-    })
+    for (Py_ssize_t first = 0; fits && first < n; first += SYMBOL_CHUNK) {
+        const Py_ssize_t count = n - first < SYMBOL_CHUNK ? n - first : SYMBOL_CHUNK;
+        if (!(fits = gather32(reader, ctx + first, count, symbols))) break;
+        for (Py_ssize_t j = 0, i = first; j < count; j++, i++) {
+            int32_t d = (int32_t)symbols[j];
+            if (d >= span && v[i] == bottom) d = (int32_t)((uint32_t)span - 1u - (uint32_t)d);
+            v[i] = (int32_t)(((uint32_t)v[i] << step) + (uint32_t)d);
+        }
+    }
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    if (!fits) PyErr_SetString(PyExc_ValueError, contexts_mismatch);
+    else if (reader_done(reader)) result = Py_NewRef(Py_None);
 done:
     release_planes_call(reader, &codes, &contexts, &count_buffer, &plane_counts);
     return result;
@@ -893,10 +895,7 @@ static PyObject *decode_refined(PyObject *self, PyObject *args) {
         goto done;
     }
     if ((have_contexts = optional_contexts(context_object, &contexts, n)) < 0) goto done;
-    Py_BEGIN_ALLOW_THREADS
-    count_packed_contexts(packed.buf, packed.len, base_bits, codes, counts);
-    Py_END_ALLOW_THREADS
-    if (!(reader = reader_of(plane_list, &count_buffer, &plane_counts, counts, codes))) goto done;
+    if (!(reader = reader_of(plane_list, &count_buffer, &plane_counts, codes))) goto done;
     const Py_ssize_t chunk = group_size < REFINED_CHUNK ? REFINED_CHUNK / group_size * group_size : group_size;
     if (!(local = malloc(chunk * (2 * sizeof(int32_t) + 1) + 1))) {
         PyErr_NoMemory();
@@ -911,9 +910,12 @@ static PyObject *decode_refined(PyObject *self, PyObject *args) {
     const dequantizer q = dequantizer_of(base_bits, bits, top_bits, group_size, dtype, low, high);
     uint32_t *symbols = (uint32_t *)(local + chunk);
     uint8_t *fields = (uint8_t *)(symbols + chunk); /* chunk + 1 bytes: nibbles come in pairs */
+    int fits = 1;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t first = 0; first < n; first += chunk) {
-        const Py_ssize_t last = first + chunk < n ? first + chunk : n, count = last - first;
+    /* Over every code, the padding past the last output included: all symbols are read. */
+    for (Py_ssize_t first = 0; fits && first < codes; first += chunk) {
+        const Py_ssize_t last = first + chunk < codes ? first + chunk : codes, count = last - first;
+        const Py_ssize_t outputs = last < n ? count : first < n ? n - first : 0;
         /* The base fields (refinement contexts), their refinements, then the fine codes:
          * refine's arithmetic, the bottom bin's fold on field 0. */
         if (base_bits == 4 && !(first & 1))
@@ -927,19 +929,25 @@ static PyObject *decode_refined(PyObject *self, PyObject *args) {
                 uint32_t window = in[byte] | (byte + 1 < length ? (uint32_t)in[byte + 1] << 8 : 0);
                 fields[i - first] = (uint8_t)((window >> (bit & 7)) & mask);
             }
-        gather32(reader, fields, count, symbols);
-        for (Py_ssize_t j = 0; j < count; j++) {
+        for (Py_ssize_t read = 0, part; fits && read < count; read += part) {
+            part = count - read < SYMBOL_CHUNK ? count - read : SYMBOL_CHUNK;
+            fits = gather32(reader, fields + read, part, symbols + read);
+        }
+        for (Py_ssize_t j = 0; j < outputs; j++) {
             int32_t d = (int32_t)symbols[j];
             if (d >= span && fields[j] == 0) d = (int32_t)((uint32_t)span - 1u - (uint32_t)d);
             local[j] = (int32_t)((((uint32_t)fields[j] - (uint32_t)zero) << shift) + (uint32_t)d);
         }
-        dequantize_groups(local, last - first, (const uint16_t *)scales.buf + first / group_size,
-                          (const int32_t *)offsets.buf + first / group_size, (char *)out.buf + first * width,
-                          ctx ? ctx + first : NULL, &q);
+        if (fits && outputs)
+            dequantize_groups(local, outputs, (const uint16_t *)scales.buf + first / group_size,
+                              (const int32_t *)offsets.buf + first / group_size, (char *)out.buf + first * width,
+                              ctx ? ctx + first : NULL, &q);
     }
-    if (ctx) count_contexts(ctx, n, counts);
+    if (fits && ctx) count_contexts(ctx, n, counts);
     Py_END_ALLOW_THREADS
-    result = have_contexts > 0 ? PyBytes_FromStringAndSize((const char *)counts, sizeof(counts)) : Py_NewRef(Py_None);
+    if (!fits) PyErr_SetString(PyExc_ValueError, contexts_mismatch);
+    else if (reader_done(reader))
+        result = have_contexts > 0 ? PyBytes_FromStringAndSize((const char *)counts, sizeof(counts)) : Py_NewRef(Py_None);
 done:
     close_reader(reader);
     free(local);
@@ -971,7 +979,8 @@ static PyObject *restore_planes(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "float width must be 2 or 4 bytes, got %d", width);
         goto done;
     }
-    if (!(reader = open_reader(plane_list, &count_buffer, &plane_counts, &contexts, values.len / width))) goto done;
+    if (!check_same_length(values.len / width, n) || !(reader = reader_of(plane_list, &count_buffer, &plane_counts, n))) goto done;
+    int fits = 1;
     Py_BEGIN_ALLOW_THREADS
     union {
         uint32_t narrow[SYMBOL_CHUNK];
@@ -989,22 +998,22 @@ static PyObject *restore_planes(PyObject *self, PyObject *args) {
             x[j] = bits < 0 ? (X)(bits ^ MAGNITUDE) : bits;                                      \
         }                                                                                        \
     }
-    for (Py_ssize_t first = 0; first < n; first += SYMBOL_CHUNK) {
+    for (Py_ssize_t first = 0; fits && first < n; first += SYMBOL_CHUNK) {
         const Py_ssize_t count = n - first < SYMBOL_CHUNK ? n - first : SYMBOL_CHUNK;
         if (reader->itemsize == 8) {
-            gather64(reader, ctx + first, count, symbols.wide);
+            if (!(fits = gather64(reader, ctx + first, count, symbols.wide))) break;
             if (width == 2) RESTORE(int16_t, uint16_t, 0x7FFF, symbols.wide)
             else RESTORE(int32_t, uint32_t, 0x7FFFFFFF, symbols.wide)
         } else {
-            gather32(reader, ctx + first, count, symbols.narrow);
+            if (!(fits = gather32(reader, ctx + first, count, symbols.narrow))) break;
             if (width == 2) RESTORE(int16_t, uint16_t, 0x7FFF, symbols.narrow)
             else RESTORE(int32_t, uint32_t, 0x7FFFFFFF, symbols.narrow)
         }
     }
 #undef RESTORE
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    if (!fits) PyErr_SetString(PyExc_ValueError, contexts_mismatch);
+    else if (reader_done(reader)) result = Py_NewRef(Py_None);
 done:
     release_planes_call(reader, &values, &contexts, &count_buffer, &plane_counts);
     return result;
