@@ -875,6 +875,20 @@ done:
     return result;
 }
 
+/* The fine codes at `bits` of `count` base codes given as packed fields (v + 2**(base_bits-1)) and
+ * their refinement symbols: refine's arithmetic, the bottom bin's fold on field 0. */
+VECTOR_CLONES static void refine_fields(const uint8_t *fields, const uint32_t *symbols, Py_ssize_t count, int base_bits, int bits,
+                                        int32_t *codes) {
+    const int shift = bits - base_bits;
+    const int32_t span = 1 << shift;
+    const uint32_t zero = 1u << (base_bits - 1);
+    for (Py_ssize_t j = 0; j < count; j++) {
+        int32_t d = (int32_t)symbols[j];
+        if (d >= span && fields[j] == 0) d = (int32_t)((uint32_t)span - 1u - (uint32_t)d);
+        codes[j] = (int32_t)((((uint32_t)fields[j] - zero) << shift) + (uint32_t)d);
+    }
+}
+
 /* Codes decode_refined refines before it dequantizes them: a stretch that stays in the L1 cache. */
 #define REFINED_CHUNK 4096
 
@@ -922,8 +936,6 @@ static PyObject *decode_refined(PyObject *self, PyObject *args) {
     const uint8_t *in = packed.buf;
     const Py_ssize_t length = packed.len;
     uint8_t *ctx = have_contexts ? contexts.buf : NULL;
-    const int shift = bits - base_bits;
-    const int32_t span = 1 << shift, zero = 1 << (base_bits - 1);
     const uint32_t mask = (1u << base_bits) - 1;
     const dequantizer q = dequantizer_of(base_bits, bits, top_bits, group_size, dtype, low, high);
     uint32_t *symbols = (uint32_t *)(local + chunk);
@@ -934,8 +946,7 @@ static PyObject *decode_refined(PyObject *self, PyObject *args) {
     for (Py_ssize_t first = 0; fits && first < codes; first += chunk) {
         const Py_ssize_t last = first + chunk < codes ? first + chunk : codes, count = last - first;
         const Py_ssize_t outputs = last < n ? count : first < n ? n - first : 0;
-        /* The base fields (refinement contexts), their refinements, then the fine codes:
-         * refine's arithmetic, the bottom bin's fold on field 0. */
+        /* The base fields (refinement contexts), their refinements, then the fine codes. */
         if (base_bits == 4 && !(first & 1))
             for (Py_ssize_t j = 0; j < (count + 1) / 2; j++) {
                 fields[2 * j] = in[first / 2 + j] & 15;
@@ -951,11 +962,7 @@ static PyObject *decode_refined(PyObject *self, PyObject *args) {
             part = count - read < SYMBOL_CHUNK ? count - read : SYMBOL_CHUNK;
             fits = gather32(reader, fields + read, part, symbols + read);
         }
-        for (Py_ssize_t j = 0; j < outputs; j++) {
-            int32_t d = (int32_t)symbols[j];
-            if (d >= span && fields[j] == 0) d = (int32_t)((uint32_t)span - 1u - (uint32_t)d);
-            local[j] = (int32_t)((((uint32_t)fields[j] - (uint32_t)zero) << shift) + (uint32_t)d);
-        }
+        refine_fields(fields, symbols, outputs, base_bits, bits, local);
         if (fits && outputs)
             dequantize_groups(local, outputs, (const uint16_t *)scales.buf + first / group_size,
                               (const int32_t *)offsets.buf + first / group_size, (char *)out.buf + first * width,
