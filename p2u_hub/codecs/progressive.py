@@ -340,13 +340,14 @@ def _decode_block_native(
 ) -> None:
     """``_decode_block`` in the C loops, written into ``output`` (the block's slice of the tensor): the same bits.
 
-    With one refinement stage to decode (the default ladder), one pass unpacks each base code,
-    refines it straight from the stage's inflated planes and dequantizes it into ``output`` while
-    it computes the lossless contexts and their histogram: no block-wide int32 codes, and the
-    stage's plane sizes (the histogram of its contexts, the base codes) are counted from the
-    packed bytes. Otherwise one pass unpacks the codes, one per refinement stage raises them in
-    place and one dequantizes. The last pass adds the residuals in place. No argsort, no scatter,
-    no int64 temporaries (memory: uint8 contexts per block, plus int32 codes beyond one stage).
+    With one refinement stage to decode (the default ladder), one pass over stretches of the block
+    that stay in the L1 cache unpacks the base codes, refines them from the stage's inflated planes
+    and dequantizes them into ``output`` while it computes the lossless contexts and their
+    histogram: no block-wide int32 codes, and the stage's plane sizes (the histogram of its
+    contexts, the base codes) are counted from the packed bytes. Otherwise one pass unpacks the
+    codes, one per refinement stage raises them in place and one dequantizes. The last pass adds
+    the residuals in place. No argsort, no scatter, no int64 temporaries (memory: the lossless
+    contexts and each stage's symbols per block, plus int32 codes beyond one stage).
     """
     native = entropy._native
     dtype_code, bits_dtype = _NATIVE_DTYPES[output.dtype]
