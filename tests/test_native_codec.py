@@ -184,8 +184,8 @@ def test_symbol_readers_reject_contexts_whose_histogram_is_not_the_counts(width)
     counts = entropy._native.histogram(contexts.numpy())
     widths, planes = entropy.inflate_planes(stream, counts)
     values = torch.zeros(n, dtype=torch.int16 if width == 2 else torch.int32)
-    crowded = torch.zeros(n, dtype=torch.uint8)  # every element reads context 0, which holds n / 7 symbols
-    crowded[-6:] = torch.arange(1, 7, dtype=torch.uint8)
+    crowded = torch.full((n,), 6, dtype=torch.uint8)  # nearly every element reads the last run, of n / 7 symbols
+    crowded[:6] = torch.arange(6, dtype=torch.uint8)
     with pytest.raises(ValueError, match="histogram is not the counts"):
         entropy._native.restore_planes(values.numpy(), crowded.numpy(), counts, widths, planes, width)
     codes = torch.zeros(n, dtype=torch.int32)
