@@ -545,9 +545,11 @@ done:
  *
  * Why: decoding a block through numpy/torch makes a dozen full passes (unpack, contexts,
  * argsort-free join, scatter, refine, dequantize, cast, contexts, join, restore), each
- * allocating a temporary. These functions fuse them into three passes over the block
- * (codes, one per refinement stage, reconstruction with the lossless contexts, restore),
- * reading each symbol straight from its inflated byte planes. Inflating stays in Python
+ * allocating a temporary. These functions fuse them into two passes over the block for the
+ * default ladder (decode_refined: codes, their one refinement stage and the reconstruction with
+ * the lossless contexts; restore_planes), or one per step for longer ladders (unpack_codes, one
+ * refine per stage, reconstruct, restore_planes), reading the symbols from their inflated byte
+ * planes (symbol_reader). Inflating stays in Python
  * (zlib or ISA-L, bounded), between the passes, because a stage's plane sizes are the
  * histogram of contexts that only the previous pass knows. The arithmetic is the one the
  * torch path does, operation by operation (float32, round-to-nearest-even casts), so the
@@ -895,11 +897,13 @@ VECTOR_CLONES static void refine_fields(const uint8_t *fields, const uint32_t *s
 /* decode_refined(packed, base_bits, counts, plane_counts, planes, bits, scales, offsets, top_bits,
  *                group_size, dtype, out, contexts, low, high) -> counts or None
  *
- * unpack_codes, refine from base_bits to `bits` and reconstruct in one pass, without the block's
- * int32 codes: each element's base code comes from its packed field (also its refinement context,
- * packed_contexts gives `counts`), takes its refinement from the planes and is dequantized and
- * cast into `out` at once (and its lossless context written, as reconstruct does). The same
- * arithmetic as those three calls, so the same bits. */
+ * unpack_codes, refine from base_bits to `bits` and reconstruct in one pass over stretches of
+ * REFINED_CHUNK codes that stay in the L1 cache, without the block's int32 codes: the base codes
+ * come from their packed fields (also their refinement contexts: packed_contexts gives `counts`),
+ * take their refinements from the planes and are dequantized and cast into `out` (and their
+ * lossless contexts written, as reconstruct does). The same arithmetic as those three calls, so
+ * the same bits; 1.8x faster than them on bfloat16 (ns per weight 4.9 -> 2.7 before the AVX2
+ * clones). */
 static PyObject *decode_refined(PyObject *self, PyObject *args) {
     PyObject *plane_list, *context_object;
     Py_buffer packed, count_buffer, plane_counts, scales, offsets, out;
