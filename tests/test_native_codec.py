@@ -185,3 +185,81 @@ def test_grid_errors_are_the_same_bits_in_c_and_numpy(monkeypatch, bits):
     fallback = ladder._grid_errors(groups, steps, offsets, bits)
     assert torch.isfinite(native).all() and torch.equal(native.view(torch.int32), fallback.view(torch.int32))
     assert torch.allclose(native[:, 1], groups[1].square().sum().expand(23), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packed_contexts_count_the_refinement_contexts_of_the_unpacked_codes(bits):
+    """The fused decoder bounds the first stage's planes by this histogram, counted before any code is unpacked."""
+    generator = torch.Generator().manual_seed(bits)
+    codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (8 * 999,), dtype=torch.int32, generator=generator)
+    packed = ladder.pack(codes, bits)
+    contexts = torch.empty(codes.numel(), dtype=torch.uint8)
+    expected = entropy._native.refinement_contexts(codes.numpy(), bits, contexts.numpy())
+    assert entropy._native.packed_contexts(packed.numpy(), bits) == expected
+    with pytest.raises(ValueError, match="not whole 3-bit codes"):
+        entropy._native.packed_contexts(packed[:1].numpy(), 3)
+
+
+def test_fused_decoder_rejects_planes_and_buffers_that_do_not_fit_its_codes():
+    """Crafted counts, planes or sizes raise before the loop, so no cursor leaves its plane and no buffer is overrun."""
+    spec = progressive.Ladder(4, (8,), 64)
+    weight = _weights(torch.bfloat16, (64, 256), seed=7)
+    encoded = progressive.encode(weight, spec)
+    packed, native = encoded.packed_codes.numpy(), entropy._native
+    offsets = progressive._group_offsets(encoded.offsets, spec, encoded.scales.numel()).numpy()
+    stream = progressive._unframe(encoded.deltas[0], 1)[0]
+    counts = native.packed_contexts(packed, 4)
+    widths, planes = entropy.inflate_planes(stream, counts)
+    out = torch.empty(weight.numel(), dtype=torch.int16).numpy()
+
+    def decode(counts=counts, widths=widths, planes=planes, packed=packed, out=out):
+        scale_bits = encoded.scales.view(torch.int16).numpy()
+        return native.decode_refined(packed, 4, counts, widths, planes, 8, scale_bits, offsets, 8, 64, 1, out, None, -16, 47)
+
+    decode()
+    expected = progressive.decode(
+        encoded.packed_codes, encoded.scales, encoded.offsets, encoded.deltas[:1], spec, (64, 256), torch.bfloat16
+    )
+    assert torch.equal(torch.from_numpy(out), expected.view(torch.int16).reshape(-1))
+    shifted = torch.frombuffer(bytearray(counts), dtype=torch.int64)
+    first = int(shifted.nonzero()[0])
+    shifted[first] -= 1
+    shifted[first + 1] += 1
+    with pytest.raises(ValueError, match="missing or not"):  # the true planes do not have the forged sizes
+        decode(counts=shifted.numpy().tobytes())
+    assert widths[first] == widths[first + 1] == 1
+    with pytest.raises(ValueError, match="histogram is not the counts"):  # planes sized for the forged counts
+        forged = [bytes(len(plane) + (index == 1) - (index == 0)) for index, plane in enumerate(planes)]
+        decode(counts=shifted.numpy().tobytes(), planes=forged)
+    with pytest.raises(ValueError, match="outputs"):
+        decode(packed=packed[:-32])
+    with pytest.raises(ValueError, match="outputs"):
+        decode(out=torch.empty(weight.numel() + 64, dtype=torch.int16).numpy())
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_symbol_readers_reject_contexts_whose_histogram_is_not_the_counts(width):
+    """The readers check their pointers as they go: contexts crowding into one small run raise, with no read past the store."""
+    n = 100_000
+    symbols = torch.arange(n, dtype=torch.int64) % 251 * 65537  # three planes: 4-byte runs
+    contexts = (torch.arange(n) % 7).to(torch.uint8)
+    stream = entropy.encode(symbols, contexts)
+    counts = entropy._native.histogram(contexts.numpy())
+    widths, planes = entropy.inflate_planes(stream, counts)
+    values = torch.zeros(n, dtype=torch.int16 if width == 2 else torch.int32)
+    crowded = torch.full((n,), 6, dtype=torch.uint8)  # nearly every element reads the last run, of n / 7 symbols
+    crowded[:6] = torch.arange(6, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="histogram is not the counts"):
+        entropy._native.restore_planes(values.numpy(), crowded.numpy(), counts, widths, planes, width)
+    codes = torch.zeros(n, dtype=torch.int32)
+    with pytest.raises(ValueError, match="histogram is not the counts"):
+        entropy._native.refine(codes.numpy(), crowded.numpy(), counts, widths, planes, 4, 8)
+    unread = contexts.clone()
+    unread[0] = 9  # a context without a run: its pointer passes its end at once
+    with pytest.raises(ValueError, match="histogram is not the counts"):
+        entropy._native.restore_planes(values.numpy(), unread.numpy(), counts, widths, planes, width)
+    values.zero_()  # the failed calls left what they had restored
+    entropy._native.restore_planes(values.numpy(), contexts.numpy(), counts, widths, planes, width)
+    restored = entropy.decode(stream, contexts)
+    expected = lossless.restore(torch.zeros_like(values).view(torch.float16 if width == 2 else torch.float32), restored)
+    assert torch.equal(values, expected.view(values.dtype))

@@ -314,6 +314,8 @@ def _decode_block(
     return lossless.restore(reconstruction, entropy.decode(deltas[-1], contexts))
 
 
+_HALF_EXPONENT = 0x7C00
+"""The exponent field of a float16 bit pattern (a scale's)."""
 _NATIVE_DTYPES = {torch.float32: (0, torch.int32), torch.bfloat16: (1, torch.int16), torch.float16: (2, torch.int16)}
 """Source dtypes the C block decoder writes: its dtype code and the same-width integer type of the output's bits."""
 
@@ -327,7 +329,10 @@ def _native_decodes(dtype: torch.dtype, scales: torch.Tensor, spec: Ladder) -> b
     A corrected ladder (``split --gptq``: signed first-stage refinements, ``ladder.refine``) has no
     C loop yet and decodes on the torch path too.
     """
-    return not spec.corrected and entropy.native_enabled() and dtype in _NATIVE_DTYPES and bool(torch.isfinite(scales).all())
+    if spec.corrected or not entropy.native_enabled() or dtype not in _NATIVE_DTYPES:
+        return False
+    exponents = scales.view(torch.int16).numpy() & _HALF_EXPONENT  # float16 scales; all ones: inf or NaN
+    return not (exponents == _HALF_EXPONENT).any()  # numpy: ~10x faster than torch.isfinite on float16
 
 
 def _decode_block_native(
@@ -335,29 +340,43 @@ def _decode_block_native(
 ) -> None:
     """``_decode_block`` in the C loops, written into ``output`` (the block's slice of the tensor): the same bits.
 
-    One pass unpacks the base codes, one per refinement stage reads each refinement straight from
-    its inflated planes and raises the codes in place, one dequantizes into ``output`` while it
-    computes the lossless contexts and their histogram, and the last adds the residuals in place:
-    no argsort, no scatter, no int64 temporaries (memory: int32 codes and uint8 contexts per block).
+    With one refinement stage to decode (the default ladder), one pass over stretches of the block
+    that stay in the L1 cache unpacks the base codes, refines them from the stage's inflated planes
+    and dequantizes them into ``output`` while it computes the lossless contexts and their
+    histogram: no block-wide int32 codes, and the stage's plane sizes (the histogram of its
+    contexts, the base codes) are counted from the packed bytes. Otherwise one pass unpacks the
+    codes, one per refinement stage raises them in place and one dequantizes. The last pass adds
+    the residuals in place. No argsort, no scatter, no int64 temporaries (memory: the lossless
+    contexts and each stage's symbols per block, plus int32 codes beyond one stage).
     """
     native = entropy._native
     dtype_code, bits_dtype = _NATIVE_DTYPES[output.dtype]
-    codes = torch.empty(scales.numel() * spec.group_size, dtype=torch.int32).numpy()
-    native.unpack_codes(packed_codes.numpy(), spec.base_bits, codes)
-    contexts = torch.empty(codes.size, dtype=torch.uint8).numpy()
-    widths = spec.widths()
-    reached = spec.base_bits
-    for (low, high), delta in zip(itertools.pairwise(widths), deltas):
-        counts = native.refinement_contexts(codes, low, contexts)
-        native.refine(codes, contexts, counts, *entropy.inflate_planes(delta, counts), low, high)
-        reached = high
     values = output.view(bits_dtype).numpy()
-    lossless_contexts = contexts[: output.numel()] if len(deltas) == spec.stage_count else None
-    counts = native.reconstruct(
-        codes, scales.view(torch.int16).numpy(), offsets.contiguous().numpy(), spec.base_bits, reached, spec.top_bits,
-        spec.group_size, dtype_code, values, lossless_contexts, lossless.CONTEXT_MIN, lossless.CONTEXT_MAX,
-    )  # fmt: skip
-    if lossless_contexts is not None:
+    stages = min(len(deltas), len(spec.stage_bits))
+    full = len(deltas) == spec.stage_count
+    lossless_contexts = torch.empty(output.numel() if full else 0, dtype=torch.uint8).numpy()
+    bounds = (lossless.CONTEXT_MIN, lossless.CONTEXT_MAX)
+    scale_bits, group_offsets = scales.view(torch.int16).numpy(), offsets.contiguous().numpy()
+    if stages == 1:
+        packed = packed_codes.numpy()
+        counts = native.packed_contexts(packed, spec.base_bits)
+        counts = native.decode_refined(
+            packed, spec.base_bits, counts, *entropy.inflate_planes(deltas[0], counts), spec.stage_bits[0], scale_bits,
+            group_offsets, spec.top_bits, spec.group_size, dtype_code, values, lossless_contexts if full else None, *bounds,
+        )  # fmt: skip
+    else:
+        codes = torch.empty(scales.numel() * spec.group_size, dtype=torch.int32).numpy()
+        native.unpack_codes(packed_codes.numpy(), spec.base_bits, codes)
+        contexts = torch.empty(codes.size, dtype=torch.uint8).numpy()
+        widths = spec.widths()
+        for (low, high), delta in zip(itertools.pairwise(widths[: stages + 1]), deltas):
+            counts = native.refinement_contexts(codes, low, contexts)
+            native.refine(codes, contexts, counts, *entropy.inflate_planes(delta, counts), low, high)
+        counts = native.reconstruct(
+            codes, scale_bits, group_offsets, spec.base_bits, widths[stages], spec.top_bits, spec.group_size, dtype_code, values,
+            lossless_contexts if full else None, *bounds,
+        )  # fmt: skip
+    if full:
         native.restore_planes(values, lossless_contexts, counts, *entropy.inflate_planes(deltas[-1], counts), output.element_size())
 
 
