@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import p2u_hub
 from p2u_hub.core import format as fmt
 from p2u_hub.core.hub import download_file
-from p2u_hub.core.release import Release, TensorPrefetch
+from p2u_hub.core.release import LinkShare, Release, TensorPrefetch
 from p2u_hub.core.split import MIN_STAGE_SHARD_BYTES, STAGE_SHARDS, default_stage_shard_bytes
 from p2u_hub.core.storage import DEFAULT_MAX_SHARD_BYTES
 from p2u_hub.testing import LocalHub
@@ -149,8 +149,8 @@ def test_a_corrupt_last_shard_leaves_the_model_unchanged_though_earlier_tensors_
 
 
 def test_a_shard_still_downloading_holds_up_no_tensor_of_a_later_one(local_hub: LocalHub, sharded):
-    """Files are checked as they arrive, not in download order: a large first shard still on the link must not keep
-    the decoder waiting for the shards that came after it."""
+    """Files are checked as they arrive, not in download order: the first shard still on the link must not keep the
+    decoder waiting for the shards that came after it."""
     source, release = sharded
     push(release, REPO)
     rebuilder = Release(Path(snapshot_download(REPO))).rebuilder("full")
@@ -197,6 +197,34 @@ def test_each_finished_rebuild_starts_the_next_one_that_fits(sharded, rebuilt):
     finally:
         ahead.close()
         logger.removeHandler(counter)
+
+
+def test_a_file_with_a_large_share_of_the_bytes_gets_the_link_alone():
+    """Shared four ways, the 10-unit file would arrive last and leave its decode for after the download; alone, it
+    starts once the files before it are done and nothing joins it. The others share the link four at a time."""
+    link = LinkShare({"a": 1, "b": 1, "big": 10, "c": 2, "d": 2, "e": 2, "f": 2, "g": 1}, at_once=4)
+    assert link.admit() == ["a", "b"]  # "big" (10 of 21 units) waits for the link to empty
+    link.finished("a")
+    assert link.admit() == []
+    link.finished("b")
+    assert link.admit() == ["big"]
+    assert link.admit() == []  # nothing joins it
+    link.finished("big")
+    assert link.admit() == ["c", "d", "e", "f"]
+    link.finished("d")
+    assert link.admit() == ["g"]
+    for name in ("c", "e", "f", "g"):
+        link.finished(name)
+    assert link.admit() == []
+
+
+def test_files_of_equal_size_download_four_at_a_time():
+    link = LinkShare({index: 5 for index in range(6)}, at_once=4)
+    assert link.admit() == [0, 1, 2, 3]
+    link.finished(2)
+    assert link.admit() == [4]
+    link.finished(0)
+    assert link.admit() == [5]
 
 
 def test_a_file_two_callers_want_at_once_is_fetched_once(local_hub: LocalHub, sharded):
