@@ -320,8 +320,21 @@ class TensorRebuilder:
         with self._starting:
             if self._downloads is None:
                 check = self._check_file if verify else None
-                self._downloads = StageDownloads(self.stages, sorted(rank, key=rank.__getitem__), self.release.token, check)
+                files = sorted(rank, key=rank.__getitem__)
+                self._downloads = StageDownloads(self.stages, files, self.release.token, check, self._files_of_large_tensors(needs))
         return sorted(order, key=lambda name: max((rank[key] for key in needs.get(name, ())), default=-1))
+
+    def _files_of_large_tensors(self, needs: dict[str, list[tuple[int, Path]]]) -> set[tuple[int, Path]]:
+        """The files of the tensors whose payloads are more than ``1 / DOWNLOADS_AT_ONCE`` of all stage bytes (``LinkShare``)."""
+        payloads = [shards.record.payloads for shards in self.stages]
+        total = sum(payload["bytes"] for stage in payloads for payload in stage.values())
+        large: set[tuple[int, Path]] = set()
+        for name, files in needs.items():
+            entry = self.release.manifest.tensors[name]
+            stored = entry.alias_of or name
+            if sum(stage[stored]["bytes"] for stage in payloads if stored in stage) * DOWNLOADS_AT_ONCE > total:
+                large.update(files)
+        return large
 
     def verify_payloads(self) -> None:
         """Wait until every stage file has arrived and every payload is checked: lets a caller fail before changing anything.
@@ -457,29 +470,29 @@ Key = TypeVar("Key", bound=Hashable)
 
 
 class LinkShare(Generic[Key]):
-    """Which files may start downloading: in order, ``at_once`` at a time, except that a large file gets the link alone.
+    """Which files may start downloading: in order, ``at_once`` at a time, except that the files in ``alone`` get the link alone.
 
-    Large: more than ``1 / at_once`` of all the bytes. Shared ``at_once`` ways, such a file arrives
-    last, and decoding its tensors is all that is left once the link goes quiet; alone, it
-    arrives early and decodes while the smaller files download (MiniLM fp32: the 27.5 MB shard
-    of the word embeddings, of 65.5 MB of stages; at 100 MB/s ``p2u bench`` measured 0.04 s of
-    decoding left after the download with this, 0.15 s without, and the full model in 1.21 s
-    against 1.32 s). The other files share the link, so that
-    each one's requests overlap another's bytes (a round trip or more per file on the Hub).
-    Sizes only order the requests: a wrong one costs time, never a check.
+    ``TensorRebuilder.start_downloads`` puts there the files of a tensor whose payloads are more
+    than ``1 / at_once`` of all the stage bytes. Shared ``at_once`` ways, such a tensor's files
+    arrive last, and decoding it is all that is left once the link goes quiet; alone, they arrive
+    early and it decodes while the smaller files download (MiniLM fp32: 35 MB of 65.5 MB of stages
+    are the word embeddings'; at 100 MB/s ``p2u bench`` measured 0.04 s of decoding left after the
+    download with its largest file alone, 0.15 s without, and the full model in 1.21 s against 1.32 s).
+    The other files share the link, so that each one's requests overlap another's bytes (a round
+    trip or more per file on the Hub).
     """
 
-    def __init__(self, sizes: dict[Key, int], at_once: int):
-        self._large = {key for key, size in sizes.items() if size * at_once > sum(sizes.values())}
-        self._waiting = deque(sizes)
+    def __init__(self, order: list[Key], alone: Collection[Key], at_once: int):
+        self._waiting = deque(order)
+        self._alone = set(alone)
         self._at_once = at_once
         self._running: set[Key] = set()
 
     def admit(self) -> list[Key]:
         """The files to start now (in order), each counted as running until ``finished``."""
         admitted = []
-        while self._waiting and len(self._running) < self._at_once and not self._large & self._running:
-            if self._waiting[0] in self._large and self._running:
+        while self._waiting and len(self._running) < self._at_once and not self._alone & self._running:
+            if self._waiting[0] in self._alone and self._running:
                 break
             key = self._waiting.popleft()
             self._running.add(key)
@@ -500,9 +513,10 @@ class StageDownloads:
 
     def __init__(
         self, stages: list[StageShards], files: list[tuple[int, Path]], token: str | bool | None,
-        check: Callable[[int, TensorReader], None] | None,
+        check: Callable[[int, TensorReader], None] | None, alone: Collection[tuple[int, Path]] = (),
     ):  # fmt: skip
         self._stages = stages
+        self._alone = alone  # files that get the link alone (LinkShare)
         self._token = token
         self._check = check
         self._ready: dict[tuple[int, Path], Future[TensorReader]] = {key: Future() for key in files}
@@ -560,7 +574,7 @@ class StageDownloads:
 
     def _fetched(self, downloads: ThreadPoolExecutor) -> Iterator[tuple[tuple[int, Path], Path]]:
         """``((position, file), local path)`` of every file as it arrives, started as ``LinkShare`` admits them."""
-        link = LinkShare({key: self._stages[key[0]].payload_bytes(key[1]) for key in self._ready}, DOWNLOADS_AT_ONCE)
+        link = LinkShare(list(self._ready), self._alone, DOWNLOADS_AT_ONCE)
         running: dict[Future[Path], tuple[int, Path]] = {}
         while True:
             for key in link.admit():
