@@ -617,8 +617,13 @@ static int reader_in_bounds(const symbol_reader *reader) {
     return left >= 0;
 }
 
-/* After the last symbol: 1 when every run was read to its end, else 0 with an exception set. */
-static int reader_done(const symbol_reader *reader) {
+/* After the last symbol (or the chunk that did not fit): 1 when every read stayed in its run (`fits`) and every
+ * run was read to its end, else 0 with an exception set. */
+static int reader_done(const symbol_reader *reader, int fits) {
+    if (!fits) {
+        PyErr_SetString(PyExc_ValueError, contexts_mismatch);
+        return 0;
+    }
     for (int c = 0; c < CONTEXTS; c++)
         if (reader->next[c] != reader->end[c]) {
             PyErr_SetString(PyExc_ValueError, contexts_mismatch);
@@ -1009,8 +1014,7 @@ static PyObject *refine(PyObject *self, PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS
-    if (!fits) PyErr_SetString(PyExc_ValueError, contexts_mismatch);
-    else if (reader_done(reader)) result = Py_NewRef(Py_None);
+    if (reader_done(reader, fits)) result = Py_NewRef(Py_None);
 done:
     release_planes_call(reader, &codes, &contexts, &count_buffer, &plane_counts);
     return result;
@@ -1306,8 +1310,7 @@ static PyObject *decode_refined(PyObject *self, PyObject *args) {
     }
     if (fits && ctx) count_contexts(ctx, n, counts);
     Py_END_ALLOW_THREADS
-    if (!fits) PyErr_SetString(PyExc_ValueError, contexts_mismatch);
-    else if (reader_done(reader))
+    if (reader_done(reader, fits))
         result = have_contexts > 0 ? PyBytes_FromStringAndSize((const char *)counts, sizeof(counts)) : Py_NewRef(Py_None);
 done:
     close_reader(reader);
@@ -1377,8 +1380,7 @@ static PyObject *restore_planes(PyObject *self, PyObject *args) {
         add_residuals((char *)values.buf + first * width, width, &symbols, reader->itemsize == 8, count);
     }
     Py_END_ALLOW_THREADS
-    if (!fits) PyErr_SetString(PyExc_ValueError, contexts_mismatch);
-    else if (reader_done(reader)) result = Py_NewRef(Py_None);
+    if (reader_done(reader, fits)) result = Py_NewRef(Py_None);
 done:
     release_planes_call(reader, &values, &contexts, &count_buffer, &plane_counts);
     return result;

@@ -965,7 +965,7 @@ class LocalHub:
         self._next_send = 0.0
         self._drops_pending = 0
         self._holds: dict[str, threading.Event] = {}
-        self._resolved: list[tuple[str, str]] = []  # (method, file path) of every /resolve request, for file_requests
+        self._resolved: Counter[tuple[str, str]] = Counter()  # /resolve requests per (method, file path): bounded by the files
         self._upload_key = secrets.token_bytes(32)
         self._server: _HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -1044,12 +1044,16 @@ class LocalHub:
 
     def file_requests(self, pattern: str) -> Counter[str]:
         """How many ``/resolve`` requests of files matching the glob ``pattern`` arrived so far, per method (HEAD, GET)."""
+        counts: Counter[str] = Counter()
         with self._lock:
-            return Counter(method for method, path in self._resolved if fnmatch.fnmatchcase(path, pattern))
+            for (method, path), count in self._resolved.items():
+                if fnmatch.fnmatchcase(path, pattern):
+                    counts[method] += count
+        return counts
 
     def _count_request(self, method: str, path: str) -> None:
         with self._lock:
-            self._resolved.append((method, path))
+            self._resolved[method, path] += 1
 
     def _wait_if_held(self, path: str) -> None:
         with self._lock:
