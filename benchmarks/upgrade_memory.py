@@ -17,10 +17,12 @@ from p2u_hub.tools.bench_worker import model_class_for, peak_rss_mb
 
 release = Path(sys.argv[1])
 manifest = fmt.read_manifest(release / fmt.BASE_DIR)
-shards = fmt.weight_files(release / fmt.BASE_DIR, fmt.BASE_WEIGHTS_NAME)
-for index in range(1, len(manifest.ladder.stage_bits) + 2):
-    shards += fmt.weight_files(release / fmt.stage_dir_name(index), fmt.DELTA_WEIGHTS_NAME)
-largest_shard = max(path.stat().st_size for path in shards) / 1e6
+stage_shards = [
+    path
+    for index in range(1, len(manifest.ladder.stage_bits) + 2)
+    for path in fmt.weight_files(release / fmt.stage_dir_name(index), fmt.DELTA_WEIGHTS_NAME)
+]
+largest_shard = max(path.stat().st_size for path in stage_shards) / 1e6
 interpreter = peak_rss_mb()
 model = model_class_for(release / fmt.BASE_DIR).from_pretrained(release / fmt.BASE_DIR)
 loaded = peak_rss_mb()
@@ -29,7 +31,7 @@ p2u_hub.upgrade(model)
 seconds = time.perf_counter() - start
 final = manifest.source_bytes() / 1e6
 peak = peak_rss_mb()
-print(f"transformers {transformers.__version__}; final model {final:,.0f} MB, largest shard {largest_shard:,.0f} MB")
+print(f"transformers {transformers.__version__}; final model {final:,.0f} MB, largest stage shard {largest_shard:,.0f} MB")
 print(f"peak RSS: after imports {interpreter:,.0f} MB, after loading the base {loaded:,.0f} MB, after upgrade {peak:,.0f} MB")
 print(
     f"upgrade {seconds:.1f} s ({final / seconds:.1f} MB/s of source); peak - imports = {peak - interpreter:,.0f} MB "

@@ -174,6 +174,28 @@ def test_gpt2_with_tied_embeddings_generates_as_the_source(load_mode, random_che
     assert (tmp_path / "saved" / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize(("architecture", "dtype"), [("llama", torch.bfloat16), ("gpt2", torch.float32)])
+def test_loaded_base_lets_go_of_the_file_maps(architecture, dtype, random_checkpoint, tmp_path):
+    # transformers loads CPU tensors as views of a memory map of each file; a packed base keeps
+    # few of them, and those few must not pin the whole map (and the pages loading read) for ever
+    source = random_checkpoint(architecture, dtype)
+    base = p2u_hub.split(source, tmp_path / "release") / "base"
+    model = _load(base, causal=True, dtype="auto")
+    mapped = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if not tensor.untyped_storage().resizable()]
+    assert mapped == []
+    if architecture == "gpt2":
+        assert model.lm_head.weight is model.transformer.wte.weight
+    assert not [path for path in _mapped_files() if path.startswith(str(base))]
+    p2u_hub.upgrade(model)
+    assert_tensors_bit_identical(_load(source, causal=True).state_dict(), model.state_dict())
+
+
+def _mapped_files() -> list[str]:
+    """Files this process has memory-mapped (Linux; empty elsewhere)."""
+    maps = Path("/proc/self/maps")
+    return [line.split()[-1] for line in maps.read_text().splitlines() if len(line.split()) >= 6] if maps.exists() else []
+
+
 def test_duplicate_tensor_the_model_does_not_tie(random_checkpoint, tmp_path):
     source = random_checkpoint("llama")
     tensors = load_file(source / "model.safetensors")
