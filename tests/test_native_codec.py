@@ -170,21 +170,56 @@ def test_non_finite_scales_decode_on_the_torch_path_with_the_same_bits(monkeypat
         assert torch.isnan(native).any() and torch.isinf(native).any()
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_grid_errors_are_the_same_bits_in_c_and_numpy(monkeypatch, bits):
-    """The base grid search sums its errors in one order on both paths, so both pick the same grid for every group."""
-    generator = torch.Generator().manual_seed(bits)
-    groups = torch.randn(512, 64, generator=generator) * torch.logspace(-30, 4, 512).unsqueeze(1)  # subnormal to large steps
-    groups[0] = 0.0
-    steps = (torch.rand(23, 512, generator=generator) * groups.abs().amax(dim=1) / 2**bits).to(ladder.SCALE_DTYPE).float()
-    steps[:, 1] = 0.0  # zero steps: the error is the sum of squares
-    offsets = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (23, 512), dtype=torch.int32, generator=generator)
+def _adversarial_groups(group_size: int, seed: int) -> torch.Tensor:
+    """Groups that take every branch of the grid search: steps from subnormal to saturated, NaN and infinities
+    (read as 0), all zero, constant, signed zeros, a range that overflows float32, and equal errors (ties)."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = torch.randn(600, group_size, generator=generator) * torch.logspace(-44, 38, 600).unsqueeze(1)
+    groups[:40] = torch.randint(-8, 8, (40, group_size), generator=generator) * 0.25  # on-grid weights: many equal errors
+    groups[40:60] = torch.randint(-3, 4, (20, 1), generator=generator) * 0.5  # constant groups: zero clipped step
+    groups[60] = 0.0
+    groups[61] = -0.0
+    groups[62, ::2], groups[62, 1::2] = 3e38, -3e38  # max - min overflows to inf: saturated scales
+    groups[63] = float("nan")
+    groups[64, :4] = torch.tensor([float("nan"), float("inf"), float("-inf"), 1.0])
+    groups[65:70, 0] = float("inf")
+    groups[70:80] *= torch.finfo(torch.float32).tiny  # float32 subnormal weights
+    groups[80:90] = groups[80:90].abs() + 1.0  # all positive: the grid must move, clamped offsets
+    return groups
+
+
+@pytest.mark.parametrize("group_size", [8, 64])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_c_grid_choice_is_the_reference_paths_bit_for_bit(monkeypatch, bits, group_size):
+    """``_native.choose_grids`` picks the same float16 scales and offsets as the torch candidates + numpy sums."""
+    groups = _adversarial_groups(group_size, seed=bits)
     monkeypatch.setenv("P2U_NO_NATIVE", "")
-    native = ladder._grid_errors(groups, steps, offsets, bits)
+    native = ladder.base_grid(groups, bits)
     monkeypatch.setenv("P2U_NO_NATIVE", "1")
-    fallback = ladder._grid_errors(groups, steps, offsets, bits)
-    assert torch.isfinite(native).all() and torch.equal(native.view(torch.int32), fallback.view(torch.int32))
-    assert torch.allclose(native[:, 1], groups[1].square().sum().expand(23), rtol=1e-5)
+    fallback = ladder.base_grid(groups, bits)
+    assert torch.equal(native[0].view(torch.int16), fallback[0].view(torch.int16))
+    assert torch.equal(native[1], fallback[1])
+    scales, offsets = native
+    assert (offsets != 0).any() and (offsets == -(1 << (bits - 1))).any()  # asymmetric and clamped grids were chosen
+    assert scales[62] == torch.finfo(torch.float16).max and scales[60] == 0 and scales[63] == 0
+    assert (scales != ladder.base_scales(groups, bits)).any()  # clipped candidates win somewhere
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (
+            (np.zeros(10, np.float32), 4, 4, np.ones(11, np.float32), np.zeros(2, np.uint16), np.zeros(2, np.int32)),
+            "do not make groups of 4",
+        ),
+        ((np.zeros(8, np.float32), 8, 9, np.ones(11, np.float32), np.zeros(1, np.uint16), np.zeros(1, np.int32)), "at 1 to 8 bits"),
+        ((np.zeros(8, np.float32), 8, 4, np.ones(12, np.float32), np.zeros(1, np.uint16), np.zeros(1, np.int32)), "at most 11"),
+        ((np.zeros(16, np.float32), 8, 4, np.ones(11, np.float32), np.zeros(1, np.uint16), np.zeros(2, np.int32)), "each of 2 groups"),
+    ],
+)
+def test_choose_grids_refuses_buffers_that_do_not_fit(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        entropy._native.choose_grids(*arguments)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -13,6 +13,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1386,77 +1387,122 @@ done:
     return result;
 }
 
-/* Candidate base grids tried per group: at most this many (ladder.CLIP_RATIOS gives 23). */
-#define MAX_GRIDS 32
-/* Grids whose sums stay in registers while a group's weights stream past: two 4-lane vectors. */
-#define GRIDS_AT_ONCE 8
+/* ---- Encoder: the base grid choice (ladder.base_grid, docs/format.md "Choosing the grid") ---- */
 
-/* grid_errors(groups, group_size, steps, offsets, bits, out) -> None
- *
- * ladder._grid_errors: for every candidate grid c and group g, the squared error of quantizing the
- * group's float32 weights at `bits` on the grid (step steps[c, g], integer offset offsets[c, g]), into
- * float32 out[c, g]. Per weight, in float32 with every operation rounded on its own:
- * r = o + w * (1 / s), code = floor(clamp(r, -2**(bits-1), 2**(bits-1) - 1)), d = (code + 0.5) - r;
- * the d * d are summed in weight order and the sum times s * s is the error. A zero step reconstructs
- * 0: its error is the sum of w * w, in weight order. The numpy path does the same operations in the
- * same order, so both pick the same grids. The candidates are the inner loop (independent sums,
- * each still in weight order): it vectorises without reordering any sum. */
-static PyObject *grid_errors(PyObject *self, PyObject *args) {
-    Py_buffer groups, steps, offsets, out;
-    int group_size, bits;
-    if (!PyArg_ParseTuple(args, "y*iy*y*iw*", &groups, &group_size, &steps, &offsets, &bits, &out)) return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t n = groups.len / 4, group_count = group_size > 0 ? n / group_size : 0;
-    Py_ssize_t grids = group_count ? steps.len / 4 / group_count : 0;
-    if (group_size <= 0 || bits < 1 || bits > 8 || group_count * group_size != n) {
-        PyErr_Format(PyExc_ValueError, "%zd weights do not make groups of %d at %d bits", n, group_size, bits);
-        goto done;
-    }
-    if (grids < 1 || grids > MAX_GRIDS || grids * group_count * 4 != steps.len || steps.len != offsets.len || steps.len != out.len) {
-        PyErr_Format(PyExc_ValueError, "steps, offsets and out must hold 1 to %d grids of %zd groups", MAX_GRIDS, group_count);
-        goto done;
-    }
-    const float *w = groups.buf, *s = steps.buf;
-    const int32_t *o = offsets.buf;
-    float *error = out.buf;
-    const float low = -(float)(1 << (bits - 1)), high = (float)((1 << (bits - 1)) - 1);
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t g = 0; g < group_count; g++) {
-        const float *x = w + g * group_size;
-        float squares = 0.0f;
-        for (int i = 0; i < group_size; i++) squares += x[i] * x[i];
-        for (Py_ssize_t first = 0; first < grids; first += GRIDS_AT_ONCE) {
-            float inverse[GRIDS_AT_ONCE], offset[GRIDS_AT_ONCE], sum[GRIDS_AT_ONCE] = {0};
-            for (int c = 0; c < GRIDS_AT_ONCE; c++) {
-                float step = first + c < grids ? s[(first + c) * group_count + g] : 0.0f;
-                inverse[c] = step > 0.0f ? 1.0f / step : 0.0f;
-                offset[c] = first + c < grids ? (float)o[(first + c) * group_count + g] : 0.0f;
-            }
-            for (int i = 0; i < group_size; i++) {
-                const float weight = x[i];
-                for (int c = 0; c < GRIDS_AT_ONCE; c++) {
-                    float r = offset[c] + weight * inverse[c];
-                    float t = r < low ? low : r > high ? high : r;
-                    float truncated = (float)(int32_t)t;
-                    float code = truncated > t ? truncated - 1.0f : truncated;
-                    float d = (code + 0.5f) - r;
-                    sum[c] += d * d;
-                }
-            }
-            for (Py_ssize_t c = first; c < grids && c < first + GRIDS_AT_ONCE; c++) {
-                float step = s[c * group_count + g];
-                error[c * group_count + g] = step > 0.0f ? sum[c - first] * (step * step) : squares;
-            }
+/* Candidate grids per group, as lanes: the symmetric one and two per clipping ratio (ladder.CLIP_RATIOS
+ * gives 23), padded to three 8-lane vectors whose sums stay in registers while a group's weights stream past. */
+#define GRID_LANES 24
+
+/* A weight as the grid search sees it: NaN and +-inf count as 0 (torch.nan_to_num). */
+static inline float finite_or_zero(float value) { return (pattern_of(value) & 0x7F800000) == 0x7F800000 ? 0.0f : value; }
+
+/* ladder._to_scale of a non-negative float32: saturate at 65504 (float16's maximum), then round to nearest even. */
+static inline uint16_t saturated_half(float value) { return float_to_half(pattern_of(value > 65504.0f ? 65504.0f : value)); }
+
+/* Per candidate lane c, the sum over the group's weights w, in weight order, of d * d where, in float32 with
+ * every operation rounded on its own, r = offset[c] + w * inverse[c], d = (floor(clamp(r, low, high)) + 0.5) - r:
+ * ladder._grid_errors' sums. The lanes are the inner loop (independent sums, each still in weight order), so
+ * it vectorises without reordering any sum. */
+VECTOR_CLONES static void grid_sums(const float *weights, int group_size, const float *inverse, const float *offset, float low,
+                                    float high, float *sums) {
+    float sum[GRID_LANES] = {0};
+    for (int i = 0; i < group_size; i++) {
+        const float weight = finite_or_zero(weights[i]);
+        for (int c = 0; c < GRID_LANES; c++) {
+            float r = offset[c] + weight * inverse[c];
+            float t = low > r ? low : r; /* clamp(r, low, high), written as max then min: two instructions */
+            t = high < t ? high : t;
+            float d = (floorf(t) + 0.5f) - r;
+            sum[c] += d * d;
         }
     }
+    memcpy(sums, sum, sizeof sum);
+}
+
+/* One group's base grid: its float16 scale bits and integer offset, as ladder.base_grid's torch path picks them. */
+VECTOR_CLONES static void choose_grid(const float *weights, int group_size, int bits, const float *ratios, int ratio_count, uint16_t *scale,
+                        int32_t *offset) {
+    float low = finite_or_zero(weights[0]), high = low, absmax = 0.0f, squares = 0.0f;
+    for (int i = 0; i < group_size; i++) {
+        float weight = finite_or_zero(weights[i]), magnitude = fabsf(weight);
+        low = weight < low ? weight : low;
+        high = weight > high ? weight : high;
+        absmax = magnitude > absmax ? magnitude : absmax;
+        squares += weight * weight;
+    }
+    const float limit = (float)(1 << (bits - 1));
+    uint16_t scales[GRID_LANES] = {saturated_half(absmax / (limit - 0.5f))};
+    int32_t offsets[GRID_LANES] = {0};
+    float inverse[GRID_LANES] = {0}, lane_offset[GRID_LANES] = {0}, steps[GRID_LANES], sums[GRID_LANES];
+    for (int k = 0; k < ratio_count; k++) {
+        uint16_t clipped = saturated_half((high - low) * ratios[k] / (float)(1 << bits));
+        float step = half_to_float(clipped), centre = step > 0.0f ? -(high + low) / (2.0f * step) : 0.0f;
+        float below = floorf(centre), above = ceilf(centre);
+        below = below < -limit ? -limit : below > limit - 1.0f ? limit - 1.0f : below;
+        above = above < -limit ? -limit : above > limit - 1.0f ? limit - 1.0f : above;
+        scales[1 + 2 * k] = scales[2 + 2 * k] = clipped;
+        offsets[1 + 2 * k] = (int32_t)below;
+        offsets[2 + 2 * k] = (int32_t)above;
+    }
+    const int candidates = 1 + 2 * ratio_count;
+    for (int c = 0; c < candidates; c++) {
+        steps[c] = half_to_float(scales[c]);
+        inverse[c] = steps[c] > 0.0f ? 1.0f / steps[c] : 0.0f;
+        lane_offset[c] = (float)offsets[c];
+    }
+    grid_sums(weights, group_size, inverse, lane_offset, -limit, limit - 1.0f, sums);
+    int best = 0;
+    float least = 0.0f;
+    for (int c = 0; c < candidates; c++) {
+        float error = steps[c] > 0.0f ? sums[c] * (steps[c] * steps[c]) : squares;
+        if (c == 0 || error < least) { /* the first minimum wins */
+            least = error;
+            best = c;
+        }
+    }
+    *scale = scales[best];
+    *offset = offsets[best];
+}
+
+/* choose_grids(groups, group_size, bits, ratios, scales, offsets) -> None
+ *
+ * ladder.base_grid in one pass per group: min, max and absmax of the group's float32 weights (NaN and
+ * +-inf as 0), every candidate grid (the symmetric one, then per float32 clipping ratio in `ratios` the
+ * floor and ceil offsets), their squared errors and the first least one, written as float16 scale bits
+ * (uint16, one per group) and int32 offsets. The same float32 operations as the torch candidates and
+ * ladder._grid_errors' numpy sums, each rounded on its own, so both paths pick the same grids. */
+static PyObject *choose_grids(PyObject *self, PyObject *args) {
+    Py_buffer groups, ratios, scales, offsets;
+    int group_size, bits;
+    if (!PyArg_ParseTuple(args, "y*iiy*w*w*", &groups, &group_size, &bits, &ratios, &scales, &offsets)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = groups.len / 4, group_count = group_size > 0 ? n / group_size : 0;
+    int ratio_count = (int)(ratios.len / 4);
+    if (group_size <= 0 || bits < 1 || bits > 8 || group_count * group_size != n || groups.len != n * 4) {
+        PyErr_Format(PyExc_ValueError, "%zd bytes of float32 weights do not make groups of %d at 1 to 8 bits (%d)", groups.len,
+                     group_size, bits);
+        goto done;
+    }
+    if (ratios.len % 4 || 1 + 2 * ratio_count > GRID_LANES) {
+        PyErr_Format(PyExc_ValueError, "ratios must be float32, at most %d of them", (GRID_LANES - 1) / 2);
+        goto done;
+    }
+    if (scales.len != group_count * 2 || offsets.len != group_count * 4) {
+        PyErr_Format(PyExc_ValueError, "scales and offsets must hold one float16 and one int32 for each of %zd groups", group_count);
+        goto done;
+    }
+    const float *w = groups.buf, *r = ratios.buf;
+    uint16_t *s = scales.buf;
+    int32_t *o = offsets.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t g = 0; g < group_count; g++) choose_grid(w + g * group_size, group_size, bits, r, ratio_count, s + g, o + g);
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    result = Py_NewRef(Py_None);
 done:
     PyBuffer_Release(&groups);
-    PyBuffer_Release(&steps);
+    PyBuffer_Release(&ratios);
+    PyBuffer_Release(&scales);
     PyBuffer_Release(&offsets);
-    PyBuffer_Release(&out);
     return result;
 }
 
@@ -1470,7 +1516,7 @@ static PyMethodDef methods[] = {
     {"refinement_contexts", refinement_contexts, METH_VARARGS, "Refinement contexts of coarse codes, and their histogram."},
     {"refine", refine, METH_VARARGS, "Raise coarse codes in place by the refinements their byte planes hold."},
     {"reconstruct", reconstruct, METH_VARARGS, "Dequantize codes to the source dtype, optionally with lossless contexts."},
-    {"grid_errors", grid_errors, METH_VARARGS, "Squared error of each group's weights on each candidate base grid."},
+    {"choose_grids", choose_grids, METH_VARARGS, "Each group's base grid: float16 scale and offset of least squared error."},
     {"restore_planes", restore_planes, METH_VARARGS, "Add the residuals their byte planes hold to float bit patterns, in place."},
     {"encode_stream", encode_stream, METH_VARARGS, "Group symbols by context into byte planes, each coded as Huffman-only raw DEFLATE."},
     {"packed_contexts", packed_contexts, METH_VARARGS, "Histogram of the refinement contexts of packed base codes."},
