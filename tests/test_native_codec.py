@@ -29,7 +29,7 @@ def _awkward_weights(dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("base_bits,stage_bits", [(4, (8,)), (3, (5, 8)), (8, (16,))])
+@pytest.mark.parametrize("base_bits,stage_bits", [(4, (8,)), (3, (5, 8)), (8, (16,)), (2, (10, 16)), (4, ())])
 def test_native_and_numpy_paths_write_and_read_the_same_bytes(monkeypatch, dtype, base_bits, stage_bits):
     spec = progressive.Ladder(base_bits, stage_bits, 64)
     weight = _awkward_weights(dtype)
@@ -205,21 +205,44 @@ def test_c_grid_choice_is_the_reference_paths_bit_for_bit(monkeypatch, bits, gro
     assert (scales != ladder.base_scales(groups, bits)).any()  # clipped candidates win somewhere
 
 
+@pytest.mark.parametrize("base_bits,bits,headroom", [(4, 8, 3), (1, 1, 0), (3, 5, 0), (8, 16, 3), (2, 10, 0)])
+def test_c_quantize_gives_ladder_quantize_codes(base_bits, bits, headroom):
+    """The encoder's C quantizer rounds like torch: NaN to the offset, infinities to the clamp, zero steps, clamped offsets."""
+    groups = _adversarial_groups(64, seed=bits)
+    groups[64, 4:8] = torch.tensor([float("inf"), float("-inf"), 3e38, -3e38])  # beside finite weights: a non-zero step
+    scales, offsets = ladder.base_grid(groups, base_bits)
+    offsets[300:310] = torch.tensor([-(1 << (base_bits - 1)), (1 << (base_bits - 1)) - 1] * 5)  # extreme offsets
+    groups[300:310, :2] = torch.tensor([float("inf"), float("-inf")])  # +-limit plus an extreme offset: inside the clamp
+    scales[110:115] = 0.0
+    expected = ladder.quantize(groups, scales, offsets, base_bits, bits, headroom)
+    codes = torch.empty_like(expected)
+    entropy._native.quantize_groups(
+        groups.numpy(), 64, scales.view(torch.int16).numpy(), offsets.numpy(), base_bits, bits, headroom, codes.numpy()
+    )
+    assert torch.equal(codes, expected)
+    assert codes.max() == (1 << (bits - 1 + headroom)) - 1 and codes.min() == -(1 << (bits - 1 + headroom))  # the clamp acts
+
+
+_F32, _I32, _U16 = np.float32, np.int32, np.uint16
+
+
 @pytest.mark.parametrize(
-    "arguments,message",
+    "function,arguments,message",
     [
-        (
-            (np.zeros(10, np.float32), 4, 4, np.ones(11, np.float32), np.zeros(2, np.uint16), np.zeros(2, np.int32)),
-            "do not make groups of 4",
-        ),
-        ((np.zeros(8, np.float32), 8, 9, np.ones(11, np.float32), np.zeros(1, np.uint16), np.zeros(1, np.int32)), "at 1 to 8 bits"),
-        ((np.zeros(8, np.float32), 8, 4, np.ones(12, np.float32), np.zeros(1, np.uint16), np.zeros(1, np.int32)), "at most 11"),
-        ((np.zeros(16, np.float32), 8, 4, np.ones(11, np.float32), np.zeros(1, np.uint16), np.zeros(2, np.int32)), "each of 2 groups"),
+        ("choose_grids", (np.zeros(10, _F32), 4, 4, np.ones(11, _F32), np.zeros(2, _U16), np.zeros(2, _I32)), "do not make groups of 4"),
+        ("choose_grids", (np.zeros(8, _F32), 8, 9, np.ones(11, _F32), np.zeros(1, _U16), np.zeros(1, _I32)), "at 1 to 8 bits"),
+        ("choose_grids", (np.zeros(8, _F32), 8, 4, np.ones(12, _F32), np.zeros(1, _U16), np.zeros(1, _I32)), "at most 11"),
+        ("choose_grids", (np.zeros(16, _F32), 8, 4, np.ones(11, _F32), np.zeros(1, _U16), np.zeros(2, _I32)), "each of 2 groups"),
+        ("quantize_groups", (np.zeros(16, _F32), 8, np.zeros(2, _U16), np.zeros(2, _I32), 4, 3, 0, np.zeros(16, _I32)), "at 3 bits"),
+        ("quantize_groups", (np.zeros(16, _F32), 8, np.zeros(2, _U16), np.zeros(1, _I32), 4, 8, 3, np.zeros(16, _I32)), "each of the 2"),
+        ("quantize_groups", (np.zeros(16, _F32), 8, np.zeros(2, _U16), np.zeros(2, _I32), 4, 8, 3, np.zeros(15, _I32)), "each of the 2"),
+        ("stage_refinements", (np.zeros(8, _I32), 8, 4, 9, True, np.zeros(8, _I32), np.zeros(8, _I32)), "from 4 to 9 bits of 8-bit"),
+        ("stage_refinements", (np.zeros(8, _I32), 8, 4, 8, True, np.zeros(7, _I32), np.zeros(8, _I32)), "of one length"),
     ],
 )
-def test_choose_grids_refuses_buffers_that_do_not_fit(arguments, message):
+def test_encoder_loops_refuse_buffers_that_do_not_fit(function, arguments, message):
     with pytest.raises(ValueError, match=message):
-        entropy._native.choose_grids(*arguments)
+        getattr(entropy._native, function)(*arguments)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -13,6 +13,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -1506,6 +1507,116 @@ done:
     return result;
 }
 
+/* ---- Encoder: a block's codes and refinements (progressive._encode_block's integer part) ---- */
+
+/* quantize_groups' loop: ladder.quantize of float32 weights (group g: step s[g] * level, offset o[g] << shift)
+ * into int32 codes, as torch computes it: r = w / step (0 when step is 0), NaN -> 0 and +-inf -> +-limit
+ * (torch.nan_to_num), plus the offset, floored and clamped to [-limit, limit - 1]. Blends, not branches:
+ * the loop vectorises, division included, with each operation rounded as torch rounds it. */
+VECTOR_CLONES static void quantize_loop(const float *w, Py_ssize_t group_count, int group_size, const uint16_t *s, const int32_t *o,
+                                        int shift, float level, float limit, int32_t *codes) {
+    for (Py_ssize_t g = 0; g < group_count; g++) {
+        const float step = half_to_float(s[g]) * level, offset = (float)(int32_t)((uint32_t)o[g] << shift);
+        const float *x = w + g * group_size;
+        int32_t *v = codes + g * group_size;
+        if (!(step > 0.0f)) { /* torch.where(step > 0, w / step, 0): every ratio is 0 */
+            float code = floorf(offset);
+            code = -limit > code ? -limit : code;
+            code = limit - 1.0f < code ? limit - 1.0f : code;
+            for (int i = 0; i < group_size; i++) v[i] = (int32_t)code;
+            continue;
+        }
+        for (int i = 0; i < group_size; i++) {
+            float r = x[i] / step;
+            r = r != r ? 0.0f : r;
+            r = r > FLT_MAX ? limit : r < -FLT_MAX ? -limit : r;
+            float code = floorf(r + offset);
+            code = -limit > code ? -limit : code;
+            code = limit - 1.0f < code ? limit - 1.0f : code;
+            v[i] = (int32_t)code;
+        }
+    }
+}
+
+/* quantize_groups(groups, group_size, scales, offsets, base_bits, bits, headroom, out) -> None
+ *
+ * ladder.quantize: the signed codes of width `bits` (clamped to 2**(bits-1+headroom)) of float32 groups
+ * on the grid of float16 scales (bit patterns) and int32 offsets, one per group, into int32 out. */
+static PyObject *quantize_groups(PyObject *self, PyObject *args) {
+    Py_buffer groups, scales, offsets, out;
+    int group_size, base_bits, bits, headroom;
+    if (!PyArg_ParseTuple(args, "y*iy*y*iiiw*", &groups, &group_size, &scales, &offsets, &base_bits, &bits, &headroom, &out)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t group_count = scales.len / 2;
+    if (group_size <= 0 || base_bits < 1 || bits < base_bits || bits + headroom > 24 || headroom < 0) {
+        PyErr_Format(PyExc_ValueError, "cannot quantize groups of %d at %d bits from a %d-bit base with headroom %d", group_size, bits,
+                     base_bits, headroom);
+        goto done;
+    }
+    if (groups.len != group_count * group_size * 4 || out.len != groups.len || offsets.len != group_count * 4) {
+        PyErr_Format(PyExc_ValueError, "groups and out must hold %d float32 / int32 for each of the %zd scales and offsets", group_size,
+                     group_count);
+        goto done;
+    }
+    const float level = float_of((uint32_t)(127 + base_bits - bits) << 23), limit = (float)(1 << (bits - 1 + headroom));
+    Py_BEGIN_ALLOW_THREADS
+    quantize_loop(groups.buf, group_count, group_size, scales.buf, offsets.buf, bits - base_bits, level, limit, out.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&groups);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* refinement_loop: per top code v, coarse = v >> (top_bits - low) (clamped to the low range when
+ * `clamped`: the base codes), fine = v >> (top_bits - high), d = fine - (coarse << k) and the refinement
+ * d, or 2**k - 1 - d when d < 0 (ladder.refinement, not corrected). */
+VECTOR_CLONES static void refinement_loop(const int32_t *top, Py_ssize_t n, int top_bits, int low, int high, int clamped, int32_t *coarse,
+                                          int32_t *refinements) {
+    const int k = high - low, to_low = top_bits - low, to_high = top_bits - high;
+    const int32_t bottom = clamped ? -(1 << (low - 1)) : INT32_MIN, top_code = clamped ? (1 << (low - 1)) - 1 : INT32_MAX;
+    const int32_t span = 1 << k;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t c = top[i] >> to_low;
+        c = c < bottom ? bottom : c > top_code ? top_code : c;
+        int32_t d = (int32_t)((uint32_t)(top[i] >> to_high) - ((uint32_t)c << k));
+        coarse[i] = c;
+        refinements[i] = d < 0 ? span - 1 - d : d;
+    }
+}
+
+/* stage_refinements(top_codes, top_bits, low, high, clamped, coarse, refinements) -> None
+ *
+ * One integer stage from `low` to `high` bits of int32 top codes of width top_bits: the coarse codes
+ * (clamped to `low` bits when `clamped`, the base codes of the first stage) and the refinements
+ * the stage codes, both int32, in one pass. */
+static PyObject *stage_refinements(PyObject *self, PyObject *args) {
+    Py_buffer top, coarse, refinements;
+    int top_bits, low, high, clamped;
+    if (!PyArg_ParseTuple(args, "y*iiipw*w*", &top, &top_bits, &low, &high, &clamped, &coarse, &refinements)) return NULL;
+    PyObject *result = NULL;
+    if (low < 1 || high <= low || top_bits < high || top_bits > 24) {
+        PyErr_Format(PyExc_ValueError, "no stage from %d to %d bits of %d-bit codes", low, high, top_bits);
+        goto done;
+    }
+    if (top.len % 4 || coarse.len != top.len || refinements.len != top.len) {
+        PyErr_SetString(PyExc_ValueError, "top codes, coarse codes and refinements must be int32 of one length");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    refinement_loop(top.buf, top.len / 4, top_bits, low, high, clamped, coarse.buf, refinements.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&top);
+    PyBuffer_Release(&coarse);
+    PyBuffer_Release(&refinements);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"histogram", histogram, METH_VARARGS, "Counts of each uint8 context: bytes of 256 native int64."},
     {"join_planes", join_planes, METH_VARARGS, "Symbols in element order from their contexts' byte planes (the encoder's inverse)."},
@@ -1517,6 +1628,8 @@ static PyMethodDef methods[] = {
     {"refine", refine, METH_VARARGS, "Raise coarse codes in place by the refinements their byte planes hold."},
     {"reconstruct", reconstruct, METH_VARARGS, "Dequantize codes to the source dtype, optionally with lossless contexts."},
     {"choose_grids", choose_grids, METH_VARARGS, "Each group's base grid: float16 scale and offset of least squared error."},
+    {"quantize_groups", quantize_groups, METH_VARARGS, "Signed codes of float32 groups on their grids, as ladder.quantize."},
+    {"stage_refinements", stage_refinements, METH_VARARGS, "Coarse codes and refinements of one integer stage from top codes."},
     {"restore_planes", restore_planes, METH_VARARGS, "Add the residuals their byte planes hold to float bit patterns, in place."},
     {"encode_stream", encode_stream, METH_VARARGS, "Group symbols by context into byte planes, each coded as Huffman-only raw DEFLATE."},
     {"packed_contexts", packed_contexts, METH_VARARGS, "Histogram of the refinement contexts of packed base codes."},

@@ -260,6 +260,8 @@ def _encode_block(
     """Base codes, scales, offsets (unpacked) and stage deltas of one block (a 1-D run of whole groups)."""
     groups = ladder.to_groups(weight, spec.group_size)
     scales, offsets = ladder.base_grid(groups, spec.base_bits)
+    if chosen is None and entropy.native_enabled() and weight.dtype in _NATIVE_DTYPES:
+        return _encode_block_native(weight, groups, scales, offsets, spec)
     top_bits = spec.top_bits
     headroom = TOP_HEADROOM if spec.stage_bits else 0
     if chosen is not None and not spec.stage_bits:  # the base is the top level: its codes are the chosen ones
@@ -281,6 +283,42 @@ def _encode_block(
     reconstruction = _reconstruct(top_codes, scales, offsets, spec, top_bits, weight)
     residual = lossless.residual(weight.contiguous(), reconstruction)
     deltas.append(entropy.encode(residual, _lossless_contexts(reconstruction, scales, spec, weight)))
+    return ladder.pack(base_codes, spec.base_bits), scales, offsets, deltas
+
+
+def _encode_block_native(
+    weight: torch.Tensor, groups: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, spec: Ladder
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bytes]]:
+    """``_encode_block`` of a plain ladder in the C loops: the same codes, symbols and contexts, so the same bytes.
+
+    One pass quantizes the top codes; one per integer stage gives its coarse codes and refinements; the
+    reconstruction and its lossless contexts come from the decoder's own loop (``_native.reconstruct``), so
+    the encoder's contexts are the decoder's by construction. No torch temporaries, no int64 beyond the residual.
+    """
+    native = entropy._native
+    top_bits, codes_count = spec.top_bits, groups.numel()
+    scale_bits, group_offsets = scales.view(torch.int16).numpy(), offsets.numpy()
+    top = torch.empty(codes_count, dtype=torch.int32)
+    headroom = TOP_HEADROOM if spec.stage_bits else 0
+    native.quantize_groups(groups.numpy(), spec.group_size, scale_bits, group_offsets, spec.base_bits, top_bits, headroom, top.numpy())
+    base_codes, deltas = top, []
+    for low, high in itertools.pairwise(spec.widths()):
+        coarse, refinements = torch.empty_like(top), torch.empty_like(top)
+        native.stage_refinements(top.numpy(), top_bits, low, high, low == spec.base_bits, coarse.numpy(), refinements.numpy())
+        contexts = torch.empty(codes_count, dtype=torch.uint8)
+        native.refinement_contexts(coarse.numpy(), low, contexts.numpy())
+        deltas.append(entropy.encode(refinements, contexts))
+        if low == spec.base_bits:
+            base_codes = coarse
+    dtype_code, bits_dtype = _NATIVE_DTYPES[weight.dtype]
+    reconstruction = torch.empty(weight.numel(), dtype=weight.dtype)
+    lossless_contexts = torch.empty(weight.numel(), dtype=torch.uint8)
+    native.reconstruct(
+        top.numpy(), scale_bits, group_offsets, spec.base_bits, top_bits, top_bits, spec.group_size, dtype_code,
+        reconstruction.view(bits_dtype).numpy(), lossless_contexts.numpy(), lossless.CONTEXT_MIN, lossless.CONTEXT_MAX,
+    )  # fmt: skip
+    residual = lossless.residual(weight.contiguous(), reconstruction)
+    deltas.append(entropy.encode(residual, lossless_contexts))
     return ladder.pack(base_codes, spec.base_bits), scales, offsets, deltas
 
 
