@@ -236,8 +236,11 @@ _F32, _I32, _U16 = np.float32, np.int32, np.uint16
         ("quantize_groups", (np.zeros(16, _F32), 8, np.zeros(2, _U16), np.zeros(2, _I32), 4, 3, 0, np.zeros(16, _I32)), "at 3 bits"),
         ("quantize_groups", (np.zeros(16, _F32), 8, np.zeros(2, _U16), np.zeros(1, _I32), 4, 8, 3, np.zeros(16, _I32)), "each of the 2"),
         ("quantize_groups", (np.zeros(16, _F32), 8, np.zeros(2, _U16), np.zeros(2, _I32), 4, 8, 3, np.zeros(15, _I32)), "each of the 2"),
-        ("stage_refinements", (np.zeros(8, _I32), 8, 4, 9, True, np.zeros(8, _I32), np.zeros(8, _I32)), "from 4 to 9 bits of 8-bit"),
-        ("stage_refinements", (np.zeros(8, _I32), 8, 4, 8, True, np.zeros(7, _I32), np.zeros(8, _I32)), "of one length"),
+        ("base_stage", (np.zeros(8, _I32), 8, 4, 8, np.zeros(4, np.uint8), np.zeros(8, np.uint8), None), "no 4-bit base with a stage to 8"),
+        ("base_stage", (np.zeros(8, _I32), 8, 4, 8, np.zeros(3, np.uint8), np.zeros(8, np.uint8), np.zeros(8, _I32)), "need 4 packed"),
+        ("base_stage", (np.zeros(8, _I32), 8, 4, 8, np.zeros(4, np.uint8), np.zeros(8, np.uint8), np.zeros(7, _I32)), "hold 28 and 32"),
+        ("stage_refinements", (np.zeros(8, _I32), 8, 4, 9, np.zeros(8, _I32), np.zeros(8, _I32)), "from 4 to 9 bits of 8-bit"),
+        ("stage_refinements", (np.zeros(8, _I32), 8, 4, 8, np.zeros(7, _I32), np.zeros(8, _I32)), "of one length"),
     ],
 )
 def test_encoder_loops_refuse_buffers_that_do_not_fit(function, arguments, message):

@@ -1571,32 +1571,28 @@ done:
     return result;
 }
 
-/* refinement_loop: per top code v, coarse = v >> (top_bits - low) (clamped to the low range when
- * `clamped`: the base codes), fine = v >> (top_bits - high), d = fine - (coarse << k) and the refinement
- * d, or 2**k - 1 - d when d < 0 (ladder.refinement, not corrected). */
-VECTOR_CLONES static void refinement_loop(const int32_t *top, Py_ssize_t n, int top_bits, int low, int high, int clamped, int32_t *coarse,
+/* refinement_loop: per top code v, coarse = v >> (top_bits - low), fine = v >> (top_bits - high),
+ * d = fine - (coarse << k) and the refinement d, or 2**k - 1 - d when d < 0 (ladder.refinement, not corrected). */
+VECTOR_CLONES static void refinement_loop(const int32_t *top, Py_ssize_t n, int top_bits, int low, int high, int32_t *coarse,
                                           int32_t *refinements) {
     const int k = high - low, to_low = top_bits - low, to_high = top_bits - high;
-    const int32_t bottom = clamped ? -(1 << (low - 1)) : INT32_MIN, top_code = clamped ? (1 << (low - 1)) - 1 : INT32_MAX;
     const int32_t span = 1 << k;
     for (Py_ssize_t i = 0; i < n; i++) {
         int32_t c = top[i] >> to_low;
-        c = c < bottom ? bottom : c > top_code ? top_code : c;
         int32_t d = (int32_t)((uint32_t)(top[i] >> to_high) - ((uint32_t)c << k));
         coarse[i] = c;
         refinements[i] = d < 0 ? span - 1 - d : d;
     }
 }
 
-/* stage_refinements(top_codes, top_bits, low, high, clamped, coarse, refinements) -> None
+/* stage_refinements(top_codes, top_bits, low, high, coarse, refinements) -> None
  *
- * One integer stage from `low` to `high` bits of int32 top codes of width top_bits: the coarse codes
- * (clamped to `low` bits when `clamped`, the base codes of the first stage) and the refinements
- * the stage codes, both int32, in one pass. */
+ * An integer stage after the first (base_stage codes that one), from `low` to `high` bits of int32 top
+ * codes of width top_bits: the coarse codes and the refinements the stage codes, both int32, in one pass. */
 static PyObject *stage_refinements(PyObject *self, PyObject *args) {
     Py_buffer top, coarse, refinements;
-    int top_bits, low, high, clamped;
-    if (!PyArg_ParseTuple(args, "y*iiipw*w*", &top, &top_bits, &low, &high, &clamped, &coarse, &refinements)) return NULL;
+    int top_bits, low, high;
+    if (!PyArg_ParseTuple(args, "y*iiiw*w*", &top, &top_bits, &low, &high, &coarse, &refinements)) return NULL;
     PyObject *result = NULL;
     if (low < 1 || high <= low || top_bits < high || top_bits > 24) {
         PyErr_Format(PyExc_ValueError, "no stage from %d to %d bits of %d-bit codes", low, high, top_bits);
@@ -1607,13 +1603,72 @@ static PyObject *stage_refinements(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    refinement_loop(top.buf, top.len / 4, top_bits, low, high, clamped, coarse.buf, refinements.buf);
+    refinement_loop(top.buf, top.len / 4, top_bits, low, high, coarse.buf, refinements.buf);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
     PyBuffer_Release(&top);
     PyBuffer_Release(&coarse);
     PyBuffer_Release(&refinements);
+    return result;
+}
+
+/* base_loop: per run of 8 top codes, the base codes c = clamp(v >> (top_bits - base_bits)), stored as u = c + 2**(b-1):
+ * into `contexts` (u is the first stage's refinement context) and packed (ladder.pack: 8 codes fill b bytes, code k
+ * at bits [k*b, (k+1)*b) of their little-endian run); with `refinements`, the first stage's (ladder.refinement of
+ * v >> (top_bits - high) over c, not corrected). n is a multiple of 8. */
+VECTOR_CLONES static void base_loop(const int32_t *top, Py_ssize_t n, int top_bits, int base_bits, int high, uint8_t *packed,
+                                    uint8_t *contexts, int32_t *refinements) {
+    const int to_base = top_bits - base_bits, to_high = top_bits - high, k = high - base_bits;
+    const int32_t bottom = -(1 << (base_bits - 1)), top_code = (1 << (base_bits - 1)) - 1, span = 1 << k;
+    for (Py_ssize_t run = 0; run < n; run += 8) {
+        uint64_t word = 0;
+        for (int j = 0; j < 8; j++) {
+            int32_t c = top[run + j] >> to_base;
+            c = c < bottom ? bottom : c > top_code ? top_code : c;
+            uint8_t u = (uint8_t)(c - bottom);
+            contexts[run + j] = u;
+            word |= (uint64_t)u << (j * base_bits);
+            if (refinements) {
+                int32_t d = (int32_t)((uint32_t)(top[run + j] >> to_high) - ((uint32_t)c << k));
+                refinements[run + j] = d < 0 ? span - 1 - d : d;
+            }
+        }
+        for (int b = 0; b < base_bits; b++) packed[run / 8 * base_bits + b] = (uint8_t)(word >> (8 * b));
+    }
+}
+
+/* base_stage(top_codes, top_bits, base_bits, high, packed, contexts, refinements) -> None
+ *
+ * The base of int32 top codes of width top_bits in one pass: its packed codes (ladder.pack layout,
+ * base_bits bytes per 8 codes), its stored codes u = c + 2**(b-1) as uint8 (the first stage's refinement
+ * contexts) and, unless `refinements` is None, the int32 refinements of the first stage, to `high` bits. */
+static PyObject *base_stage(PyObject *self, PyObject *args) {
+    Py_buffer top, packed, contexts, refinements = {0};
+    PyObject *refinement_object;
+    int top_bits, base_bits, high, have_refinements = 0;
+    if (!PyArg_ParseTuple(args, "y*iiiw*w*O", &top, &top_bits, &base_bits, &high, &packed, &contexts, &refinement_object)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = top.len / 4;
+    if (base_bits < 1 || base_bits > 8 || high < base_bits || top_bits < high || top_bits > 24 || (refinement_object == Py_None) != (high == base_bits)) {
+        PyErr_Format(PyExc_ValueError, "no %d-bit base with a stage to %d bits of %d-bit codes", base_bits, high, top_bits);
+        goto done;
+    }
+    if (top.len % 32 || packed.len != n / 8 * base_bits || contexts.len != n) {
+        PyErr_Format(PyExc_ValueError, "%zd top codes need %zd packed bytes and as many contexts as codes", n, n / 8 * base_bits);
+        goto done;
+    }
+    if ((have_refinements = optional_contexts(refinement_object, &refinements, top.len)) < 0) goto done;
+    int32_t *refined = have_refinements ? refinements.buf : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    base_loop(top.buf, n, top_bits, base_bits, high, packed.buf, contexts.buf, refined);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    if (have_refinements > 0) PyBuffer_Release(&refinements);
+    PyBuffer_Release(&top);
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&contexts);
     return result;
 }
 
@@ -1629,6 +1684,7 @@ static PyMethodDef methods[] = {
     {"reconstruct", reconstruct, METH_VARARGS, "Dequantize codes to the source dtype, optionally with lossless contexts."},
     {"choose_grids", choose_grids, METH_VARARGS, "Each group's base grid: float16 scale and offset of least squared error."},
     {"quantize_groups", quantize_groups, METH_VARARGS, "Signed codes of float32 groups on their grids, as ladder.quantize."},
+    {"base_stage", base_stage, METH_VARARGS, "Packed base codes, their contexts and the first stage's refinements from top codes."},
     {"stage_refinements", stage_refinements, METH_VARARGS, "Coarse codes and refinements of one integer stage from top codes."},
     {"restore_planes", restore_planes, METH_VARARGS, "Add the residuals their byte planes hold to float bit patterns, in place."},
     {"encode_stream", encode_stream, METH_VARARGS, "Group symbols by context into byte planes, each coded as Huffman-only raw DEFLATE."},

@@ -291,7 +291,8 @@ def _encode_block_native(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bytes]]:
     """``_encode_block`` of a plain ladder in the C loops: the same codes, symbols and contexts, so the same bytes.
 
-    One pass quantizes the top codes; one per integer stage gives its coarse codes and refinements; the
+    One pass quantizes the top codes; one packs the base codes and gives the first stage's refinements and
+    contexts (the stored base codes); one per later stage gives its coarse codes and refinements; the
     reconstruction and its lossless contexts come from the decoder's own loop (``_native.reconstruct``), so
     the encoder's contexts are the decoder's by construction. No torch temporaries, no int64 beyond the residual.
     """
@@ -301,15 +302,18 @@ def _encode_block_native(
     top = torch.empty(codes_count, dtype=torch.int32)
     headroom = TOP_HEADROOM if spec.stage_bits else 0
     native.quantize_groups(groups.numpy(), spec.group_size, scale_bits, group_offsets, spec.base_bits, top_bits, headroom, top.numpy())
-    base_codes, deltas = top, []
-    for low, high in itertools.pairwise(spec.widths()):
-        coarse, refinements = torch.empty_like(top), torch.empty_like(top)
-        native.stage_refinements(top.numpy(), top_bits, low, high, low == spec.base_bits, coarse.numpy(), refinements.numpy())
-        contexts = torch.empty(codes_count, dtype=torch.uint8)
+    packed = torch.empty(codes_count // 8 * spec.base_bits, dtype=torch.uint8)
+    contexts = torch.empty(codes_count, dtype=torch.uint8)
+    refinements, coarse = torch.empty_like(top), torch.empty_like(top)
+    native.base_stage(
+        top.numpy(), top_bits, spec.base_bits, spec.widths()[1] if spec.stage_bits else spec.base_bits, packed.numpy(),
+        contexts.numpy(), refinements.numpy() if spec.stage_bits else None,
+    )  # fmt: skip
+    deltas = [entropy.encode(refinements, contexts)] if spec.stage_bits else []
+    for low, high in itertools.pairwise(spec.stage_bits):
+        native.stage_refinements(top.numpy(), top_bits, low, high, coarse.numpy(), refinements.numpy())
         native.refinement_contexts(coarse.numpy(), low, contexts.numpy())
         deltas.append(entropy.encode(refinements, contexts))
-        if low == spec.base_bits:
-            base_codes = coarse
     dtype_code, bits_dtype = _NATIVE_DTYPES[weight.dtype]
     reconstruction = torch.empty(weight.numel(), dtype=weight.dtype)
     lossless_contexts = torch.empty(weight.numel(), dtype=torch.uint8)
@@ -319,7 +323,7 @@ def _encode_block_native(
     )  # fmt: skip
     residual = lossless.residual(weight.contiguous(), reconstruction)
     deltas.append(entropy.encode(residual, lossless_contexts))
-    return ladder.pack(base_codes, spec.base_bits), scales, offsets, deltas
+    return packed, scales, offsets, deltas
 
 
 def _padded_codes(codes: torch.Tensor, group_size: int) -> torch.Tensor:
