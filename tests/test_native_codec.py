@@ -239,6 +239,18 @@ _F32, _I32, _U16 = np.float32, np.int32, np.uint16
         ("base_stage", (np.zeros(8, _I32), 8, 4, 8, np.zeros(4, np.uint8), np.zeros(8, np.uint8), None), "no 4-bit base with a stage to 8"),
         ("base_stage", (np.zeros(8, _I32), 8, 4, 8, np.zeros(3, np.uint8), np.zeros(8, np.uint8), np.zeros(8, _I32)), "need 4 packed"),
         ("base_stage", (np.zeros(8, _I32), 8, 4, 8, np.zeros(4, np.uint8), np.zeros(8, np.uint8), np.zeros(7, _I32)), "hold 28 and 32"),
+        (
+            "lossless_symbols",
+            (np.zeros(8, _I32), np.zeros(1, _U16), np.zeros(1, _I32), 4, 8, 8, 1, np.zeros(8, np.int16), np.zeros(8, np.uint8))
+            + (np.zeros(8, np.int64), -16, 47),
+            "one 4-byte residual each",
+        ),
+        (
+            "lossless_symbols",
+            (np.zeros(8, _I32), np.zeros(1, _U16), np.zeros(1, _I32), 4, 8, 8, 0, np.zeros(9, _F32), np.zeros(9, np.uint8))
+            + (np.zeros(9, np.int64), -16, 47),
+            "9 elements need whole groups",
+        ),
         ("stage_refinements", (np.zeros(8, _I32), 8, 4, 9, np.zeros(8, _I32), np.zeros(8, _I32)), "from 4 to 9 bits of 8-bit"),
         ("stage_refinements", (np.zeros(8, _I32), 8, 4, 8, np.zeros(7, _I32), np.zeros(8, _I32)), "of one length"),
     ],

@@ -1672,6 +1672,73 @@ done:
     return result;
 }
 
+/* The zigzag code of a residual: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ... (lossless.residual). */
+static inline uint64_t zigzag(int64_t d) { return ((uint64_t)d << 1) ^ (uint64_t)(d >> 63); }
+
+/* Elements dequantized at a time by lossless_symbols: whole groups, their reconstruction stays in L1. */
+#define LOSSLESS_CHUNK 4096
+
+/* lossless_symbols(codes, scales, offsets, base_bits, top_bits, group_size, dtype, original, contexts, residuals) -> None
+ *
+ * The lossless stage's symbols of a block in one pass over L1-sized runs of whole groups: the top codes'
+ * reconstruction in the source dtype (reconstruct's loop, the decoder's own) and its lossless contexts
+ * into uint8 `contexts`, then lossless.residual of the original's bit patterns against it into
+ * `residuals`: uint32 for 16-bit dtypes (the zigzag code of a 16-bit difference is below 2**17), uint64
+ * for float32. `original` holds the block's n elements; codes, scales (finite float16 bits) and offsets
+ * cover them in whole groups. */
+static PyObject *lossless_symbols(PyObject *self, PyObject *args) {
+    Py_buffer codes, scales, offsets, original, contexts, residuals;
+    int base_bits, top_bits, group_size, dtype, low, high;
+    if (!PyArg_ParseTuple(args, "y*y*y*iiiiy*w*w*ii", &codes, &scales, &offsets, &base_bits, &top_bits, &group_size, &dtype, &original,
+                          &contexts, &residuals, &low, &high))
+        return NULL;
+    PyObject *result = NULL;
+    uint8_t *local = NULL;
+    const int width = dtype == FLOAT32 ? 4 : 2, symbol = width == 2 ? 4 : 8;
+    const Py_ssize_t n = original.len / width, groups = scales.len / 2;
+    if (dtype < FLOAT32 || dtype > FLOAT16 || base_bits < 1 || top_bits < base_bits || top_bits > 16 || group_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "unsupported dtype, widths or group size");
+        goto done;
+    }
+    if (original.len % width || offsets.len != groups * 4 || codes.len != groups * group_size * 4 || n > groups * group_size ||
+        contexts.len != n || residuals.len != n * symbol) {
+        PyErr_Format(PyExc_ValueError, "%zd elements need whole groups of codes, one context and one %d-byte residual each", n, symbol);
+        goto done;
+    }
+    const Py_ssize_t chunk = (Py_ssize_t)group_size * (group_size < LOSSLESS_CHUNK ? LOSSLESS_CHUNK / group_size : 1);
+    if (!(local = malloc(chunk * width))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const dequantizer q = dequantizer_of(base_bits, top_bits, top_bits, group_size, dtype, low, high);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t first = 0; first < n; first += chunk) {
+        const Py_ssize_t count = n - first < chunk ? n - first : chunk;
+        dequantize_groups((const int32_t *)codes.buf + first, count, (const uint16_t *)scales.buf + first / group_size,
+                          (const int32_t *)offsets.buf + first / group_size, local, (uint8_t *)contexts.buf + first, &q);
+        if (width == 2) {
+            const int16_t *x = (const int16_t *)original.buf + first, *y = (const int16_t *)local;
+            uint32_t *out = (uint32_t *)residuals.buf + first;
+            for (Py_ssize_t i = 0; i < count; i++) out[i] = (uint32_t)zigzag(ordered16(x[i]) - ordered16(y[i]));
+        } else {
+            const int32_t *x = (const int32_t *)original.buf + first, *y = (const int32_t *)local;
+            uint64_t *out = (uint64_t *)residuals.buf + first;
+            for (Py_ssize_t i = 0; i < count; i++) out[i] = zigzag(ordered32(x[i]) - ordered32(y[i]));
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    free(local);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&original);
+    PyBuffer_Release(&contexts);
+    PyBuffer_Release(&residuals);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"histogram", histogram, METH_VARARGS, "Counts of each uint8 context: bytes of 256 native int64."},
     {"join_planes", join_planes, METH_VARARGS, "Symbols in element order from their contexts' byte planes (the encoder's inverse)."},
@@ -1684,6 +1751,7 @@ static PyMethodDef methods[] = {
     {"reconstruct", reconstruct, METH_VARARGS, "Dequantize codes to the source dtype, optionally with lossless contexts."},
     {"choose_grids", choose_grids, METH_VARARGS, "Each group's base grid: float16 scale and offset of least squared error."},
     {"quantize_groups", quantize_groups, METH_VARARGS, "Signed codes of float32 groups on their grids, as ladder.quantize."},
+    {"lossless_symbols", lossless_symbols, METH_VARARGS, "Lossless contexts and zigzag residuals of a block against its reconstruction."},
     {"base_stage", base_stage, METH_VARARGS, "Packed base codes, their contexts and the first stage's refinements from top codes."},
     {"stage_refinements", stage_refinements, METH_VARARGS, "Coarse codes and refinements of one integer stage from top codes."},
     {"restore_planes", restore_planes, METH_VARARGS, "Add the residuals their byte planes hold to float bit patterns, in place."},

@@ -292,9 +292,9 @@ def _encode_block_native(
     """``_encode_block`` of a plain ladder in the C loops: the same codes, symbols and contexts, so the same bytes.
 
     One pass quantizes the top codes; one packs the base codes and gives the first stage's refinements and
-    contexts (the stored base codes); one per later stage gives its coarse codes and refinements; the
-    reconstruction and its lossless contexts come from the decoder's own loop (``_native.reconstruct``), so
-    the encoder's contexts are the decoder's by construction. No torch temporaries, no int64 beyond the residual.
+    contexts (the stored base codes); one per later stage gives its coarse codes and refinements; one gives
+    the lossless contexts and residuals, reconstructing in the decoder's own loop, so the encoder's contexts are
+    the decoder's by construction. No torch temporaries; residuals of 16-bit dtypes are int32, not int64.
     """
     native = entropy._native
     top_bits, codes_count = spec.top_bits, groups.numel()
@@ -315,14 +315,14 @@ def _encode_block_native(
         native.refinement_contexts(coarse.numpy(), low, contexts.numpy())
         deltas.append(entropy.encode(refinements, contexts))
     dtype_code, bits_dtype = _NATIVE_DTYPES[weight.dtype]
-    reconstruction = torch.empty(weight.numel(), dtype=weight.dtype)
     lossless_contexts = torch.empty(weight.numel(), dtype=torch.uint8)
-    native.reconstruct(
-        top.numpy(), scale_bits, group_offsets, spec.base_bits, top_bits, top_bits, spec.group_size, dtype_code,
-        reconstruction.view(bits_dtype).numpy(), lossless_contexts.numpy(), lossless.CONTEXT_MIN, lossless.CONTEXT_MAX,
+    residuals = torch.empty(weight.numel(), dtype=torch.int64 if weight.element_size() == 4 else torch.int32)
+    native.lossless_symbols(
+        top.numpy(), scale_bits, group_offsets, spec.base_bits, top_bits, spec.group_size, dtype_code,
+        weight.contiguous().view(bits_dtype).numpy(), lossless_contexts.numpy(), residuals.numpy(),
+        lossless.CONTEXT_MIN, lossless.CONTEXT_MAX,
     )  # fmt: skip
-    residual = lossless.residual(weight.contiguous(), reconstruction)
-    deltas.append(entropy.encode(residual, lossless_contexts))
+    deltas.append(entropy.encode(residuals, lossless_contexts))
     return packed, scales, offsets, deltas
 
 
