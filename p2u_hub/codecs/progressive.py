@@ -68,13 +68,13 @@ def _one_torch_thread():
         torch.set_num_threads(previous)
 
 
-def _map_blocks(function, count: int) -> list:
-    """``[function(i) for i in range(count)]``, on ``codec_threads()`` threads.
+def _map_blocks(function, count: int, threads: int | None = None) -> list:
+    """``[function(i) for i in range(count)]``, on ``threads`` threads (default ``codec_threads()``).
 
     The heavy steps (the C loops, inflate, numpy, torch) release the GIL; a single block or a
     single thread runs inline, where a thread pool only costs.
     """
-    workers = min(count, codec_threads())
+    workers = min(count, threads or codec_threads())
     if workers == 1:
         return [function(index) for index in range(count)]
     with ThreadPoolExecutor(workers) as pool:
@@ -154,12 +154,15 @@ def encode(weight: torch.Tensor, spec: Ladder, base_codes: torch.Tensor | None =
     codes = None if base_codes is None else base_codes.reshape(-1)
     ranges = _block_ranges(flat.numel(), spec.group_size)
 
+    threads = codec_threads()
+    within = threads if len(ranges) < threads else 1  # threads on one block: blocks alone would leave cores idle
+
     def encode_block(index: int):
         start, stop = ranges[index]
-        return _encode_block(flat[start:stop], spec, None if codes is None else codes[start:stop])
+        return _encode_block(flat[start:stop], spec, None if codes is None else codes[start:stop], within)
 
     with _one_torch_thread():
-        blocks = _map_blocks(encode_block, len(ranges))
+        blocks = [encode_block(index) for index in range(len(ranges))] if within > 1 else _map_blocks(encode_block, len(ranges))
         stage_streams = [[deltas[stage] for *_, deltas in blocks] for stage in range(spec.stage_count)]
         offsets = ladder.pack_offsets(torch.cat([offsets for _, _, offsets, _ in blocks]), spec.base_bits)
         return EncodedTensor(
@@ -255,13 +258,16 @@ def _group_offsets(offsets: torch.Tensor | None, spec: Ladder, groups: int) -> t
 
 
 def _encode_block(
-    weight: torch.Tensor, spec: Ladder, chosen: torch.Tensor | None
+    weight: torch.Tensor, spec: Ladder, chosen: torch.Tensor | None, threads: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bytes]]:
-    """Base codes, scales, offsets (unpacked) and stage deltas of one block (a 1-D run of whole groups)."""
+    """Base codes, scales, offsets (unpacked) and stage deltas of one block (a 1-D run of whole groups).
+
+    ``threads``: how many threads the C loops of a plain ladder spread this block over (the torch path uses one).
+    """
     groups = ladder.to_groups(weight, spec.group_size)
-    scales, offsets = ladder.base_grid(groups, spec.base_bits)
     if chosen is None and entropy.native_enabled() and weight.dtype in _NATIVE_DTYPES:
-        return _encode_block_native(weight, groups, scales, offsets, spec)
+        return _encode_block_native(weight, groups, spec, threads)
+    scales, offsets = ladder.base_grid(groups, spec.base_bits)
     top_bits = spec.top_bits
     headroom = TOP_HEADROOM if spec.stage_bits else 0
     if chosen is not None and not spec.stage_bits:  # the base is the top level: its codes are the chosen ones
@@ -287,42 +293,57 @@ def _encode_block(
 
 
 def _encode_block_native(
-    weight: torch.Tensor, groups: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, spec: Ladder
+    weight: torch.Tensor, groups: torch.Tensor, spec: Ladder, threads: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bytes]]:
-    """``_encode_block`` of a plain ladder in the C loops: the same codes, symbols and contexts, so the same bytes.
+    """``_encode_block`` of a plain ladder in the C loops: the same grids, codes, symbols and contexts, so the same bytes.
 
-    One pass quantizes the top codes; one packs the base codes and gives the first stage's refinements and
-    contexts (the stored base codes); one per later stage gives its coarse codes and refinements; one gives
-    the lossless contexts and residuals, reconstructing in the decoder's own loop, so the encoder's contexts are
-    the decoder's by construction. No torch temporaries; residuals of 16-bit dtypes are int32, not int64.
+    Per run of groups, one pass chooses the grids; one quantizes the top codes; one packs the base codes and gives
+    the first stage's refinements and contexts (the stored base codes); one per later stage gives its coarse codes
+    and refinements; one gives the lossless contexts and residuals, reconstructing in the decoder's own loop, so the
+    encoder's contexts are the decoder's by construction. The runs are independent, and so are the stages' streams
+    once every symbol is known: both spread over ``threads`` threads (the C loops release the GIL). No torch
+    temporaries; residuals of 16-bit dtypes are int32, not int64.
     """
     native = entropy._native
-    top_bits, codes_count = spec.top_bits, groups.numel()
-    scale_bits, group_offsets = scales.view(torch.int16).numpy(), offsets.numpy()
-    top = torch.empty(codes_count, dtype=torch.int32)
+    group_size, top_bits, count = spec.group_size, spec.top_bits, groups.shape[0]
     headroom = TOP_HEADROOM if spec.stage_bits else 0
-    native.quantize_groups(groups.numpy(), spec.group_size, scale_bits, group_offsets, spec.base_bits, top_bits, headroom, top.numpy())
-    packed = torch.empty(codes_count // 8 * spec.base_bits, dtype=torch.uint8)
-    contexts = torch.empty(codes_count, dtype=torch.uint8)
-    refinements, coarse = torch.empty_like(top), torch.empty_like(top)
-    native.base_stage(
-        top.numpy(), top_bits, spec.base_bits, spec.widths()[1] if spec.stage_bits else spec.base_bits, packed.numpy(),
-        contexts.numpy(), refinements.numpy() if spec.stage_bits else None,
-    )  # fmt: skip
-    deltas = [entropy.encode(refinements, contexts)] if spec.stage_bits else []
-    for low, high in itertools.pairwise(spec.stage_bits):
-        native.stage_refinements(top.numpy(), top_bits, low, high, coarse.numpy(), refinements.numpy())
-        native.refinement_contexts(coarse.numpy(), low, contexts.numpy())
-        deltas.append(entropy.encode(refinements, contexts))
     dtype_code, bits_dtype = _NATIVE_DTYPES[weight.dtype]
-    lossless_contexts = torch.empty(weight.numel(), dtype=torch.uint8)
+    scales, offsets = torch.empty(count, dtype=ladder.SCALE_DTYPE), torch.empty(count, dtype=torch.int32)
+    top = torch.empty(count * group_size, dtype=torch.int32)
+    packed = torch.empty(count * group_size // 8 * spec.base_bits, dtype=torch.uint8)
+    refinements = [torch.empty_like(top) for _ in spec.stage_bits]
+    contexts = [torch.empty(top.numel(), dtype=torch.uint8) for _ in spec.stage_bits or (0,)]  # without stages: the base's, unused
+    coarse = torch.empty_like(top) if len(spec.stage_bits) > 1 else top
+    original = weight.contiguous().view(bits_dtype)
     residuals = torch.empty(weight.numel(), dtype=torch.int64 if weight.element_size() == 4 else torch.int32)
-    native.lossless_symbols(
-        top.numpy(), scale_bits, group_offsets, spec.base_bits, top_bits, spec.group_size, dtype_code,
-        weight.contiguous().view(bits_dtype).numpy(), lossless_contexts.numpy(), residuals.numpy(),
-        lossless.CONTEXT_MIN, lossless.CONTEXT_MAX,
-    )  # fmt: skip
-    deltas.append(entropy.encode(residuals, lossless_contexts))
+    lossless_contexts = torch.empty(weight.numel(), dtype=torch.uint8)
+    step = max(1, -(-count // threads))  # groups per run
+
+    def symbols(part: int) -> None:
+        first, last = part * step, min(count, (part + 1) * step)
+        codes, elements = slice(first * group_size, last * group_size), slice(first * group_size, min(last * group_size, weight.numel()))
+        scales[first:last], offsets[first:last] = ladder.base_grid(groups[first:last], spec.base_bits)
+        scale_bits, group_offsets = scales[first:last].view(torch.int16).numpy(), offsets[first:last].numpy()
+        native.quantize_groups(
+            groups[first:last].numpy(), group_size, scale_bits, group_offsets, spec.base_bits, top_bits, headroom, top[codes].numpy()
+        )
+        native.base_stage(
+            top[codes].numpy(), top_bits, spec.base_bits, spec.widths()[1] if spec.stage_bits else spec.base_bits,
+            packed[first * group_size // 8 * spec.base_bits : last * group_size // 8 * spec.base_bits].numpy(),
+            contexts[0][codes].numpy(), refinements[0][codes].numpy() if spec.stage_bits else None,
+        )  # fmt: skip
+        for stage, (low, high) in enumerate(itertools.pairwise(spec.stage_bits), start=1):
+            native.stage_refinements(top[codes].numpy(), top_bits, low, high, coarse[codes].numpy(), refinements[stage][codes].numpy())
+            native.refinement_contexts(coarse[codes].numpy(), low, contexts[stage][codes].numpy())
+        native.lossless_symbols(
+            top[codes].numpy(), scale_bits, group_offsets, spec.base_bits, top_bits, group_size, dtype_code,
+            original[elements].numpy(), lossless_contexts[elements].numpy(), residuals[elements].numpy(),
+            lossless.CONTEXT_MIN, lossless.CONTEXT_MAX,
+        )  # fmt: skip
+
+    _map_blocks(symbols, max(1, -(-count // step)), threads)
+    streams = [*zip(refinements, contexts), (residuals, lossless_contexts)][::-1]  # the lossless one, the largest, starts first
+    deltas = _map_blocks(lambda index: entropy.encode(*streams[index]), len(streams), threads)[::-1]
     return packed, scales, offsets, deltas
 
 
