@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import queue
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -264,9 +265,10 @@ def _encode_block(
 
     ``threads``: how many threads the C loops of a plain ladder spread this block over (the torch path uses one).
     """
-    groups = ladder.to_groups(weight, spec.group_size)
     if chosen is None and entropy.native_enabled() and weight.dtype in _NATIVE_DTYPES:
-        return _encode_block_native(weight, groups, spec, threads)
+        with _scratch() as arrays:
+            return _encode_block_native(weight, spec, threads, arrays)
+    groups = ladder.to_groups(weight, spec.group_size)
     scales, offsets = ladder.base_grid(groups, spec.base_bits)
     top_bits = spec.top_bits
     headroom = TOP_HEADROOM if spec.stage_bits else 0
@@ -292,8 +294,38 @@ def _encode_block(
     return ladder.pack(base_codes, spec.base_bits), scales, offsets, deltas
 
 
+_SCRATCH: queue.SimpleQueue[dict] = queue.SimpleQueue()
+"""Encoder work arrays of finished blocks, for the next ones: ``{(name, dtype): tensor}``, one dict per block in flight."""
+
+
+@contextmanager
+def _scratch():
+    """A dict of work arrays that a block may use and grow (``_work_array``), given back for the next block.
+
+    A block's arrays are ~26 bytes per element; freshly allocated, each page of them costs a page fault
+    (glibc returns freed blocks this large to the system), which took ~15% of the encoder's CPU time and more
+    with threads. Kept, they cost their memory: one block's arrays per thread that ever coded one at once.
+    """
+    try:
+        arrays = _SCRATCH.get_nowait()
+    except queue.Empty:
+        arrays = {}
+    try:
+        yield arrays
+    finally:
+        _SCRATCH.put(arrays)
+
+
+def _work_array(arrays: dict, name: str, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first ``count`` elements of work array ``name`` (uninitialised), grown when too short."""
+    array = arrays.get((name, dtype))
+    if array is None or array.numel() < count:
+        array = arrays[name, dtype] = torch.empty(count, dtype=dtype)
+    return array[:count]
+
+
 def _encode_block_native(
-    weight: torch.Tensor, groups: torch.Tensor, spec: Ladder, threads: int
+    weight: torch.Tensor, spec: Ladder, threads: int, arrays: dict
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bytes]]:
     """``_encode_block`` of a plain ladder in the C loops: the same grids, codes, symbols and contexts, so the same bytes.
 
@@ -301,22 +333,28 @@ def _encode_block_native(
     the first stage's refinements and contexts (the stored base codes); one per later stage gives its coarse codes
     and refinements; one gives the lossless contexts and residuals, reconstructing in the decoder's own loop, so the
     encoder's contexts are the decoder's by construction. The runs are independent, and so are the stages' streams
-    once every symbol is known: both spread over ``threads`` threads (the C loops release the GIL). No torch
-    temporaries; residuals of 16-bit dtypes are int32, not int64.
+    once every symbol is known: both spread over ``threads`` threads (the C loops release the GIL). Work arrays
+    come from ``arrays`` (``_scratch``); residuals of 16-bit dtypes are int32, not int64.
     """
     native = entropy._native
-    group_size, top_bits, count = spec.group_size, spec.top_bits, groups.shape[0]
+    group_size, top_bits, numel = spec.group_size, spec.top_bits, weight.numel()
+    count = ladder.group_count(numel, group_size)
+    codes_count = count * group_size
+    groups = _work_array(arrays, "groups", codes_count, torch.float32)  # ladder.to_groups, without a fresh array
+    groups[:numel] = weight.reshape(-1)
+    groups[numel:] = 0.0
+    groups = groups.view(count, group_size)
     headroom = TOP_HEADROOM if spec.stage_bits else 0
     dtype_code, bits_dtype = _NATIVE_DTYPES[weight.dtype]
     scales, offsets = torch.empty(count, dtype=ladder.SCALE_DTYPE), torch.empty(count, dtype=torch.int32)
-    top = torch.empty(count * group_size, dtype=torch.int32)
-    packed = torch.empty(count * group_size // 8 * spec.base_bits, dtype=torch.uint8)
-    refinements = [torch.empty_like(top) for _ in spec.stage_bits]
-    contexts = [torch.empty(top.numel(), dtype=torch.uint8) for _ in spec.stage_bits or (0,)]  # without stages: the base's, unused
-    coarse = torch.empty_like(top) if len(spec.stage_bits) > 1 else top
+    top = _work_array(arrays, "top", codes_count, torch.int32)
+    packed = torch.empty(codes_count // 8 * spec.base_bits, dtype=torch.uint8)
+    refinements = [_work_array(arrays, f"refinements {stage}", codes_count, torch.int32) for stage in range(len(spec.stage_bits))]
+    contexts = [_work_array(arrays, f"contexts {stage}", codes_count, torch.uint8) for stage in range(max(1, len(spec.stage_bits)))]
+    coarse = _work_array(arrays, "coarse", codes_count, torch.int32)  # the stages after the first
     original = weight.contiguous().view(bits_dtype)
-    residuals = torch.empty(weight.numel(), dtype=torch.int64 if weight.element_size() == 4 else torch.int32)
-    lossless_contexts = torch.empty(weight.numel(), dtype=torch.uint8)
+    residuals = _work_array(arrays, "residuals", numel, torch.int64 if weight.element_size() == 4 else torch.int32)
+    lossless_contexts = _work_array(arrays, "lossless contexts", numel, torch.uint8)
     step = max(1, -(-count // threads))  # groups per run
 
     def symbols(part: int) -> None:
