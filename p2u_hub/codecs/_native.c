@@ -29,6 +29,7 @@
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#define HAVE_AVX2_CLONES 1
 #endif
 #endif
 #ifndef VECTOR_CLONES
@@ -1400,6 +1401,19 @@ static inline float finite_or_zero(float value) { return (pattern_of(value) & 0x
 /* ladder._to_scale of a non-negative float32: saturate at 65504 (float16's maximum), then round to nearest even. */
 static inline uint16_t saturated_half(float value) { return float_to_half(pattern_of(value > 65504.0f ? 65504.0f : value)); }
 
+/* floor(t) for |t| < 2**31, in the grid search's inner loop. x86 code without SSE4.1 (the baseline of a build
+ * without AVX2 clones) has no vector floor and floorf is a scalar sequence there (~8x slower): truncate, then
+ * step down where that rounded up, which SSE2 vectorises. Elsewhere floorf is one vector instruction (the AVX2
+ * clone's roundps, NEON's frintm). Both are exact. */
+#if defined(__x86_64__) && !defined(__SSE4_1__) && !defined(HAVE_AVX2_CLONES)
+static inline float grid_floor(float t) {
+    float truncated = (float)(int32_t)t;
+    return truncated > t ? truncated - 1.0f : truncated;
+}
+#else
+#define grid_floor floorf
+#endif
+
 /* Per candidate lane c, the sum over the group's weights w, in weight order, of d * d where, in float32 with
  * every operation rounded on its own, r = offset[c] + w * inverse[c], d = (floor(clamp(r, low, high)) + 0.5) - r:
  * ladder._grid_errors' sums. The lanes are the inner loop (independent sums, each still in weight order), so
@@ -1413,7 +1427,7 @@ VECTOR_CLONES static void grid_sums(const float *weights, int group_size, const 
             float r = offset[c] + weight * inverse[c];
             float t = low > r ? low : r; /* clamp(r, low, high), written as max then min: two instructions */
             t = high < t ? high : t;
-            float d = (floorf(t) + 0.5f) - r;
+            float d = (grid_floor(t) + 0.5f) - r;
             sum[c] += d * d;
         }
     }
