@@ -1635,21 +1635,24 @@ VECTOR_CLONES static void base_loop(const int32_t *top, Py_ssize_t n, int top_bi
                                     uint8_t *contexts, int32_t *refinements) {
     const int to_base = top_bits - base_bits, to_high = top_bits - high, k = high - base_bits;
     const int32_t bottom = -(1 << (base_bits - 1)), top_code = (1 << (base_bits - 1)) - 1, span = 1 << k;
-    for (Py_ssize_t run = 0; run < n; run += 8) {
-        uint64_t word = 0;
-        for (int j = 0; j < 8; j++) {
-            int32_t c = top[run + j] >> to_base;
-            c = c < bottom ? bottom : c > top_code ? top_code : c;
-            uint8_t u = (uint8_t)(c - bottom);
-            contexts[run + j] = u;
-            word |= (uint64_t)u << (j * base_bits);
-            if (refinements) {
-                int32_t d = (int32_t)((uint32_t)(top[run + j] >> to_high) - ((uint32_t)c << k));
-                refinements[run + j] = d < 0 ? span - 1 - d : d;
-            }
-        }
-        for (int b = 0; b < base_bits; b++) packed[run / 8 * base_bits + b] = (uint8_t)(word >> (8 * b));
+    for (Py_ssize_t i = 0; i < n; i++) { /* separate loops: each vectorises */
+        int32_t c = top[i] >> to_base;
+        contexts[i] = (uint8_t)((c < bottom ? bottom : c > top_code ? top_code : c) - bottom);
     }
+    if (refinements)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int32_t c = (int32_t)contexts[i] + bottom;
+            int32_t d = (int32_t)((uint32_t)(top[i] >> to_high) - ((uint32_t)c << k));
+            refinements[i] = d < 0 ? span - 1 - d : d;
+        }
+    if (base_bits == 4) /* the default width: two codes a byte, low nibble first */
+        for (Py_ssize_t j = 0; j < n / 2; j++) packed[j] = (uint8_t)(contexts[2 * j] | contexts[2 * j + 1] << 4);
+    else
+        for (Py_ssize_t run = 0; run < n; run += 8) {
+            uint64_t word = 0;
+            for (int j = 0; j < 8; j++) word |= (uint64_t)contexts[run + j] << (j * base_bits);
+            for (int b = 0; b < base_bits; b++) packed[run / 8 * base_bits + b] = (uint8_t)(word >> (8 * b));
+        }
 }
 
 /* base_stage(top_codes, top_bits, base_bits, high, packed, contexts, refinements) -> None

@@ -225,8 +225,8 @@ def _block_ranges(numel: int, group_size: int) -> list[tuple[int, int]]:
 
 
 def _frame(streams: list[bytes]) -> bytes:
-    header = _U32.pack(len(streams)) + b"".join(_U32.pack(len(stream)) for stream in streams)
-    return header + b"".join(streams)
+    """The delta: block count, stream lengths, streams; one join, so each stream's bytes are copied once."""
+    return b"".join([struct.pack(f"<{len(streams) + 1}I", len(streams), *map(len, streams)), *streams])
 
 
 def _unframe(delta: bytes, expected_blocks: int) -> list[bytes]:
