@@ -1448,7 +1448,7 @@ VECTOR_CLONES static void choose_grid(const float *weights, int group_size, int 
     const float limit = (float)(1 << (bits - 1));
     uint16_t scales[GRID_LANES] = {saturated_half(absmax / (limit - 0.5f))};
     int32_t offsets[GRID_LANES] = {0};
-    float inverse[GRID_LANES] = {0}, lane_offset[GRID_LANES] = {0}, steps[GRID_LANES], sums[GRID_LANES];
+    float inverse[GRID_LANES], lane_offset[GRID_LANES], steps[GRID_LANES] = {half_to_float(scales[0])}, sums[GRID_LANES];
     for (int k = 0; k < ratio_count; k++) {
         uint16_t clipped = saturated_half((high - low) * ratios[k] / (float)(1 << bits));
         float step = half_to_float(clipped), centre = step > 0.0f ? -(high + low) / (2.0f * step) : 0.0f;
@@ -1456,12 +1456,12 @@ VECTOR_CLONES static void choose_grid(const float *weights, int group_size, int 
         below = below < -limit ? -limit : below > limit - 1.0f ? limit - 1.0f : below;
         above = above < -limit ? -limit : above > limit - 1.0f ? limit - 1.0f : above;
         scales[1 + 2 * k] = scales[2 + 2 * k] = clipped;
+        steps[1 + 2 * k] = steps[2 + 2 * k] = step;
         offsets[1 + 2 * k] = (int32_t)below;
         offsets[2 + 2 * k] = (int32_t)above;
     }
     const int candidates = 1 + 2 * ratio_count;
-    for (int c = 0; c < candidates; c++) {
-        steps[c] = half_to_float(scales[c]);
+    for (int c = 0; c < GRID_LANES; c++) { /* all lanes, the unused ones at step 0: whole vectors, 3 divisions */
         inverse[c] = steps[c] > 0.0f ? 1.0f / steps[c] : 0.0f;
         lane_offset[c] = (float)offsets[c];
     }
