@@ -9,7 +9,8 @@ Deltas are coded in *blocks* of ``block_groups(group_size)`` consecutive groups 
 elements), each an independent entropy stream, so coding memory is bounded by the block,
 not the tensor: decoding a large embedding needs the output tensor plus one block's
 temporaries per thread. Blocks are coded on ``codec_threads()`` threads (``$P2U_CODEC_THREADS``,
-default one per CPU) with torch at one intra-op thread meanwhile. A delta is ``u32le block_count``, ``block_count`` x ``u32le length``, then the
+default one per CPU) with torch at one intra-op thread meanwhile; a tensor with fewer blocks than threads
+is encoded block by block with each block's groups, then its stages, shared out among the threads. A delta is ``u32le block_count``, ``block_count`` x ``u32le length``, then the
 blocks' streams in order.
 """
 
@@ -351,7 +352,7 @@ def _encode_block_native(
     packed = torch.empty(codes_count // 8 * spec.base_bits, dtype=torch.uint8)
     refinements = [_work_array(arrays, f"refinements {stage}", codes_count, torch.int32) for stage in range(len(spec.stage_bits))]
     contexts = [_work_array(arrays, f"contexts {stage}", codes_count, torch.uint8) for stage in range(max(1, len(spec.stage_bits)))]
-    coarse = _work_array(arrays, "coarse", codes_count, torch.int32)  # the stages after the first
+    coarse = _work_array(arrays, "coarse", codes_count, torch.int32) if len(spec.stage_bits) > 1 else top  # stages after the first
     original = weight.contiguous().view(bits_dtype)
     residuals = _work_array(arrays, "residuals", numel, torch.int64 if weight.element_size() == 4 else torch.int32)
     lossless_contexts = _work_array(arrays, "lossless contexts", numel, torch.uint8)
