@@ -52,6 +52,22 @@ def test_native_and_numpy_paths_write_and_read_the_same_bytes(monkeypatch, dtype
     assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_native_encoder_pads_a_partial_last_group_like_the_fallback(monkeypatch, dtype):
+    """A tensor that is not whole groups (the last group zero-padded), on threads that share out its one block."""
+    spec = progressive.Ladder(4, (8,), 64)
+    weight = _weights(dtype, (999, 7), seed=5)
+    weight[0, :3] = torch.tensor([float("nan"), float("inf"), 1e-40]).to(dtype)
+    monkeypatch.setenv(progressive.THREADS_VARIABLE, "3")
+    monkeypatch.setenv("P2U_NO_NATIVE", "")
+    native = progressive.encode(weight, spec)
+    monkeypatch.setenv("P2U_NO_NATIVE", "1")
+    fallback = progressive.encode(weight, spec)
+    assert native.deltas == fallback.deltas
+    for field in ("packed_codes", "scales", "offsets"):
+        assert torch.equal(getattr(native, field), getattr(fallback, field))
+
+
 def test_entropy_paths_agree_on_wide_symbols_and_every_context(monkeypatch):
     generator = torch.Generator().manual_seed(4)
     contexts = torch.randint(0, 256, (70_000,), generator=generator).to(torch.uint8)
