@@ -70,13 +70,13 @@ def _one_torch_thread():
         torch.set_num_threads(previous)
 
 
-def _map_blocks(function, count: int, threads: int | None = None) -> list:
-    """``[function(i) for i in range(count)]``, on ``threads`` threads (default ``codec_threads()``).
+def _map_blocks(function, count: int) -> list:
+    """``[function(i) for i in range(count)]``, on ``codec_threads()`` threads.
 
     The heavy steps (the C loops, inflate, numpy, torch) release the GIL; a single block or a
     single thread runs inline, where a thread pool only costs.
     """
-    workers = min(count, threads or codec_threads())
+    workers = min(count, codec_threads())
     if workers == 1:
         return [function(index) for index in range(count)]
     with ThreadPoolExecutor(workers) as pool:
@@ -157,14 +157,17 @@ def encode(weight: torch.Tensor, spec: Ladder, base_codes: torch.Tensor | None =
     ranges = _block_ranges(flat.numel(), spec.group_size)
 
     threads = codec_threads()
-    within = threads if len(ranges) < threads else 1  # threads on one block: blocks alone would leave cores idle
 
-    def encode_block(index: int):
+    def encode_block(index: int, pool: ThreadPoolExecutor | None = None):
         start, stop = ranges[index]
-        return _encode_block(flat[start:stop], spec, None if codes is None else codes[start:stop], within)
+        return _encode_block(flat[start:stop], spec, None if codes is None else codes[start:stop], pool)
 
     with _one_torch_thread():
-        blocks = [encode_block(index) for index in range(len(ranges))] if within > 1 else _map_blocks(encode_block, len(ranges))
+        if len(ranges) < threads and _native_encodes(flat.dtype, codes):  # blocks alone would leave cores idle
+            with ThreadPoolExecutor(threads) as pool:
+                blocks = [encode_block(index, pool) for index in range(len(ranges))]
+        else:
+            blocks = _map_blocks(encode_block, len(ranges))
         stage_streams = [[deltas[stage] for *_, deltas in blocks] for stage in range(spec.stage_count)]
         offsets = ladder.pack_offsets(torch.cat([offsets for _, _, offsets, _ in blocks]), spec.base_bits)
         return EncodedTensor(
@@ -260,15 +263,15 @@ def _group_offsets(offsets: torch.Tensor | None, spec: Ladder, groups: int) -> t
 
 
 def _encode_block(
-    weight: torch.Tensor, spec: Ladder, chosen: torch.Tensor | None, threads: int = 1
+    weight: torch.Tensor, spec: Ladder, chosen: torch.Tensor | None, pool: ThreadPoolExecutor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bytes]]:
     """Base codes, scales, offsets (unpacked) and stage deltas of one block (a 1-D run of whole groups).
 
-    ``threads``: how many threads the C loops of a plain ladder spread this block over (the torch path uses one).
+    ``pool``: threads the C loops of a plain ladder spread this block over (None: this one; the torch path uses one).
     """
-    if chosen is None and entropy.native_enabled() and weight.dtype in _NATIVE_DTYPES:
+    if _native_encodes(weight.dtype, chosen):
         with _scratch() as arrays:
-            return _encode_block_native(weight, spec, threads, arrays)
+            return _encode_block_native(weight, spec, pool, arrays)
     groups = ladder.to_groups(weight, spec.group_size)
     scales, offsets = ladder.base_grid(groups, spec.base_bits)
     top_bits = spec.top_bits
@@ -293,6 +296,11 @@ def _encode_block(
     residual = lossless.residual(weight.contiguous(), reconstruction)
     deltas.append(entropy.encode(residual, _lossless_contexts(reconstruction, scales, spec, weight)))
     return ladder.pack(base_codes, spec.base_bits), scales, offsets, deltas
+
+
+def _native_encodes(dtype: torch.dtype, chosen: torch.Tensor | None) -> bool:
+    """Whether ``_encode_block_native`` codes a block: C loops on, a float dtype they know, codes not chosen (GPTQ)."""
+    return chosen is None and entropy.native_enabled() and dtype in _NATIVE_DTYPES
 
 
 _SCRATCH: queue.SimpleQueue[dict] = queue.SimpleQueue()
@@ -326,7 +334,7 @@ def _work_array(arrays: dict, name: str, count: int, dtype: torch.dtype) -> torc
 
 
 def _encode_block_native(
-    weight: torch.Tensor, spec: Ladder, threads: int, arrays: dict
+    weight: torch.Tensor, spec: Ladder, pool: ThreadPoolExecutor | None, arrays: dict
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bytes]]:
     """``_encode_block`` of a plain ladder in the C loops: the same grids, codes, symbols and contexts, so the same bytes.
 
@@ -334,7 +342,7 @@ def _encode_block_native(
     the first stage's refinements and contexts (the stored base codes); one per later stage gives its coarse codes
     and refinements; one gives the lossless contexts and residuals, reconstructing in the decoder's own loop, so the
     encoder's contexts are the decoder's by construction. The runs are independent, and so are the stages' streams
-    once every symbol is known: both spread over ``threads`` threads (the C loops release the GIL). Work arrays
+    once every symbol is known: both spread over ``pool``'s threads (the C loops release the GIL). Work arrays
     come from ``arrays`` (``_scratch``); residuals of 16-bit dtypes are int32, not int64.
     """
     native = entropy._native
@@ -356,7 +364,8 @@ def _encode_block_native(
     original = weight.contiguous().view(bits_dtype)
     residuals = _work_array(arrays, "residuals", numel, torch.int64 if weight.element_size() == 4 else torch.int32)
     lossless_contexts = _work_array(arrays, "lossless contexts", numel, torch.uint8)
-    step = max(1, -(-count // threads))  # groups per run
+    run = map if pool is None else pool.map
+    step = max(1, -(-count // (1 if pool is None else codec_threads())))  # groups per run: one per thread of the pool
 
     def symbols(part: int) -> None:
         first, last = part * step, min(count, (part + 1) * step)
@@ -380,9 +389,9 @@ def _encode_block_native(
             lossless.CONTEXT_MIN, lossless.CONTEXT_MAX,
         )  # fmt: skip
 
-    _map_blocks(symbols, max(1, -(-count // step)), threads)
+    list(run(symbols, range(max(1, -(-count // step)))))
     streams = [*zip(refinements, contexts), (residuals, lossless_contexts)][::-1]  # the lossless one, the largest, starts first
-    deltas = _map_blocks(lambda index: entropy.encode(*streams[index]), len(streams), threads)[::-1]
+    deltas = list(run(lambda stream: entropy.encode(*stream), streams))[::-1]
     return packed, scales, offsets, deltas
 
 
