@@ -232,13 +232,18 @@ def test_multi_block_tensor_round_trips_and_frames_are_checked():
         )
 
 
-def test_block_threads_give_the_same_bytes_and_are_configurable(monkeypatch):
-    spec = progressive.Ladder(4, (8,), 64)
+@pytest.mark.parametrize("stage_bits", [(8,), (6, 8, 12)])
+def test_block_threads_give_the_same_bytes_and_are_configurable(monkeypatch, stage_bits):
+    spec = progressive.Ladder(4, stage_bits, 64)
     weight = _weights(torch.float32, (2100, 1024))  # three blocks
     monkeypatch.setenv(progressive.THREADS_VARIABLE, "1")
     serial = progressive.encode(weight, spec)
-    monkeypatch.setenv(progressive.THREADS_VARIABLE, "3")
-    assert progressive.encode(weight, spec).deltas == serial.deltas
+    for threads in ("3", "7"):  # three threads code a block each; seven (more than the blocks) share out each block's groups
+        monkeypatch.setenv(progressive.THREADS_VARIABLE, threads)
+        threaded = progressive.encode(weight, spec)
+        assert threaded.deltas == serial.deltas
+        for field in ("packed_codes", "scales", "offsets"):
+            assert torch.equal(getattr(threaded, field), getattr(serial, field))
     rebuilt = progressive.decode(serial.packed_codes, serial.scales, serial.offsets, serial.deltas, spec, tuple(weight.shape), weight.dtype)
     assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
     monkeypatch.setenv(progressive.THREADS_VARIABLE, "zero")

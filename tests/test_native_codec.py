@@ -29,7 +29,7 @@ def _awkward_weights(dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("base_bits,stage_bits", [(4, (8,)), (3, (5, 8)), (8, (16,))])
+@pytest.mark.parametrize("base_bits,stage_bits", [(4, (8,)), (3, (5, 8)), (8, (16,)), (2, (10, 16)), (4, ())])
 def test_native_and_numpy_paths_write_and_read_the_same_bytes(monkeypatch, dtype, base_bits, stage_bits):
     spec = progressive.Ladder(base_bits, stage_bits, 64)
     weight = _awkward_weights(dtype)
@@ -50,6 +50,22 @@ def test_native_and_numpy_paths_write_and_read_the_same_bytes(monkeypatch, dtype
         )
         assert torch.equal(rebuilt.view(torch.uint8), expected.view(torch.uint8)), stage
     assert torch.equal(rebuilt.view(torch.uint8), weight.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_native_encoder_pads_a_partial_last_group_like_the_fallback(monkeypatch, dtype):
+    """A tensor that is not whole groups (the last group zero-padded), on threads that share out its one block."""
+    spec = progressive.Ladder(4, (8,), 64)
+    weight = _weights(dtype, (999, 7), seed=5)
+    weight[0, :3] = torch.tensor([float("nan"), float("inf"), 1e-40]).to(dtype)
+    monkeypatch.setenv(progressive.THREADS_VARIABLE, "3")
+    monkeypatch.setenv("P2U_NO_NATIVE", "")
+    native = progressive.encode(weight, spec)
+    monkeypatch.setenv("P2U_NO_NATIVE", "1")
+    fallback = progressive.encode(weight, spec)
+    assert native.deltas == fallback.deltas
+    for field in ("packed_codes", "scales", "offsets"):
+        assert torch.equal(getattr(native, field), getattr(fallback, field))
 
 
 def test_entropy_paths_agree_on_wide_symbols_and_every_context(monkeypatch):
@@ -170,21 +186,94 @@ def test_non_finite_scales_decode_on_the_torch_path_with_the_same_bits(monkeypat
         assert torch.isnan(native).any() and torch.isinf(native).any()
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_grid_errors_are_the_same_bits_in_c_and_numpy(monkeypatch, bits):
-    """The base grid search sums its errors in one order on both paths, so both pick the same grid for every group."""
-    generator = torch.Generator().manual_seed(bits)
-    groups = torch.randn(512, 64, generator=generator) * torch.logspace(-30, 4, 512).unsqueeze(1)  # subnormal to large steps
-    groups[0] = 0.0
-    steps = (torch.rand(23, 512, generator=generator) * groups.abs().amax(dim=1) / 2**bits).to(ladder.SCALE_DTYPE).float()
-    steps[:, 1] = 0.0  # zero steps: the error is the sum of squares
-    offsets = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (23, 512), dtype=torch.int32, generator=generator)
+def _adversarial_groups(group_size: int, seed: int) -> torch.Tensor:
+    """Groups that take every branch of the grid search: steps from subnormal to saturated, NaN and infinities
+    (read as 0), all zero, constant, signed zeros, a range that overflows float32, and equal errors (ties)."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = torch.randn(600, group_size, generator=generator) * torch.logspace(-44, 38, 600).unsqueeze(1)
+    groups[:40] = torch.randint(-8, 8, (40, group_size), generator=generator) * 0.25  # on-grid weights: many equal errors
+    groups[40:60] = torch.randint(-3, 4, (20, 1), generator=generator) * 0.5  # constant groups: zero clipped step
+    groups[60] = 0.0
+    groups[61] = -0.0
+    groups[62, ::2], groups[62, 1::2] = 3e38, -3e38  # max - min overflows to inf: saturated scales
+    groups[63] = float("nan")
+    groups[64, :4] = torch.tensor([float("nan"), float("inf"), float("-inf"), 1.0])
+    groups[65:70, 0] = float("inf")
+    groups[70:80] *= torch.finfo(torch.float32).tiny  # float32 subnormal weights
+    groups[80:90] = groups[80:90].abs() + 1.0  # all positive: the grid must move, clamped offsets
+    return groups
+
+
+@pytest.mark.parametrize("group_size", [8, 64])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_c_grid_choice_is_the_reference_paths_bit_for_bit(monkeypatch, bits, group_size):
+    """``_native.choose_grids`` picks the same float16 scales and offsets as the torch candidates + numpy sums."""
+    groups = _adversarial_groups(group_size, seed=bits)
     monkeypatch.setenv("P2U_NO_NATIVE", "")
-    native = ladder._grid_errors(groups, steps, offsets, bits)
+    native = ladder.base_grid(groups, bits)
     monkeypatch.setenv("P2U_NO_NATIVE", "1")
-    fallback = ladder._grid_errors(groups, steps, offsets, bits)
-    assert torch.isfinite(native).all() and torch.equal(native.view(torch.int32), fallback.view(torch.int32))
-    assert torch.allclose(native[:, 1], groups[1].square().sum().expand(23), rtol=1e-5)
+    fallback = ladder.base_grid(groups, bits)
+    assert torch.equal(native[0].view(torch.int16), fallback[0].view(torch.int16))
+    assert torch.equal(native[1], fallback[1])
+    scales, offsets = native
+    assert (offsets != 0).any() and (offsets == -(1 << (bits - 1))).any()  # asymmetric and clamped grids were chosen
+    assert scales[62] == torch.finfo(torch.float16).max and scales[60] == 0 and scales[63] == 0
+    assert (scales != ladder.base_scales(groups, bits)).any()  # clipped candidates win somewhere
+
+
+@pytest.mark.parametrize("base_bits,bits,headroom", [(4, 8, 3), (1, 1, 0), (3, 5, 0), (8, 16, 3), (2, 10, 0)])
+def test_c_quantize_gives_ladder_quantize_codes(base_bits, bits, headroom):
+    """The encoder's C quantizer rounds like torch: NaN to the offset, infinities to the clamp, zero steps, clamped offsets."""
+    groups = _adversarial_groups(64, seed=bits)
+    groups[64, 4:8] = torch.tensor([float("inf"), float("-inf"), 3e38, -3e38])  # beside finite weights: a non-zero step
+    scales, offsets = ladder.base_grid(groups, base_bits)
+    offsets[300:310] = torch.tensor([-(1 << (base_bits - 1)), (1 << (base_bits - 1)) - 1] * 5)  # extreme offsets
+    groups[300:310, :2] = torch.tensor([float("inf"), float("-inf")])  # +-limit plus an extreme offset: inside the clamp
+    scales[110:115] = 0.0
+    expected = ladder.quantize(groups, scales, offsets, base_bits, bits, headroom)
+    codes = torch.empty_like(expected)
+    entropy._native.quantize_groups(
+        groups.numpy(), 64, scales.view(torch.int16).numpy(), offsets.numpy(), base_bits, bits, headroom, codes.numpy()
+    )
+    assert torch.equal(codes, expected)
+    assert codes.max() == (1 << (bits - 1 + headroom)) - 1 and codes.min() == -(1 << (bits - 1 + headroom))  # the clamp acts
+
+
+_F32, _I32, _U16 = np.float32, np.int32, np.uint16
+
+
+@pytest.mark.parametrize(
+    "function,arguments,message",
+    [
+        ("choose_grids", (np.zeros(10, _F32), 4, 4, np.ones(11, _F32), np.zeros(2, _U16), np.zeros(2, _I32)), "do not make groups of 4"),
+        ("choose_grids", (np.zeros(8, _F32), 8, 9, np.ones(11, _F32), np.zeros(1, _U16), np.zeros(1, _I32)), "at 1 to 8 bits"),
+        ("choose_grids", (np.zeros(8, _F32), 8, 4, np.ones(12, _F32), np.zeros(1, _U16), np.zeros(1, _I32)), "at most 11"),
+        ("choose_grids", (np.zeros(16, _F32), 8, 4, np.ones(11, _F32), np.zeros(1, _U16), np.zeros(2, _I32)), "each of 2 groups"),
+        ("quantize_groups", (np.zeros(16, _F32), 8, np.zeros(2, _U16), np.zeros(2, _I32), 4, 3, 0, np.zeros(16, _I32)), "at 3 bits"),
+        ("quantize_groups", (np.zeros(16, _F32), 8, np.zeros(2, _U16), np.zeros(1, _I32), 4, 8, 3, np.zeros(16, _I32)), "each of the 2"),
+        ("quantize_groups", (np.zeros(16, _F32), 8, np.zeros(2, _U16), np.zeros(2, _I32), 4, 8, 3, np.zeros(15, _I32)), "each of the 2"),
+        ("base_stage", (np.zeros(8, _I32), 8, 4, 8, np.zeros(4, np.uint8), np.zeros(8, np.uint8), None), "no 4-bit base with a stage to 8"),
+        ("base_stage", (np.zeros(8, _I32), 8, 4, 8, np.zeros(3, np.uint8), np.zeros(8, np.uint8), np.zeros(8, _I32)), "need 4 packed"),
+        ("base_stage", (np.zeros(8, _I32), 8, 4, 8, np.zeros(4, np.uint8), np.zeros(8, np.uint8), np.zeros(7, _I32)), "hold 28 and 32"),
+        (
+            "lossless_symbols",
+            (np.zeros(8, _I32), np.zeros(1, _U16), np.zeros(1, _I32), 4, 8, 8, 1, np.zeros(8, np.int16), np.zeros(8, np.uint8))
+            + (np.zeros(8, np.int64), -16, 47),
+            "one 4-byte residual each",
+        ),
+        (
+            "lossless_symbols",
+            (np.zeros(8, _I32), np.zeros(1, _U16), np.zeros(1, _I32), 4, 8, 8, 0, np.zeros(9, _F32), np.zeros(9, np.uint8))
+            + (np.zeros(9, np.int64), -16, 47),
+            "9 elements need whole groups",
+        ),
+        ("stage_refinements", (np.zeros(8, _I32), 8, 4, 9, np.zeros(8, _I32), np.zeros(8, _I32)), "from 4 to 9 bits of 8-bit"),
+        ("stage_refinements", (np.zeros(8, _I32), 8, 4, 8, np.zeros(7, _I32), np.zeros(8, _I32)), "of one length"),
+    ],
+)
+def test_encoder_loops_refuse_buffers_that_do_not_fit(function, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        getattr(entropy._native, function)(*arguments)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

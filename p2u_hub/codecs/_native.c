@@ -13,6 +13,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -27,6 +29,7 @@
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#define HAVE_AVX2_CLONES 1
 #endif
 #endif
 #ifndef VECTOR_CLONES
@@ -223,6 +226,18 @@ static void run_length_code(const uint8_t *lengths, int m, length_header *h) {
     }
 }
 
+/* A stored block's bytes: out[i] = data[i * stride]. One loop per symbol width, so each has a constant
+ * stride the compiler vectorises (a byte at a time, the wide residuals' near-uniform low planes, which are
+ * mostly stored, took a seventh of encode_stream). */
+VECTOR_CLONES static void stored_bytes(uint8_t *out, const uint8_t *data, Py_ssize_t n, Py_ssize_t stride) {
+    switch (stride) {
+    case 1: memcpy(out, data, (size_t)n); break;
+    case 2: for (Py_ssize_t i = 0; i < n; i++) out[i] = data[2 * i]; break;
+    case 4: for (Py_ssize_t i = 0; i < n; i++) out[i] = data[4 * i]; break;
+    default: for (Py_ssize_t i = 0; i < n; i++) out[i] = data[8 * i]; break;
+    }
+}
+
 /* One block of a plane, its byte i at data[i * stride] (entropy._block_bits): the cheapest of a
  * stored, a fixed-code and a dynamic-code block, ties going to stored, then fixed (the faster ones
  * to inflate). */
@@ -260,9 +275,8 @@ static void deflate_block(bit_writer *w, const uint8_t *data, Py_ssize_t n, Py_s
         put_bits(w, (uint64_t)final, 3);
         if (w->used) put_bits(w, 0, 8 - w->used);
         put_bits(w, (uint64_t)n | (uint64_t)(~n & 0xFFFF) << 16, 32);
-        uint8_t *out = w->out;
-        for (i = 0; i < n; i++) out[i] = data[i * stride];
-        w->out = out + n;
+        stored_bytes(w->out, data, n, stride);
+        w->out += n;
         return;
     }
     if (fixed <= dynamic) {
@@ -1386,77 +1400,370 @@ done:
     return result;
 }
 
-/* Candidate base grids tried per group: at most this many (ladder.CLIP_RATIOS gives 23). */
-#define MAX_GRIDS 32
-/* Grids whose sums stay in registers while a group's weights stream past: two 4-lane vectors. */
-#define GRIDS_AT_ONCE 8
+/* ---- Encoder: the base grid choice (ladder.base_grid, docs/format.md "Choosing the grid") ---- */
 
-/* grid_errors(groups, group_size, steps, offsets, bits, out) -> None
+/* Candidate grids per group, as lanes: the symmetric one and two per clipping ratio (ladder.CLIP_RATIOS
+ * gives 23), padded to three 8-lane vectors whose sums stay in registers while a group's weights stream past. */
+#define GRID_LANES 24
+
+/* A weight as the grid search sees it: NaN and +-inf count as 0 (torch.nan_to_num). */
+static inline float finite_or_zero(float value) { return (pattern_of(value) & 0x7F800000) == 0x7F800000 ? 0.0f : value; }
+
+/* ladder._to_scale of a non-negative float32: saturate at 65504 (float16's maximum), then round to nearest even. */
+static inline uint16_t saturated_half(float value) { return float_to_half(pattern_of(value > 65504.0f ? 65504.0f : value)); }
+
+/* floor(t) for |t| < 2**31, in the grid search's inner loop. x86 code without SSE4.1 (the baseline of a build
+ * without AVX2 clones) has no vector floor and floorf is a scalar sequence there (~8x slower): truncate, then
+ * step down where that rounded up, which SSE2 vectorises. Elsewhere floorf is one vector instruction (the AVX2
+ * clone's roundps, NEON's frintm). Both are exact. */
+#if defined(__x86_64__) && !defined(__SSE4_1__) && !defined(HAVE_AVX2_CLONES)
+static inline float grid_floor(float t) {
+    float truncated = (float)(int32_t)t;
+    return truncated > t ? truncated - 1.0f : truncated;
+}
+#else
+#define grid_floor floorf
+#endif
+
+/* Per candidate lane c, the sum over the group's weights w, in weight order, of d * d where, in float32 with
+ * every operation rounded on its own, r = offset[c] + w * inverse[c], d = (floor(clamp(r, low, high)) + 0.5) - r:
+ * ladder._grid_errors' sums. The lanes are the inner loop (independent sums, each still in weight order), so
+ * it vectorises without reordering any sum. */
+VECTOR_CLONES static void grid_sums(const float *weights, int group_size, const float *inverse, const float *offset, float low,
+                                    float high, float *sums) {
+    float sum[GRID_LANES] = {0};
+    for (int i = 0; i < group_size; i++) {
+        const float weight = finite_or_zero(weights[i]);
+        for (int c = 0; c < GRID_LANES; c++) {
+            float r = offset[c] + weight * inverse[c];
+            float t = low > r ? low : r; /* clamp(r, low, high), written as max then min: two instructions */
+            t = high < t ? high : t;
+            float d = (grid_floor(t) + 0.5f) - r;
+            sum[c] += d * d;
+        }
+    }
+    memcpy(sums, sum, sizeof sum);
+}
+
+/* One group's base grid: its float16 scale bits and integer offset, as ladder.base_grid's torch path picks them. */
+VECTOR_CLONES static void choose_grid(const float *weights, int group_size, int bits, const float *ratios, int ratio_count, uint16_t *scale,
+                        int32_t *offset) {
+    float low = finite_or_zero(weights[0]), high = low, absmax = 0.0f, squares = 0.0f;
+    for (int i = 0; i < group_size; i++) {
+        float weight = finite_or_zero(weights[i]), magnitude = fabsf(weight);
+        low = weight < low ? weight : low;
+        high = weight > high ? weight : high;
+        absmax = magnitude > absmax ? magnitude : absmax;
+        squares += weight * weight;
+    }
+    const float limit = (float)(1 << (bits - 1));
+    uint16_t scales[GRID_LANES] = {saturated_half(absmax / (limit - 0.5f))};
+    int32_t offsets[GRID_LANES] = {0};
+    float inverse[GRID_LANES], lane_offset[GRID_LANES], steps[GRID_LANES] = {half_to_float(scales[0])}, sums[GRID_LANES];
+    for (int k = 0; k < ratio_count; k++) {
+        uint16_t clipped = saturated_half((high - low) * ratios[k] / (float)(1 << bits));
+        float step = half_to_float(clipped), centre = step > 0.0f ? -(high + low) / (2.0f * step) : 0.0f;
+        float below = floorf(centre), above = ceilf(centre);
+        below = below < -limit ? -limit : below > limit - 1.0f ? limit - 1.0f : below;
+        above = above < -limit ? -limit : above > limit - 1.0f ? limit - 1.0f : above;
+        scales[1 + 2 * k] = scales[2 + 2 * k] = clipped;
+        steps[1 + 2 * k] = steps[2 + 2 * k] = step;
+        offsets[1 + 2 * k] = (int32_t)below;
+        offsets[2 + 2 * k] = (int32_t)above;
+    }
+    const int candidates = 1 + 2 * ratio_count;
+    for (int c = 0; c < GRID_LANES; c++) { /* all lanes, the unused ones at step 0: whole vectors, 3 divisions */
+        inverse[c] = steps[c] > 0.0f ? 1.0f / steps[c] : 0.0f;
+        lane_offset[c] = (float)offsets[c];
+    }
+    grid_sums(weights, group_size, inverse, lane_offset, -limit, limit - 1.0f, sums);
+    int best = 0;
+    float least = 0.0f;
+    for (int c = 0; c < candidates; c++) {
+        float error = steps[c] > 0.0f ? sums[c] * (steps[c] * steps[c]) : squares;
+        if (c == 0 || error < least) { /* the first minimum wins */
+            least = error;
+            best = c;
+        }
+    }
+    *scale = scales[best];
+    *offset = offsets[best];
+}
+
+/* choose_grids(groups, group_size, bits, ratios, scales, offsets) -> None
  *
- * ladder._grid_errors: for every candidate grid c and group g, the squared error of quantizing the
- * group's float32 weights at `bits` on the grid (step steps[c, g], integer offset offsets[c, g]), into
- * float32 out[c, g]. Per weight, in float32 with every operation rounded on its own:
- * r = o + w * (1 / s), code = floor(clamp(r, -2**(bits-1), 2**(bits-1) - 1)), d = (code + 0.5) - r;
- * the d * d are summed in weight order and the sum times s * s is the error. A zero step reconstructs
- * 0: its error is the sum of w * w, in weight order. The numpy path does the same operations in the
- * same order, so both pick the same grids. The candidates are the inner loop (independent sums,
- * each still in weight order): it vectorises without reordering any sum. */
-static PyObject *grid_errors(PyObject *self, PyObject *args) {
-    Py_buffer groups, steps, offsets, out;
+ * ladder.base_grid in one pass per group: min, max and absmax of the group's float32 weights (NaN and
+ * +-inf as 0), every candidate grid (the symmetric one, then per float32 clipping ratio in `ratios` the
+ * floor and ceil offsets), their squared errors and the first least one, written as float16 scale bits
+ * (uint16, one per group) and int32 offsets. The same float32 operations as the torch candidates and
+ * ladder._grid_errors' numpy sums, each rounded on its own, so both paths pick the same grids. */
+static PyObject *choose_grids(PyObject *self, PyObject *args) {
+    Py_buffer groups, ratios, scales, offsets;
     int group_size, bits;
-    if (!PyArg_ParseTuple(args, "y*iy*y*iw*", &groups, &group_size, &steps, &offsets, &bits, &out)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*iiy*w*w*", &groups, &group_size, &bits, &ratios, &scales, &offsets)) return NULL;
     PyObject *result = NULL;
     Py_ssize_t n = groups.len / 4, group_count = group_size > 0 ? n / group_size : 0;
-    Py_ssize_t grids = group_count ? steps.len / 4 / group_count : 0;
-    if (group_size <= 0 || bits < 1 || bits > 8 || group_count * group_size != n) {
-        PyErr_Format(PyExc_ValueError, "%zd weights do not make groups of %d at %d bits", n, group_size, bits);
+    int ratio_count = (int)(ratios.len / 4);
+    if (group_size <= 0 || bits < 1 || bits > 8 || group_count * group_size != n || groups.len != n * 4) {
+        PyErr_Format(PyExc_ValueError, "%zd bytes of float32 weights do not make groups of %d at 1 to 8 bits (%d)", groups.len,
+                     group_size, bits);
         goto done;
     }
-    if (grids < 1 || grids > MAX_GRIDS || grids * group_count * 4 != steps.len || steps.len != offsets.len || steps.len != out.len) {
-        PyErr_Format(PyExc_ValueError, "steps, offsets and out must hold 1 to %d grids of %zd groups", MAX_GRIDS, group_count);
+    if (ratios.len % 4 || 1 + 2 * ratio_count > GRID_LANES) {
+        PyErr_Format(PyExc_ValueError, "ratios must be float32, at most %d of them", (GRID_LANES - 1) / 2);
         goto done;
     }
-    const float *w = groups.buf, *s = steps.buf;
-    const int32_t *o = offsets.buf;
-    float *error = out.buf;
-    const float low = -(float)(1 << (bits - 1)), high = (float)((1 << (bits - 1)) - 1);
+    if (scales.len != group_count * 2 || offsets.len != group_count * 4) {
+        PyErr_Format(PyExc_ValueError, "scales and offsets must hold one float16 and one int32 for each of %zd groups", group_count);
+        goto done;
+    }
+    const float *w = groups.buf, *r = ratios.buf;
+    uint16_t *s = scales.buf;
+    int32_t *o = offsets.buf;
     Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t g = 0; g < group_count; g++) choose_grid(w + g * group_size, group_size, bits, r, ratio_count, s + g, o + g);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&groups);
+    PyBuffer_Release(&ratios);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&offsets);
+    return result;
+}
+
+/* ---- Encoder: a block's codes and refinements (progressive._encode_block's integer part) ---- */
+
+/* quantize_groups' loop: ladder.quantize of float32 weights (group g: step s[g] * level, offset o[g] << shift)
+ * into int32 codes, as torch computes it: r = w / step (0 when step is 0), NaN -> 0 and +-inf -> +-limit
+ * (torch.nan_to_num), plus the offset, floored and clamped to [-limit, limit - 1]. Blends, not branches:
+ * the loop vectorises, division included, with each operation rounded as torch rounds it. */
+VECTOR_CLONES static void quantize_loop(const float *w, Py_ssize_t group_count, int group_size, const uint16_t *s, const int32_t *o,
+                                        int shift, float level, float limit, int32_t *codes) {
     for (Py_ssize_t g = 0; g < group_count; g++) {
+        const float step = half_to_float(s[g]) * level, offset = (float)(int32_t)((uint32_t)o[g] << shift);
         const float *x = w + g * group_size;
-        float squares = 0.0f;
-        for (int i = 0; i < group_size; i++) squares += x[i] * x[i];
-        for (Py_ssize_t first = 0; first < grids; first += GRIDS_AT_ONCE) {
-            float inverse[GRIDS_AT_ONCE], offset[GRIDS_AT_ONCE], sum[GRIDS_AT_ONCE] = {0};
-            for (int c = 0; c < GRIDS_AT_ONCE; c++) {
-                float step = first + c < grids ? s[(first + c) * group_count + g] : 0.0f;
-                inverse[c] = step > 0.0f ? 1.0f / step : 0.0f;
-                offset[c] = first + c < grids ? (float)o[(first + c) * group_count + g] : 0.0f;
-            }
-            for (int i = 0; i < group_size; i++) {
-                const float weight = x[i];
-                for (int c = 0; c < GRIDS_AT_ONCE; c++) {
-                    float r = offset[c] + weight * inverse[c];
-                    float t = r < low ? low : r > high ? high : r;
-                    float truncated = (float)(int32_t)t;
-                    float code = truncated > t ? truncated - 1.0f : truncated;
-                    float d = (code + 0.5f) - r;
-                    sum[c] += d * d;
-                }
-            }
-            for (Py_ssize_t c = first; c < grids && c < first + GRIDS_AT_ONCE; c++) {
-                float step = s[c * group_count + g];
-                error[c * group_count + g] = step > 0.0f ? sum[c - first] * (step * step) : squares;
-            }
+        int32_t *v = codes + g * group_size;
+        if (!(step > 0.0f)) { /* torch.where(step > 0, w / step, 0): every ratio is 0 */
+            float code = floorf(offset);
+            code = -limit > code ? -limit : code;
+            code = limit - 1.0f < code ? limit - 1.0f : code;
+            for (int i = 0; i < group_size; i++) v[i] = (int32_t)code;
+            continue;
+        }
+        for (int i = 0; i < group_size; i++) {
+            float r = x[i] / step;
+            r = r != r ? 0.0f : r;
+            r = r > FLT_MAX ? limit : r < -FLT_MAX ? -limit : r;
+            float code = floorf(r + offset);
+            code = -limit > code ? -limit : code;
+            code = limit - 1.0f < code ? limit - 1.0f : code;
+            v[i] = (int32_t)code;
+        }
+    }
+}
+
+/* quantize_groups(groups, group_size, scales, offsets, base_bits, bits, headroom, out) -> None
+ *
+ * ladder.quantize: the signed codes of width `bits` (clamped to 2**(bits-1+headroom)) of float32 groups
+ * on the grid of float16 scales (bit patterns) and int32 offsets, one per group, into int32 out. */
+static PyObject *quantize_groups(PyObject *self, PyObject *args) {
+    Py_buffer groups, scales, offsets, out;
+    int group_size, base_bits, bits, headroom;
+    if (!PyArg_ParseTuple(args, "y*iy*y*iiiw*", &groups, &group_size, &scales, &offsets, &base_bits, &bits, &headroom, &out)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t group_count = scales.len / 2;
+    if (group_size <= 0 || base_bits < 1 || bits < base_bits || bits + headroom > 24 || headroom < 0) {
+        PyErr_Format(PyExc_ValueError, "cannot quantize groups of %d at %d bits from a %d-bit base with headroom %d", group_size, bits,
+                     base_bits, headroom);
+        goto done;
+    }
+    if (groups.len != group_count * group_size * 4 || out.len != groups.len || offsets.len != group_count * 4) {
+        PyErr_Format(PyExc_ValueError, "groups and out must hold %d float32 / int32 for each of the %zd scales and offsets", group_size,
+                     group_count);
+        goto done;
+    }
+    const float level = float_of((uint32_t)(127 + base_bits - bits) << 23), limit = (float)(1 << (bits - 1 + headroom));
+    Py_BEGIN_ALLOW_THREADS
+    quantize_loop(groups.buf, group_count, group_size, scales.buf, offsets.buf, bits - base_bits, level, limit, out.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&groups);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* refinement_loop: per top code v, coarse = v >> (top_bits - low), fine = v >> (top_bits - high),
+ * d = fine - (coarse << k) and the refinement d, or 2**k - 1 - d when d < 0 (ladder.refinement, not corrected). */
+VECTOR_CLONES static void refinement_loop(const int32_t *top, Py_ssize_t n, int top_bits, int low, int high, int32_t *coarse,
+                                          int32_t *refinements) {
+    const int k = high - low, to_low = top_bits - low, to_high = top_bits - high;
+    const int32_t span = 1 << k;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t c = top[i] >> to_low;
+        int32_t d = (int32_t)((uint32_t)(top[i] >> to_high) - ((uint32_t)c << k));
+        coarse[i] = c;
+        refinements[i] = d < 0 ? span - 1 - d : d;
+    }
+}
+
+/* stage_refinements(top_codes, top_bits, low, high, coarse, refinements) -> None
+ *
+ * An integer stage after the first (base_stage codes that one), from `low` to `high` bits of int32 top
+ * codes of width top_bits: the coarse codes and the refinements the stage codes, both int32, in one pass. */
+static PyObject *stage_refinements(PyObject *self, PyObject *args) {
+    Py_buffer top, coarse, refinements;
+    int top_bits, low, high;
+    if (!PyArg_ParseTuple(args, "y*iiiw*w*", &top, &top_bits, &low, &high, &coarse, &refinements)) return NULL;
+    PyObject *result = NULL;
+    if (low < 1 || high <= low || top_bits < high || top_bits > 24) {
+        PyErr_Format(PyExc_ValueError, "no stage from %d to %d bits of %d-bit codes", low, high, top_bits);
+        goto done;
+    }
+    if (top.len % 4 || coarse.len != top.len || refinements.len != top.len) {
+        PyErr_SetString(PyExc_ValueError, "top codes, coarse codes and refinements must be int32 of one length");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    refinement_loop(top.buf, top.len / 4, top_bits, low, high, coarse.buf, refinements.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&top);
+    PyBuffer_Release(&coarse);
+    PyBuffer_Release(&refinements);
+    return result;
+}
+
+/* base_loop: per run of 8 top codes, the base codes c = clamp(v >> (top_bits - base_bits)), stored as u = c + 2**(b-1):
+ * into `contexts` (u is the first stage's refinement context) and packed (ladder.pack: 8 codes fill b bytes, code k
+ * at bits [k*b, (k+1)*b) of their little-endian run); with `refinements`, the first stage's (ladder.refinement of
+ * v >> (top_bits - high) over c, not corrected). n is a multiple of 8. */
+VECTOR_CLONES static void base_loop(const int32_t *top, Py_ssize_t n, int top_bits, int base_bits, int high, uint8_t *packed,
+                                    uint8_t *contexts, int32_t *refinements) {
+    const int to_base = top_bits - base_bits, to_high = top_bits - high, k = high - base_bits;
+    const int32_t bottom = -(1 << (base_bits - 1)), top_code = (1 << (base_bits - 1)) - 1, span = 1 << k;
+    for (Py_ssize_t i = 0; i < n; i++) { /* separate loops: each vectorises */
+        int32_t c = top[i] >> to_base;
+        contexts[i] = (uint8_t)((c < bottom ? bottom : c > top_code ? top_code : c) - bottom);
+    }
+    if (refinements)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int32_t c = (int32_t)contexts[i] + bottom;
+            int32_t d = (int32_t)((uint32_t)(top[i] >> to_high) - ((uint32_t)c << k));
+            refinements[i] = d < 0 ? span - 1 - d : d;
+        }
+    if (base_bits == 4) /* the default width: two codes a byte, low nibble first */
+        for (Py_ssize_t j = 0; j < n / 2; j++) packed[j] = (uint8_t)(contexts[2 * j] | contexts[2 * j + 1] << 4);
+    else
+        for (Py_ssize_t run = 0; run < n; run += 8) {
+            uint64_t word = 0;
+            for (int j = 0; j < 8; j++) word |= (uint64_t)contexts[run + j] << (j * base_bits);
+            for (int b = 0; b < base_bits; b++) packed[run / 8 * base_bits + b] = (uint8_t)(word >> (8 * b));
+        }
+}
+
+/* base_stage(top_codes, top_bits, base_bits, high, packed, contexts, refinements) -> None
+ *
+ * The base of int32 top codes of width top_bits in one pass: its packed codes (ladder.pack layout,
+ * base_bits bytes per 8 codes), its stored codes u = c + 2**(b-1) as uint8 (the first stage's refinement
+ * contexts) and, unless `refinements` is None, the int32 refinements of the first stage, to `high` bits. */
+static PyObject *base_stage(PyObject *self, PyObject *args) {
+    Py_buffer top, packed, contexts, refinements = {0};
+    PyObject *refinement_object;
+    int top_bits, base_bits, high, have_refinements = 0;
+    if (!PyArg_ParseTuple(args, "y*iiiw*w*O", &top, &top_bits, &base_bits, &high, &packed, &contexts, &refinement_object)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = top.len / 4;
+    if (base_bits < 1 || base_bits > 8 || high < base_bits || top_bits < high || top_bits > 24 || (refinement_object == Py_None) != (high == base_bits)) {
+        PyErr_Format(PyExc_ValueError, "no %d-bit base with a stage to %d bits of %d-bit codes", base_bits, high, top_bits);
+        goto done;
+    }
+    if (top.len % 32 || packed.len != n / 8 * base_bits || contexts.len != n) {
+        PyErr_Format(PyExc_ValueError, "%zd top codes need %zd packed bytes and as many contexts as codes", n, n / 8 * base_bits);
+        goto done;
+    }
+    if ((have_refinements = optional_contexts(refinement_object, &refinements, top.len)) < 0) goto done;
+    int32_t *refined = have_refinements ? refinements.buf : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    base_loop(top.buf, n, top_bits, base_bits, high, packed.buf, contexts.buf, refined);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    if (have_refinements > 0) PyBuffer_Release(&refinements);
+    PyBuffer_Release(&top);
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&contexts);
+    return result;
+}
+
+/* The zigzag code of a residual: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ... (lossless.residual). */
+static inline uint64_t zigzag(int64_t d) { return ((uint64_t)d << 1) ^ (uint64_t)(d >> 63); }
+
+/* Elements dequantized at a time by lossless_symbols: whole groups, their reconstruction stays in L1. */
+#define LOSSLESS_CHUNK 4096
+
+/* lossless_symbols(codes, scales, offsets, base_bits, top_bits, group_size, dtype, original, contexts, residuals) -> None
+ *
+ * The lossless stage's symbols of a block in one pass over L1-sized runs of whole groups: the top codes'
+ * reconstruction in the source dtype (reconstruct's loop, the decoder's own) and its lossless contexts
+ * into uint8 `contexts`, then lossless.residual of the original's bit patterns against it into
+ * `residuals`: uint32 for 16-bit dtypes (the zigzag code of a 16-bit difference is below 2**17), uint64
+ * for float32. `original` holds the block's n elements; codes, scales (finite float16 bits) and offsets
+ * cover them in whole groups. */
+static PyObject *lossless_symbols(PyObject *self, PyObject *args) {
+    Py_buffer codes, scales, offsets, original, contexts, residuals;
+    int base_bits, top_bits, group_size, dtype, low, high;
+    if (!PyArg_ParseTuple(args, "y*y*y*iiiiy*w*w*ii", &codes, &scales, &offsets, &base_bits, &top_bits, &group_size, &dtype, &original,
+                          &contexts, &residuals, &low, &high))
+        return NULL;
+    PyObject *result = NULL;
+    uint8_t *local = NULL;
+    const int width = dtype == FLOAT32 ? 4 : 2, symbol = width == 2 ? 4 : 8;
+    const Py_ssize_t n = original.len / width, groups = scales.len / 2;
+    if (dtype < FLOAT32 || dtype > FLOAT16 || base_bits < 1 || top_bits < base_bits || top_bits > 16 || group_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "unsupported dtype, widths or group size");
+        goto done;
+    }
+    if (original.len % width || offsets.len != groups * 4 || codes.len != groups * group_size * 4 || n > groups * group_size ||
+        contexts.len != n || residuals.len != n * symbol) {
+        PyErr_Format(PyExc_ValueError, "%zd elements need whole groups of codes, one context and one %d-byte residual each", n, symbol);
+        goto done;
+    }
+    const Py_ssize_t chunk = (Py_ssize_t)group_size * (group_size < LOSSLESS_CHUNK ? LOSSLESS_CHUNK / group_size : 1);
+    if (!(local = malloc(chunk * width))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const dequantizer q = dequantizer_of(base_bits, top_bits, top_bits, group_size, dtype, low, high);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t first = 0; first < n; first += chunk) {
+        const Py_ssize_t count = n - first < chunk ? n - first : chunk;
+        dequantize_groups((const int32_t *)codes.buf + first, count, (const uint16_t *)scales.buf + first / group_size,
+                          (const int32_t *)offsets.buf + first / group_size, local, (uint8_t *)contexts.buf + first, &q);
+        if (width == 2) {
+            const int16_t *x = (const int16_t *)original.buf + first, *y = (const int16_t *)local;
+            uint32_t *out = (uint32_t *)residuals.buf + first;
+            for (Py_ssize_t i = 0; i < count; i++) out[i] = (uint32_t)zigzag(ordered16(x[i]) - ordered16(y[i]));
+        } else {
+            const int32_t *x = (const int32_t *)original.buf + first, *y = (const int32_t *)local;
+            uint64_t *out = (uint64_t *)residuals.buf + first;
+            for (Py_ssize_t i = 0; i < count; i++) out[i] = zigzag(ordered32(x[i]) - ordered32(y[i]));
         }
     }
     Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
+    result = Py_NewRef(Py_None);
 done:
-    PyBuffer_Release(&groups);
-    PyBuffer_Release(&steps);
+    free(local);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&scales);
     PyBuffer_Release(&offsets);
-    PyBuffer_Release(&out);
+    PyBuffer_Release(&original);
+    PyBuffer_Release(&contexts);
+    PyBuffer_Release(&residuals);
     return result;
 }
 
@@ -1516,7 +1823,11 @@ static PyMethodDef methods[] = {
     {"refinement_contexts", refinement_contexts, METH_VARARGS, "Refinement contexts of coarse codes, and their histogram."},
     {"refine", refine, METH_VARARGS, "Raise coarse codes in place by the refinements their byte planes hold."},
     {"reconstruct", reconstruct, METH_VARARGS, "Dequantize codes to the source dtype, optionally with lossless contexts."},
-    {"grid_errors", grid_errors, METH_VARARGS, "Squared error of each group's weights on each candidate base grid."},
+    {"choose_grids", choose_grids, METH_VARARGS, "Each group's base grid: float16 scale and offset of least squared error."},
+    {"quantize_groups", quantize_groups, METH_VARARGS, "Signed codes of float32 groups on their grids, as ladder.quantize."},
+    {"lossless_symbols", lossless_symbols, METH_VARARGS, "Lossless contexts and zigzag residuals of a block against its reconstruction."},
+    {"base_stage", base_stage, METH_VARARGS, "Packed base codes, their contexts and the first stage's refinements from top codes."},
+    {"stage_refinements", stage_refinements, METH_VARARGS, "Coarse codes and refinements of one integer stage from top codes."},
     {"restore_planes", restore_planes, METH_VARARGS, "Add the residuals their byte planes hold to float bit patterns, in place."},
     {"encode_stream", encode_stream, METH_VARARGS, "Group symbols by context into byte planes, each coded as Huffman-only raw DEFLATE."},
     {"packed_contexts", packed_contexts, METH_VARARGS, "Histogram of the refinement contexts of packed base codes."},

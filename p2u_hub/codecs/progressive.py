@@ -9,7 +9,8 @@ Deltas are coded in *blocks* of ``block_groups(group_size)`` consecutive groups 
 elements), each an independent entropy stream, so coding memory is bounded by the block,
 not the tensor: decoding a large embedding needs the output tensor plus one block's
 temporaries per thread. Blocks are coded on ``codec_threads()`` threads (``$P2U_CODEC_THREADS``,
-default one per CPU) with torch at one intra-op thread meanwhile. A delta is ``u32le block_count``, ``block_count`` x ``u32le length``, then the
+default one per CPU) with torch at one intra-op thread meanwhile; a tensor with fewer blocks than threads
+is encoded block by block with each block's groups, then its stages, shared out among the threads. A delta is ``u32le block_count``, ``block_count`` x ``u32le length``, then the
 blocks' streams in order.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import queue
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -154,12 +156,18 @@ def encode(weight: torch.Tensor, spec: Ladder, base_codes: torch.Tensor | None =
     codes = None if base_codes is None else base_codes.reshape(-1)
     ranges = _block_ranges(flat.numel(), spec.group_size)
 
-    def encode_block(index: int):
+    threads = codec_threads()
+
+    def encode_block(index: int, pool: ThreadPoolExecutor | None = None):
         start, stop = ranges[index]
-        return _encode_block(flat[start:stop], spec, None if codes is None else codes[start:stop])
+        return _encode_block(flat[start:stop], spec, None if codes is None else codes[start:stop], pool)
 
     with _one_torch_thread():
-        blocks = _map_blocks(encode_block, len(ranges))
+        if len(ranges) < threads and _native_encodes(flat.dtype, codes):  # blocks alone would leave cores idle
+            with ThreadPoolExecutor(threads) as pool:
+                blocks = [encode_block(index, pool) for index in range(len(ranges))]
+        else:
+            blocks = _map_blocks(encode_block, len(ranges))
         stage_streams = [[deltas[stage] for *_, deltas in blocks] for stage in range(spec.stage_count)]
         offsets = ladder.pack_offsets(torch.cat([offsets for _, _, offsets, _ in blocks]), spec.base_bits)
         return EncodedTensor(
@@ -221,8 +229,8 @@ def _block_ranges(numel: int, group_size: int) -> list[tuple[int, int]]:
 
 
 def _frame(streams: list[bytes]) -> bytes:
-    header = _U32.pack(len(streams)) + b"".join(_U32.pack(len(stream)) for stream in streams)
-    return header + b"".join(streams)
+    """The delta: block count, stream lengths, streams; one join, so each stream's bytes are copied once."""
+    return b"".join([struct.pack(f"<{len(streams) + 1}I", len(streams), *map(len, streams)), *streams])
 
 
 def _unframe(delta: bytes, expected_blocks: int) -> list[bytes]:
@@ -255,9 +263,15 @@ def _group_offsets(offsets: torch.Tensor | None, spec: Ladder, groups: int) -> t
 
 
 def _encode_block(
-    weight: torch.Tensor, spec: Ladder, chosen: torch.Tensor | None
+    weight: torch.Tensor, spec: Ladder, chosen: torch.Tensor | None, pool: ThreadPoolExecutor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bytes]]:
-    """Base codes, scales, offsets (unpacked) and stage deltas of one block (a 1-D run of whole groups)."""
+    """Base codes, scales, offsets (unpacked) and stage deltas of one block (a 1-D run of whole groups).
+
+    ``pool``: threads the C loops of a plain ladder spread this block over (None: this one; the torch path uses one).
+    """
+    if _native_encodes(weight.dtype, chosen):
+        with _scratch() as arrays:
+            return _encode_block_native(weight, spec, pool, arrays)
     groups = ladder.to_groups(weight, spec.group_size)
     scales, offsets = ladder.base_grid(groups, spec.base_bits)
     top_bits = spec.top_bits
@@ -282,6 +296,103 @@ def _encode_block(
     residual = lossless.residual(weight.contiguous(), reconstruction)
     deltas.append(entropy.encode(residual, _lossless_contexts(reconstruction, scales, spec, weight)))
     return ladder.pack(base_codes, spec.base_bits), scales, offsets, deltas
+
+
+def _native_encodes(dtype: torch.dtype, chosen: torch.Tensor | None) -> bool:
+    """Whether ``_encode_block_native`` codes a block: C loops on, a float dtype they know, codes not chosen (GPTQ)."""
+    return chosen is None and entropy.native_enabled() and dtype in _NATIVE_DTYPES
+
+
+_SCRATCH: queue.SimpleQueue[dict] = queue.SimpleQueue()
+"""Encoder work arrays of finished blocks, for the next ones: ``{(name, dtype): tensor}``, one dict per block in flight."""
+
+
+@contextmanager
+def _scratch():
+    """A dict of work arrays that a block may use and grow (``_work_array``), given back for the next block.
+
+    A block's arrays are ~26 bytes per element; freshly allocated, each page of them costs a page fault
+    (glibc returns freed blocks this large to the system), which took ~15% of the encoder's CPU time and more
+    with threads. Kept, they cost their memory: one block's arrays per thread that ever coded one at once.
+    """
+    try:
+        arrays = _SCRATCH.get_nowait()
+    except queue.Empty:
+        arrays = {}
+    try:
+        yield arrays
+    finally:
+        _SCRATCH.put(arrays)
+
+
+def _work_array(arrays: dict, name: str, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first ``count`` elements of work array ``name`` (uninitialised), grown when too short."""
+    array = arrays.get((name, dtype))
+    if array is None or array.numel() < count:
+        array = arrays[name, dtype] = torch.empty(count, dtype=dtype)
+    return array[:count]
+
+
+def _encode_block_native(
+    weight: torch.Tensor, spec: Ladder, pool: ThreadPoolExecutor | None, arrays: dict
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bytes]]:
+    """``_encode_block`` of a plain ladder in the C loops: the same grids, codes, symbols and contexts, so the same bytes.
+
+    Per run of groups, one pass chooses the grids; one quantizes the top codes; one packs the base codes and gives
+    the first stage's refinements and contexts (the stored base codes); one per later stage gives its coarse codes
+    and refinements; one gives the lossless contexts and residuals, reconstructing in the decoder's own loop, so the
+    encoder's contexts are the decoder's by construction. The runs are independent, and so are the stages' streams
+    once every symbol is known: both spread over ``pool``'s threads (the C loops release the GIL). Work arrays
+    come from ``arrays`` (``_scratch``); residuals of 16-bit dtypes are int32, not int64.
+    """
+    native = entropy._native
+    group_size, top_bits, numel = spec.group_size, spec.top_bits, weight.numel()
+    count = ladder.group_count(numel, group_size)
+    codes_count = count * group_size
+    groups = _work_array(arrays, "groups", codes_count, torch.float32)  # ladder.to_groups, without a fresh array
+    groups[:numel] = weight.reshape(-1)
+    groups[numel:] = 0.0
+    groups = groups.view(count, group_size)
+    headroom = TOP_HEADROOM if spec.stage_bits else 0
+    dtype_code, bits_dtype = _NATIVE_DTYPES[weight.dtype]
+    scales, offsets = torch.empty(count, dtype=ladder.SCALE_DTYPE), torch.empty(count, dtype=torch.int32)
+    top = _work_array(arrays, "top", codes_count, torch.int32)
+    packed = torch.empty(codes_count // 8 * spec.base_bits, dtype=torch.uint8)
+    refinements = [_work_array(arrays, f"refinements {stage}", codes_count, torch.int32) for stage in range(len(spec.stage_bits))]
+    contexts = [_work_array(arrays, f"contexts {stage}", codes_count, torch.uint8) for stage in range(max(1, len(spec.stage_bits)))]
+    coarse = _work_array(arrays, "coarse", codes_count, torch.int32) if len(spec.stage_bits) > 1 else top  # stages after the first
+    original = weight.contiguous().view(bits_dtype)
+    residuals = _work_array(arrays, "residuals", numel, torch.int64 if weight.element_size() == 4 else torch.int32)
+    lossless_contexts = _work_array(arrays, "lossless contexts", numel, torch.uint8)
+    run = map if pool is None else pool.map
+    step = max(1, -(-count // (1 if pool is None else codec_threads())))  # groups per run: one per thread of the pool
+
+    def symbols(part: int) -> None:
+        first, last = part * step, min(count, (part + 1) * step)
+        codes, elements = slice(first * group_size, last * group_size), slice(first * group_size, min(last * group_size, weight.numel()))
+        scales[first:last], offsets[first:last] = ladder.base_grid(groups[first:last], spec.base_bits)
+        scale_bits, group_offsets = scales[first:last].view(torch.int16).numpy(), offsets[first:last].numpy()
+        native.quantize_groups(
+            groups[first:last].numpy(), group_size, scale_bits, group_offsets, spec.base_bits, top_bits, headroom, top[codes].numpy()
+        )
+        native.base_stage(
+            top[codes].numpy(), top_bits, spec.base_bits, spec.widths()[1] if spec.stage_bits else spec.base_bits,
+            packed[first * group_size // 8 * spec.base_bits : last * group_size // 8 * spec.base_bits].numpy(),
+            contexts[0][codes].numpy(), refinements[0][codes].numpy() if spec.stage_bits else None,
+        )  # fmt: skip
+        for stage, (low, high) in enumerate(itertools.pairwise(spec.stage_bits), start=1):
+            native.stage_refinements(top[codes].numpy(), top_bits, low, high, coarse[codes].numpy(), refinements[stage][codes].numpy())
+            native.refinement_contexts(coarse[codes].numpy(), low, contexts[stage][codes].numpy())
+        native.lossless_symbols(
+            top[codes].numpy(), scale_bits, group_offsets, spec.base_bits, top_bits, group_size, dtype_code,
+            original[elements].numpy(), lossless_contexts[elements].numpy(), residuals[elements].numpy(),
+            lossless.CONTEXT_MIN, lossless.CONTEXT_MAX,
+        )  # fmt: skip
+
+    list(run(symbols, range(max(1, -(-count // step)))))
+    streams = [*zip(refinements, contexts), (residuals, lossless_contexts)][::-1]  # the lossless one, the largest, starts first
+    deltas = list(run(lambda stream: entropy.encode(*stream), streams))[::-1]
+    return packed, scales, offsets, deltas
 
 
 def _padded_codes(codes: torch.Tensor, group_size: int) -> torch.Tensor:
