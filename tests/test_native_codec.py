@@ -352,19 +352,3 @@ def test_symbol_readers_reject_contexts_whose_histogram_is_not_the_counts(width)
     restored = entropy.decode(stream, contexts)
     expected = lossless.restore(torch.zeros_like(values).view(torch.float16 if width == 2 else torch.float32), restored)
     assert torch.equal(values, expected.view(values.dtype))
-
-
-@pytest.mark.parametrize("block", [2, 16, 64])
-def test_int4_blocks_are_the_same_bytes_in_c_and_torch(monkeypatch, block):
-    generator = torch.Generator().manual_seed(block)
-    nibbles = torch.randint(0, 256, (3 * block, 40), generator=generator, dtype=torch.uint8)
-    positions = torch.randperm(block, generator=generator)
-    monkeypatch.setenv("P2U_NO_NATIVE", "1")
-    expected = ladder.int4_blocks(nibbles, block, positions)
-    monkeypatch.setenv("P2U_NO_NATIVE", "")
-    assert torch.equal(ladder.int4_blocks(nibbles, block, positions), expected)
-    assert not torch.equal(expected, nibbles)  # a layout that moves bytes: the comparison can fail
-    with pytest.raises(ValueError, match="whole blocks of rows"):
-        ladder.int4_blocks(nibbles[:-1], block, positions)
-    with pytest.raises(ValueError, match="order the rows"):
-        entropy._native.int4_blocks(nibbles.numpy(), 40, block, torch.zeros(block, dtype=torch.uint8).numpy(), nibbles.clone().numpy())

@@ -1767,52 +1767,6 @@ done:
     return result;
 }
 
-/* int4_blocks(nibbles, half, block, rows_of_nibbles, out): ladder.int4_blocks. `nibbles` holds rows of
- * `half` bytes (two codes each, the even column's in the low nibble); per block of `block` rows and per
- * byte column j, `out` gets two columns (2j, then 2j+1) of block/2 bytes, byte p holding the code of row
- * rows_of_nibbles[2p] in its low nibble and of row rows_of_nibbles[2p+1] in its high one. */
-static PyObject *int4_blocks(PyObject *self, PyObject *args) {
-    Py_buffer nibbles, order, out;
-    Py_ssize_t half;
-    int block;
-    if (!PyArg_ParseTuple(args, "y*niy*w*", &nibbles, &half, &block, &order, &out)) return NULL;
-    PyObject *result = NULL;
-    const uint8_t *rows_of = order.buf;
-    int seen[256] = {0}, permutation = block >= 2 && block <= 256 && block % 2 == 0 && order.len == block;
-    for (int n = 0; permutation && n < block; n++) permutation = rows_of[n] < block && !seen[rows_of[n]]++;
-    if (!permutation) {
-        PyErr_SetString(PyExc_ValueError, "rows_of_nibbles must order the rows of an even block of 2 to 256");
-        goto done;
-    }
-    if (half <= 0 || nibbles.len % (half * block) || out.len != nibbles.len) {
-        PyErr_SetString(PyExc_ValueError, "nibbles must be whole blocks of rows of `half` bytes, and out as long");
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    const Py_ssize_t pairs = block / 2, stride = half * block;
-    for (Py_ssize_t start = 0; start < nibbles.len; start += stride) {
-        const uint8_t *in = (const uint8_t *)nibbles.buf + start;
-        uint8_t *to = (uint8_t *)out.buf + start;
-        const uint8_t *row[256];
-        for (int n = 0; n < block; n++) row[n] = in + rows_of[n] * half;
-        for (Py_ssize_t j = 0; j < half; j++, to += 2 * pairs) { /* the block's rows stay in L1 across columns */
-            for (Py_ssize_t p = 0; p < pairs; p++) {
-                const uint8_t low = row[2 * p][j], high = row[2 * p + 1][j];
-                to[p] = (uint8_t)((low & 15) | (high << 4));
-                to[pairs + p] = (uint8_t)((low >> 4) | (high & 0xF0));
-            }
-        }
-    }
-    Py_END_ALLOW_THREADS
-    result = Py_None;
-    Py_INCREF(result);
-done:
-    PyBuffer_Release(&nibbles);
-    PyBuffer_Release(&order);
-    PyBuffer_Release(&out);
-    return result;
-}
-
 static PyMethodDef methods[] = {
     {"histogram", histogram, METH_VARARGS, "Counts of each uint8 context: bytes of 256 native int64."},
     {"join_planes", join_planes, METH_VARARGS, "Symbols in element order from their contexts' byte planes (the encoder's inverse)."},
@@ -1832,7 +1786,6 @@ static PyMethodDef methods[] = {
     {"encode_stream", encode_stream, METH_VARARGS, "Group symbols by context into byte planes, each coded as Huffman-only raw DEFLATE."},
     {"packed_contexts", packed_contexts, METH_VARARGS, "Histogram of the refinement contexts of packed base codes."},
     {"decode_refined", decode_refined, METH_VARARGS, "Unpack, refine one stage and dequantize base codes in one pass."},
-    {"int4_blocks", int4_blocks, METH_VARARGS, "Row-ordered 4-bit codes in the blocked layout of torch's int4 CPU kernel."},
     {NULL, NULL, 0, NULL},
 };
 

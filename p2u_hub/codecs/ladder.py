@@ -328,27 +328,6 @@ def from_int4(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return codes - (INT4_MIDPOINT - (1 << (bits - 1)))
 
 
-def int4_blocks(nibbles: torch.Tensor, block: int, positions: torch.Tensor) -> torch.Tensor:
-    """Row-ordered nibbles ``(N, K / 2)`` in the blocked layout of torch's int4 CPU kernel (``cpu_int4``).
-
-    Per block of ``block`` rows, per input column, the block's codes two per byte, row ``i`` at nibble
-    ``positions[i]``. ``_native.int4_blocks`` does it in one pass (a 557M-weight base loads ~0.3 s sooner);
-    these byte-wide torch ops are the reference it matches, and run where the C loops are off.
-    """
-    rows, half = nibbles.shape
-    inverse = torch.argsort(positions)  # nibble n holds row inverse[n]
-    if native_enabled():
-        out = torch.empty_like(nibbles)
-        _native.int4_blocks(nibbles.contiguous().numpy(), half, block, inverse.to(torch.uint8).numpy(), out.numpy())
-        return out
-    by_row = nibbles.reshape(rows // block, block, half)
-    low_rows, high_rows = by_row.index_select(1, inverse[0::2]), by_row.index_select(1, inverse[1::2])
-    even = (low_rows & 15) | (high_rows << 4)  # column 2j: the low nibbles of both rows' bytes
-    odd = (low_rows >> 4) | (high_rows & 0xF0)  # column 2j + 1: their high nibbles
-    columns = torch.stack((even, odd), dim=-1).view(rows // block, block // 2, 2 * half)
-    return columns.transpose(1, 2).reshape(rows, half)
-
-
 def int4_scales_and_zeros(scales: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Per group, the ``(scale, zero)`` of ``w = (q - 8) * scale + zero`` that gives our grid's weights, in ``dtype``.
 

@@ -25,8 +25,6 @@ from collections.abc import Callable
 
 import torch
 
-from ..codecs import ladder
-
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
 GROUP_SIZES = (32, 64, 128, 256)
 CHUNK_ELEMENTS = 1 << 20
@@ -68,8 +66,21 @@ def pack_rows(nibbles_of_rows: Callable[[int, int], torch.Tensor], shape: tuple[
     packed = torch.empty(rows, inputs // 2, dtype=torch.uint8)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        packed[start:stop] = ladder.int4_blocks(nibbles_of_rows(start, stop), block, positions)
+        packed[start:stop] = _to_kernel_layout(nibbles_of_rows(start, stop), block, positions)
     return packed
+
+
+def _to_kernel_layout(nibbles: torch.Tensor, block: int, positions: torch.Tensor) -> torch.Tensor:
+    """Row-ordered nibbles ``(N, K / 2)`` in the kernel's layout: per block of rows, per input column, the
+    block's codes two per byte, row ``i`` at nibble ``positions[i]`` (so nibble ``n`` holds row ``inverse[n]``)."""
+    rows, half = nibbles.shape
+    inverse = torch.argsort(positions)
+    by_row = nibbles.reshape(rows // block, block, half)
+    low_rows, high_rows = by_row.index_select(1, inverse[0::2]), by_row.index_select(1, inverse[1::2])
+    even = (low_rows & 15) | (high_rows << 4)  # column 2j: the low nibbles of both rows' bytes
+    odd = (low_rows >> 4) | (high_rows & 0xF0)  # column 2j + 1: their high nibbles
+    columns = torch.stack((even, odd), dim=-1).view(rows // block, block // 2, 2 * half)
+    return columns.transpose(1, 2).reshape(rows, half)
 
 
 def unpack(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -113,7 +124,7 @@ def _layout() -> tuple[int, torch.Tensor] | None:
     codes = torch.randint(0, 16, (2 * rows, 4 * inputs), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     packed, nibbles = pack(codes), codes[:, 0::2] | (codes[:, 1::2] << 4)
     same = torch.equal(_unpack(packed, (2 * rows, 4 * inputs), block, positions), codes)
-    return (block, positions) if same and torch.equal(ladder.int4_blocks(nibbles, block, positions), packed) else None
+    return (block, positions) if same and torch.equal(_to_kernel_layout(nibbles, block, positions), packed) else None
 
 
 def _known_layout() -> tuple[int, torch.Tensor]:
