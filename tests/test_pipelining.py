@@ -261,3 +261,11 @@ def test_a_file_two_callers_want_at_once_is_fetched_once(local_hub: LocalHub, sh
         caller.join(WAIT_S)
     assert paths == [folder / name] * 2 and (folder / name).read_bytes() == (release / "stage-2" / name).read_bytes()
     assert local_hub.file_requests(name) == {"HEAD": 1, "GET": 1}
+
+
+def test_freed_pages_go_back_only_through_a_c_library_that_has_malloc_trim(monkeypatch):
+    from p2u_hub.integrations import upgrade
+
+    monkeypatch.setattr("sys.platform", "win32")  # where ctypes.CDLL(None) raises TypeError
+    assert upgrade._malloc_trim.__wrapped__() is None
+    upgrade._FreedPages(every=1).swapped(1)  # trims where it can, else nothing: never raises

@@ -49,6 +49,7 @@ import ctypes
 import functools
 import logging
 import math
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -299,9 +300,11 @@ def _base_files_present(base_dir: Path) -> bool:
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None  # ctypes.CDLL(None) is not even a library handle on Windows
     try:
         return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError):  # musl
         return None
 
 
