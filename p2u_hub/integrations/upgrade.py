@@ -35,12 +35,12 @@ download, as far as the budget below allows: rebuilt tensors waiting plus payloa
 within what the model grows by plus one stage shard (at least ``PREFETCH_BYTES`` of tensors), so
 on a slow link most of the decoding is done when the last byte arrives, and the peak is the final
 model plus about one shard, the decoders' buffers and the allocator's slack (1.1 GB bf16
-Llama-shaped model, 4-bit base: 1,284-1,315 MiB of anonymous memory above the imports for a
+Llama-shaped model, 4-bit base: 1,284-1,323 MiB of anonymous memory above the imports for a
 1,062 MiB final model with 32 MiB shards). Freed pages are handed back to the system each time
-a shard's worth of layers has been swapped (``_FreedPages``): glibc kept ~300 MiB more otherwise. The payloads checked as
-their shards arrive are kept for decoding, and freed as it goes, while they total at most what
-the model grows by plus one stage shard; so each payload is read and hashed once, and a payload
-beyond that bound is read and checked again when its layer is rebuilt.
+a shard's worth of layers has been swapped (``_FreedPages``): glibc kept ~300 MiB more otherwise.
+The payloads checked as their shards arrive are kept for decoding, and freed as it goes, while
+they total at most what the model grows by plus one stage shard; so each payload is read and
+hashed once, and a payload beyond that bound is read and checked again when its layer is rebuilt.
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ def _upgrade(
             install_expanded(model, todo, rebuild, on_module=layer_done)
         finally:
             ahead.close()
-            _return_freed_memory()
+            freed.release()
             for bar in bars:
                 bar.close()
             quantizer.stage = min((stages.get(name, 0) for name in quantizer.parameters), default=index)
@@ -309,10 +309,13 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 class _FreedPages:
-    """Hands freed pages back (``_return_freed_memory``) each time layers of ``every`` bytes have been swapped.
+    """Hands the pages of freed payloads, codes and decoding buffers back to the system (glibc's ``malloc_trim``).
 
-    Each call walks glibc's arenas (1.1 GB upgrade: ~1.7 ms a call, 90 ms after all of its 52
-    layers): once a stage shard's worth lets at most about one more shard of freed pages wait.
+    glibc keeps freed blocks below its (self-raising) mmap threshold in its arenas, where the
+    rebuilt weights allocated meanwhile pin them: without this, the process kept ~300 MiB more than
+    it used at the peak of a 1.1 GB upgrade. Each call walks the arenas (there: ~1.7 ms a call, 90 ms
+    after every one of its 52 layers), so ``swapped`` calls ``release`` once layers of ``every``
+    bytes have been swapped: at most about one more shard of freed pages waits.
     """
 
     def __init__(self, every: int):
@@ -322,21 +325,13 @@ class _FreedPages:
     def swapped(self, nbytes: int) -> None:
         self._since += nbytes
         if self._since >= self._every:
-            self._since = 0
-            _return_freed_memory()
+            self.release()
 
-
-def _return_freed_memory() -> None:
-    """Hand the pages of freed payloads, codes and decoding buffers back to the system.
-
-    glibc keeps freed blocks below its (self-raising) mmap threshold in its arenas, where the
-    rebuilt weights allocated meanwhile pin them: without this, the process kept ~300 MiB more than
-    it used at the peak of a 1.1 GB upgrade. ``malloc_trim`` returns the free pages inside those
-    blocks, at a few milliseconds a call.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    def release(self) -> None:
+        self._since = 0
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
 
 
 def _make_plain(model: torch.nn.Module, quantizer: P2UHfQuantizer) -> None:
