@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import peft
@@ -197,6 +199,29 @@ def test_prefetch_at_load_then_upgrade_needs_no_network(release, local_hub):
     folders = model.hf_quantizer.prefetch.result(timeout=120)
     assert [fmt.read_stage_record(folder).index for folder in folders] == [1, 2]
     local_hub.stop()  # every stage must now come from what the prefetch put in the cache
+    p2u_hub.upgrade(model)
+    expected = transformers.AutoModelForCausalLM.from_pretrained(source).state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+def test_prefetch_looks_up_the_stages_while_the_base_weights_download(release, local_hub):
+    """The stages' records and shard indexes are fetched before the base's last byte, not in turn after it."""
+    source, base = release("gpt2")
+    push(base.parent, "local/gpt2-p2u")
+    released = local_hub.hold_downloads("model.safetensors")
+    loading = ThreadPoolExecutor(1).submit(
+        transformers.AutoModelForCausalLM.from_pretrained, "local/gpt2-p2u", quantization_config=P2UConfig(upgrade="prefetch")
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while local_hub.file_requests(fmt.STAGE_FILE)["GET"] < 2 and time.monotonic() < deadline and not loading.done():
+            time.sleep(0.01)
+        assert local_hub.file_requests(fmt.STAGE_FILE)["GET"] == 2  # both stages' records, the base weights still held
+        assert local_hub.file_requests("delta*.safetensors")["GET"] == 0  # the stage weights wait for the base's
+    finally:
+        released.set()
+    model = loading.result(timeout=120)
     p2u_hub.upgrade(model)
     expected = transformers.AutoModelForCausalLM.from_pretrained(source).state_dict()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())

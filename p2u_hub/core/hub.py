@@ -7,11 +7,13 @@ Tokens come from the usual ``HF_TOKEN`` / ``hf auth login`` and are only ever ha
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import TypeVar
 
 import httpx2
 from huggingface_hub import constants, hf_hub_download, snapshot_download
@@ -26,6 +28,8 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..errors import HubError, PushRefusedError, StageUnavailableError, UnsafePathError  # noqa: F401  (PushRefusedError: its old home)
 from . import format as fmt
+
+T = TypeVar("T")
 
 OTHER_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.ot", "*.gguf"]
 
@@ -100,6 +104,35 @@ def download_stage(entry: fmt.StageEntry, *, default_repo_id: str | None, token:
         except (EntryNotFoundError, OSError) as error:  # offline: the other branch name may be the cached one
             failure = f"cannot download {repo_id}@{revision} ({error})"
     raise StageUnavailableError(f"{entry.name}: {failure}")
+
+
+def look_up_stages(entries: Iterable[fmt.StageEntry], *, default_repo_id: str, token: str | bool | None = None) -> dict[int, Future[Path]]:
+    """Start ``download_stage`` of every stage, side by side in background threads; each stage's future folder by index.
+
+    For a loader that knows the base's repo before the base's weights download: the round
+    trips of each stage's record and shard index then overlap the base's bytes instead of
+    following them. A failure stays in its future, for the caller to look that stage up again
+    and report it.
+    """
+    look_up = functools.partial(download_stage, default_repo_id=default_repo_id, token=token)
+    return {entry.index: in_background("p2u-stage-lookup", look_up, entry) for entry in entries}
+
+
+def in_background(name: str, function: Callable[..., T], *args: object) -> Future[T]:
+    """``function(*args)`` in a daemon thread (a fetch left under way never holds up the interpreter's exit).
+
+    Its error, too, goes to the returned future: to whoever waits for the result.
+    """
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:
+            future.set_exception(error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 _downloading: dict[Path, Future[None]] = {}

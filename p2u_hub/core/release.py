@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from contextlib import closing
 from pathlib import Path
@@ -50,6 +50,8 @@ class Release:
         token: Hub token for private stage repos; never stored beyond this object.
         qconfig: the base's quantization_config, when the caller has parsed it already (the
             transformers loader has); read from the base's config.json otherwise.
+        stage_lookups: Hub stage folders being fetched already (``hub.look_up_stages``), by stage
+            index; a lookup that failed is made again, and reports its error.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class Release:
         repo_id: str | None = None,
         token: str | bool | None = None,
         qconfig: fmt.QuantizationConfig | None = None,
+        stage_lookups: Mapping[int, Future[Path]] | None = None,
     ):
         self.base_dir = Path(base_dir)
         self.repo_id = repo_id or cached_repo_id(self.base_dir)
@@ -75,6 +78,7 @@ class Release:
             )
         self.qconfig.check_ladder(self.manifest.ladder, str(self.base_dir / fmt.CONFIG_FILE))
         self._stages: dict[int, tuple[Path, fmt.StageRecord]] = {}  # checked stages: each record is read once
+        self._stage_lookups = dict(stage_lookups or {})
 
     def reopened(self, token: str | bool | None) -> Release:
         """This release with its config and manifest as parsed, its stages looked up afresh and fetched with ``token``.
@@ -84,7 +88,7 @@ class Release:
         """
         release = copy.copy(self)
         release.token = token
-        release._stages = {}
+        release._stages, release._stage_lookups = {}, {}
         return release
 
     @classmethod
@@ -164,7 +168,7 @@ class Release:
         if local is not None and (local / fmt.STAGE_FILE).is_file():
             folder = local
         elif entry.repo_id is not None or self.repo_id is not None:
-            folder = download_stage(entry, default_repo_id=self.repo_id, token=self.token)
+            folder = self._looked_up(index) or download_stage(entry, default_repo_id=self.repo_id, token=self.token)
         else:
             raise fmt.P2UFormatError(
                 f"{entry.name} not found: expected {fmt.STAGE_FILE} in {local} and the config names no Hub repo for it"
@@ -181,6 +185,13 @@ class Release:
             )
         self._stages[index] = folder, record
         return folder, record
+
+    def _looked_up(self, index: int) -> Path | None:
+        """The folder of stage ``index`` from a lookup started earlier (waiting for it), None if there was none or it failed."""
+        lookup = self._stage_lookups.pop(index, None)
+        if lookup is None or lookup.exception() is not None:
+            return None
+        return lookup.result()
 
     def _local_stage(self, entry: fmt.StageEntry) -> Path | None:
         """The folder of a stage given by ``path`` (``../stage-k`` or a subfolder), kept inside the release folder."""

@@ -26,19 +26,21 @@ expanded after loading in both modes. Choose the mode in the
 base's ``config.json`` (``quantization_config.load_mode``) or when loading:
 ``AutoModel.from_pretrained(path, quantization_config=P2UConfig(load_mode="dense"))``.
 
-Progressive loading without extra calls: ``P2UConfig(upgrade="prefetch")`` starts downloading
-every stage in a background thread as soon as the base's files are local, before its weights are
-read, so the link stays busy while the model loads and a later ``p2u_hub.upgrade(model)`` decodes
-right behind the download (it waits for a file still under way); ``P2UConfig(upgrade="background")``
-downloads the same way and also merges, as ``p2u_hub.upgrade(model, background=True)`` does, from
-the end of loading on while the base serves: ``model.p2u_upgrade`` is that run's ``UpgradeHandle``.
+Progressive loading without extra calls: ``P2UConfig(upgrade="prefetch")`` looks the stages up
+while the base's weights download (``update_attn_implementation``, the first hook that sees the
+repo) and starts downloading every stage file in a background thread as soon as the base's files
+are local, before its weights are read, so the link stays busy while the model loads and a later
+``p2u_hub.upgrade(model)`` decodes right behind the download (it waits for a file still under way);
+``P2UConfig(upgrade="background")`` downloads the same way and also merges, as
+``p2u_hub.upgrade(model, background=True)`` does, from the end of loading on while the base
+serves: ``model.p2u_upgrade`` is that run's ``UpgradeHandle``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -57,6 +59,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..codecs import ladder as ladder_codec
 from ..codecs.progressive import Ladder, dequantize_packed
 from ..core import format as fmt
+from ..core.hub import check_repo_id, in_background, look_up_stages
 from ..core.release import Release, StoredCodes
 from ..core.storage import file_tensor_digests, safetensors_header
 from . import cpu_int4
@@ -440,10 +443,26 @@ class P2UHfQuantizer(HfQuantizer):
         self.stage = 0
         self.layer_stages: dict[str, int] = {}
         self.prefetch: Future | None = None  # P2UConfig(upgrade=...): done once every stage file is local
+        self.stage_lookups: dict[int, Future[Path]] = {}  # P2UConfig(upgrade=...), from the Hub: started before the base downloads
         self._follower_bias_sizes: dict[str, int] = {}
 
     def validate_environment(self, *args, **kwargs) -> None:
         self.quantization_config.to_format()
+
+    def update_attn_implementation(self, config):
+        """The first hook that sees which repo is loading, before transformers downloads the base's weights.
+
+        With ``P2UConfig(upgrade=...)`` the stages' records and shard indexes are fetched now, in
+        the background, while the base's bytes come: their round trips then no longer stand
+        between the base's last byte and the stages' first one (``_process_model_before_weight_loading``).
+        """
+        config = super().update_attn_implementation(config)
+        name_or_path = config.name_or_path
+        if self.quantization_config.upgrade in UPGRADE_AT_LOAD and name_or_path and not Path(name_or_path).is_dir():
+            with contextlib.suppress(fmt.UnsafePathError):  # not a repo id: transformers says so itself
+                repo_id = check_repo_id(name_or_path, "from_pretrained")
+                self.stage_lookups = look_up_stages(self.quantization_config.to_format().stages, default_repo_id=repo_id)
+        return config
 
     def is_serializable(self, *args, **kwargs) -> bool:
         logger.warning(
@@ -474,10 +493,11 @@ class P2UHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None, **kwargs):
         self.base_dir, self.repo_id = locate_base(model.config.name_or_path, checkpoint_files)
-        self.release = Release(self.base_dir, repo_id=self.repo_id, qconfig=self.quantization_config.to_format())
+        self.release = Release(
+            self.base_dir, repo_id=self.repo_id, qconfig=self.quantization_config.to_format(), stage_lookups=self.stage_lookups
+        )
         if self.quantization_config.upgrade in UPGRADE_AT_LOAD and self.release.stage_count:  # first: the link is idle
-            self.prefetch = Future()
-            threading.Thread(target=_prefetch, args=(self.release, self.prefetch), name="p2u-prefetch", daemon=True).start()
+            self.prefetch = in_background("p2u-prefetch", self.release.download_stages)  # an error: upgrade meets it again
         self.parameters = plan_parameters(model, self.release.manifest)
         self._check_stored(checkpoint_files, self.release.manifest)
         for packed in self.parameters.values():
@@ -590,14 +610,6 @@ class P2UHfQuantizer(HfQuantizer):
     def _incomplete(self, tensor: str, what: str) -> fmt.P2UFormatError:
         files = ", ".join(str(path) for path in fmt.weight_files(self.base_dir, fmt.BASE_WEIGHTS_NAME))
         return fmt.P2UFormatError(f"{files}: tensor {tensor!r}: {what}; this p2u base is incomplete")
-
-
-def _prefetch(release: Release, done: Future) -> None:
-    """Download every stage file into the HF cache; an error is kept in ``done`` (``upgrade`` meets it again itself)."""
-    try:
-        done.set_result(release.download_stages())
-    except BaseException as error:  # a background thread's error goes to whoever waits on ``done``
-        done.set_exception(error)
 
 
 def _copy_out_of_checkpoint_maps(model) -> None:
