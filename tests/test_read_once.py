@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
@@ -39,15 +40,16 @@ def hashes(monkeypatch) -> Counter:
 
 @pytest.fixture
 def reads(monkeypatch) -> Counter:
-    """(file, tensor) -> how many times a TensorReader read it."""
+    """(file, tensor) -> how many times a TensorReader read it (as a tensor or as bytes)."""
     counts: Counter = Counter()
-    real = TensorReader.get
+    for method in ("get", "read_bytes"):
+        real = getattr(TensorReader, method)
 
-    def counted(self, name):
-        counts[self.locations.get(name), name] += 1
-        return real(self, name)
+        def counted(self, name, real=real):
+            counts[self.locations.get(name), name] += 1
+            return real(self, name)
 
-    monkeypatch.setattr(TensorReader, "get", counted)
+        monkeypatch.setattr(TensorReader, method, counted)
     return counts
 
 
@@ -112,3 +114,19 @@ def test_uniform_split_reads_and_hashes_each_source_tensor_once_and_still_finds_
     assert {digest: hashes[digest] for digest in expected} == expected
     aliases = {manifest.tensors[name].alias_of for name in ("lm_head.weight", "transformer.wte.weight")}
     assert aliases - {None} <= {"lm_head.weight", "transformer.wte.weight"} and len(aliases) == 2  # found while encoding
+
+
+def test_read_bytes_gives_the_stored_bytes_and_refuses_a_file_cut_short(tmp_path):
+    tensors = {
+        "a": torch.arange(10, dtype=torch.float32),
+        "b": torch.arange(7, dtype=torch.bfloat16),
+        "c": torch.arange(5, dtype=torch.uint8),
+    }
+    path = tmp_path / "payloads.safetensors"
+    save_file(tensors, path)
+    reader = TensorReader([path])
+    assert {name: reader.read_bytes(name) for name in tensors} == {name: fmt.tensor_bytes(t).tobytes() for name, t in tensors.items()}
+    last = max(tensors, key=lambda name: reader.header(name)["data_offsets"][1])
+    path.write_bytes(path.read_bytes()[:-3])  # cut after the reader checked the header
+    with pytest.raises(fmt.P2UFormatError, match=f"{path}: tensor '{last}' cannot be read \\(the file ends within it\\)"):
+        reader.read_bytes(last)

@@ -434,7 +434,7 @@ class TensorRebuilder:
                 f"{reader.locations[name]}: payload of tensor {name!r} is {declared['dtype']}{declared['shape']}, "
                 f"{fmt.STAGE_FILE} says U8[{expected['bytes']}]"
             )
-        payload = fmt.tensor_bytes(reader.get(name)).tobytes()
+        payload = reader.read_bytes(name)
         if fmt.sha256_bytes(payload) != expected["sha256"]:
             raise fmt.ChecksumError(f"{shards.folder}: payload of tensor {name!r} fails its sha256 check (corrupt download?)")
         return payload

@@ -348,11 +348,33 @@ class TensorReader:
         return name in self.locations
 
     def get(self, name: str) -> torch.Tensor:
-        path = self.locations.get(name)
-        if path is None:
-            raise P2UFormatError(f"tensor {name!r} not found in {sorted({str(p) for p in self.locations.values()})}")
+        path = self._location(name)
         try:
             with safe_open(str(path), framework="pt") as handle:
                 return handle.get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise P2UFormatError(f"{path}: tensor {name!r} cannot be read ({error})") from None
+
+    def read_bytes(self, name: str) -> bytes:
+        """The stored bytes of tensor ``name``, read from the file into one new buffer.
+
+        For payloads that are hashed and decoded as bytes: ``get`` would copy them into a tensor
+        first, then a second time out of it.
+        """
+        path = self._location(name)
+        first, last = self._headers[path][name]["data_offsets"]
+        try:
+            with path.open("rb") as file:
+                file.seek(8 + int.from_bytes(file.read(8), "little") + first)
+                data = file.read(last - first)
+        except OSError as error:
+            raise P2UFormatError(f"{path}: tensor {name!r} cannot be read ({error})") from None
+        if len(data) != last - first:
+            raise P2UFormatError(f"{path}: tensor {name!r} cannot be read (the file ends within it)")
+        return data
+
+    def _location(self, name: str) -> Path:
+        path = self.locations.get(name)
+        if path is None:
+            raise P2UFormatError(f"tensor {name!r} not found in {sorted({str(p) for p in self.locations.values()})}")
+        return path
