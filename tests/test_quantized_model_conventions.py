@@ -11,9 +11,11 @@ import pytest
 import torch
 import transformers
 from datasets import Dataset
+from huggingface_hub import HfApi
 
 import p2u_hub
 from p2u_hub.core import format as fmt
+from p2u_hub.errors import StageUnavailableError
 from p2u_hub.integrations.transformers import P2UConfig, PackedLayer
 from p2u_hub.tools.publish import push
 
@@ -225,6 +227,19 @@ def test_prefetch_looks_up_the_stages_while_the_base_weights_download(release, l
     p2u_hub.upgrade(model)
     expected = transformers.AutoModelForCausalLM.from_pretrained(source).state_dict()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+def test_prefetch_of_a_base_without_its_stages_loads_and_upgrade_names_the_missing_stage(release, local_hub):
+    """The lookups started while the base downloads fail; the base still serves and upgrade reports the stage itself."""
+    _, base = release("gpt2")
+    HfApi().create_repo("local/gpt2-base-only")
+    HfApi().upload_folder(repo_id="local/gpt2-base-only", folder_path=base)
+    model = transformers.AutoModelForCausalLM.from_pretrained("local/gpt2-base-only", quantization_config=P2UConfig(upgrade="prefetch"))
+    before = _output(model)
+    with pytest.raises(StageUnavailableError, match="stage-1: revision 'p2u-stage-1' or 'p2u/stage-1' not found in local/gpt2-base-only"):
+        p2u_hub.upgrade(model)
+    assert torch.equal(_output(model), before) and len(_packed_modules(model)) > 0
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
