@@ -26,7 +26,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from p2u_hub.testing import LocalHub
+from p2u_hub.testing import LocalHub, hub_server
 from p2u_hub.testing.client import local_hub_client
 
 REPO = "local/tiny"
@@ -184,6 +184,21 @@ def test_rate_limit_paces_downloads(local_hub: LocalHub, tmp_path: Path) -> None
     start = time.monotonic()
     assert Path(hf_hub_download(REPO, "zeros.bin")).stat().st_size == 2_000_000
     assert time.monotonic() - start >= 0.15  # 2 MB at 10 MB/s is 0.2 s
+
+
+def test_pacing_lets_a_late_sender_catch_up_within_the_link_queue(tmp_path: Path, monkeypatch) -> None:
+    """A download whose every wake-up comes late still gets the whole rate: 100 chunks of 1 ms take 0.1 s, not 0.13 s."""
+    hub = LocalHub(tmp_path, rate_mbps=100)  # pacing only: never started
+    clock = [1000.0]
+
+    def oversleep(seconds: float) -> None:
+        clock[0] += seconds + 0.0003  # as a loaded machine's sleep does
+
+    monkeypatch.setattr(hub_server.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(hub_server.time, "sleep", oversleep)
+    for _ in range(100):
+        hub._pace(100_000)  # 1 ms of link each
+    assert 0.1 - hub_server.LINK_QUEUE_S <= clock[0] - 1000.0 <= 0.1 + 0.0003 + 1e-9
 
 
 def test_restart_keeps_repos(published: str, local_hub: LocalHub, tmp_path: Path) -> None:
