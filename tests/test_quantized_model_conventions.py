@@ -17,6 +17,7 @@ import p2u_hub
 from p2u_hub.core import format as fmt
 from p2u_hub.errors import StageUnavailableError
 from p2u_hub.integrations.transformers import P2UConfig, PackedLayer
+from p2u_hub.testing.assertions import assert_tensors_bit_identical
 from p2u_hub.tools.publish import push
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 1]])
@@ -225,8 +226,7 @@ def test_prefetch_looks_up_the_stages_while_the_base_weights_download(release, l
         released.set()
     model = loading.result(timeout=120)
     p2u_hub.upgrade(model)
-    expected = transformers.AutoModelForCausalLM.from_pretrained(source).state_dict()
-    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+    assert_tensors_bit_identical(transformers.AutoModelForCausalLM.from_pretrained(source).state_dict(), model.state_dict())
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
