@@ -126,6 +126,124 @@ def test_planes_are_the_same_raw_deflate_on_both_paths_and_every_inflater_reads_
     assert len(coded) <= len(reference.compress(plane.tobytes()) + reference.flush()) * 1.003
 
 
+def _one_plane_stream(coded: bytes, size: int) -> tuple[bytes, bytes]:
+    """A stream of one context holding one raw DEFLATE plane of ``size`` bytes, and its counts."""
+    counts = np.zeros(256, dtype=np.int64)
+    counts[0] = size
+    return bytes([1]) + struct.pack("<I", len(coded)) + coded, counts.tobytes()
+
+
+@pytest.mark.parametrize(
+    "case", ["one byte", "one value", "two values", "every value once", "uniform 1M", "skewed 1M", "skewed, short last block", "fibonacci"]
+)
+def test_native_inflater_reads_every_plane_the_encoder_writes(case):
+    """Stored, fixed and dynamic blocks, codes up to 15 bits deep (past the lookup table) and entries of several literals."""
+    plane = _plane(case)
+    stream = entropy._native.encode_stream(plane, 1, np.zeros(len(plane), dtype=np.uint8), entropy.BLOCK_SYMBOLS)
+    inflated = entropy._native.inflate_stream(stream, _one_plane_stream(b"", len(plane))[1])
+    assert inflated is not None
+    widths, planes = inflated
+    assert widths[0] == 1 and widths[1:] == bytes(255) and planes == [plane.tobytes()]
+
+
+def test_native_inflater_reads_zlibs_huffman_only_planes_and_leaves_matches_to_zlib():
+    """Another encoder's literal-only DEFLATE is read; a plane with matches goes to zlib, with the same result."""
+    plane = np.minimum(np.random.default_rng(3).geometric(0.2, 200_000), 255).astype(np.uint8).tobytes()
+    for strategy, native_reads in ((zlib.Z_HUFFMAN_ONLY, True), (zlib.Z_DEFAULT_STRATEGY, False)):
+        coder = zlib.compressobj(9, zlib.DEFLATED, -15, 9, strategy)
+        stream, counts = _one_plane_stream(coder.compress(plane) + coder.flush(), len(plane))
+        assert (entropy._native.inflate_stream(stream, counts) is not None) == native_reads
+        assert entropy.inflate_planes(stream, counts)[1] == [plane]
+
+
+def test_native_inflater_accepts_no_stream_that_zlib_reads_otherwise():
+    """Fuzzed planes: whatever the C inflater accepts, zlib inflates to the same bytes, ending where it ends.
+
+    Everything else it leaves to zlib (returns None), whose errors name the fault.
+    """
+    rng = np.random.default_rng(11)
+    planes = [_plane("skewed, short last block"), _plane("fibonacci"), _plane("one byte"), _plane("uniform 1M")[:70_000]]
+    accepted = refused = 0
+    for trial in range(600):
+        plane = planes[trial % len(planes)]
+        coded = bytearray(entropy._native.encode_stream(plane, 1, np.zeros(len(plane), dtype=np.uint8), entropy.BLOCK_SYMBOLS)[5:])
+        how = trial // len(planes) % 3
+        if how == 0:  # flip a few bits, mostly early: block headers and code tables
+            for _ in range(int(rng.integers(1, 4))):
+                position = int(rng.integers(0, min(len(coded), 64 if rng.random() < 0.5 else len(coded))))
+                coded[position] ^= 1 << int(rng.integers(8))
+        elif how == 1:
+            coded = coded[: int(rng.integers(0, len(coded)))]
+        else:
+            coded += bytes(rng.integers(0, 256, int(rng.integers(1, 4)), dtype=np.uint8))
+        size = len(plane) + int(rng.integers(-1, 2)) * (trial % 5 == 0)
+        if size < 1:
+            continue
+        inflated = entropy._native.inflate_stream(*_one_plane_stream(bytes(coded), size))
+        if inflated is None:
+            refused += 1
+            continue
+        accepted += 1
+        inflater = zlib.decompressobj(-15)
+        assert inflater.decompress(bytes(coded)) == inflated[1][0] and len(inflated[1][0]) == size
+        assert inflater.eof and not inflater.unused_data
+    assert accepted > 50 and refused > 200  # both outcomes were exercised
+
+
+def _dynamic_block(literal_lengths: dict[int, int], literals: bytes) -> bytes:
+    """One final dynamic DEFLATE block, written bit by bit: the literal code's lengths as given (1 or 2
+    bits; zlib would refuse an incomplete or over-subscribed code), two distance codes of 1 bit, the
+    literals, end of block."""
+    bits: list[int] = []
+
+    def put(value: int, count: int) -> None:  # header fields: least significant bit first
+        bits.extend((value >> k) & 1 for k in range(count))
+
+    def put_code(code: int, length: int) -> None:  # Huffman codes: most significant bit first
+        bits.extend((code >> (length - 1 - k)) & 1 for k in range(length))
+
+    put(1, 1), put(2, 2), put(0, 5), put(1, 5), put(18 - 4, 4)  # final, dynamic, 257 literal and 2 distance codes
+    code_length_lengths = {0: 1, 1: 2, 2: 2}  # code-length symbols 0, 1, 2: codes 0, 10, 11
+    for symbol in (16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1):
+        put(code_length_lengths.get(symbol, 0), 3)
+    code_length_codes = {0: (0, 1), 1: (2, 2), 2: (3, 2)}
+    for length in [literal_lengths.get(symbol, 0) for symbol in range(257)] + [1, 1]:
+        put_code(*code_length_codes[length])
+    codes, code = {}, 0
+    for length in (1, 2):  # canonical codes, shortest first, then by symbol
+        for symbol in sorted(s for s, n in literal_lengths.items() if n == length):
+            codes[symbol] = (code, length)
+            code += 1
+        code <<= 1
+    for symbol in [*literals, 256]:
+        put_code(*codes[symbol])
+    bits += [0] * (-len(bits) % 8)
+    return bytes(sum(bit << k for k, bit in enumerate(bits[i : i + 8])) for i in range(0, len(bits), 8))
+
+
+@pytest.mark.parametrize(
+    "lengths,valid",
+    [({65: 1, 66: 2, 256: 2}, True), ({65: 1, 256: 2}, False), ({65: 1, 66: 1, 256: 1}, False)],
+    ids=["complete", "incomplete", "over-subscribed"],
+)
+def test_native_inflater_leaves_codes_zlib_refuses_to_zlib(lengths, valid):
+    """A literal code that is incomplete or over-subscribed still decodes these literals, but zlib refuses it
+    (ISA-L reads the incomplete one): the C inflater leaves such streams to the inflaters."""
+    coded = _dynamic_block(lengths, b"AAA")
+    stream, counts = _one_plane_stream(coded, 3)
+    assert (entropy._native.inflate_stream(stream, counts) is not None) == valid
+    if valid:
+        assert entropy.inflate_planes(stream, counts)[1] == [b"AAA"] == [zlib.decompress(coded, -15)]
+    else:
+        with pytest.raises(zlib.error, match="invalid literal/lengths set"):
+            zlib.decompress(coded, -15)
+
+
+def test_native_inflater_wants_the_counts_of_256_contexts():
+    with pytest.raises(ValueError, match="256 native int64"):
+        entropy._native.inflate_stream(b"", bytes(8))
+
+
 @pytest.mark.parametrize("case,block_type", [("one byte", 1), ("uniform 1M", 0), ("skewed 1M", 2)])
 def test_each_block_is_the_cheapest_of_stored_fixed_and_dynamic(case, block_type):
     """A lone byte is cheapest with the fixed code, noise stored, skewed bytes with their own code."""

@@ -19,10 +19,10 @@ Stream layout, for each context id in increasing order that has at least one sym
 ``u8 plane_count`` then ``plane_count`` x ``u32le compressed_length``, then the planes'
 raw-DEFLATE bytes in plane order (least significant first).
 
-The grouping, the plane split / assembly and the encoder run in ``_native`` (a C extension
-built with the package) when it is importable and ``P2U_NO_NATIVE`` is unset or empty, and
-planes inflate with ISA-L when ``isal`` is installed; otherwise numpy (and zlib, to inflate)
-do the same work. Both paths write and read the same bytes.
+The grouping, the plane split / assembly, the encoder and the inflater of literal-only planes
+run in ``_native`` (a C extension built with the package) when it is importable and
+``P2U_NO_NATIVE`` is unset or empty; otherwise numpy and zlib do the same work. Both paths
+write and read the same bytes.
 """
 
 from __future__ import annotations
@@ -36,15 +36,10 @@ import numpy as np
 import torch
 
 _native: Any  # the C module, or None (native_enabled() guards every use)
-_isal_zlib: Any
 try:
     from . import _native  # type: ignore[attr-defined,no-redef]  # built by setup.py when a C compiler is there
 except ImportError:  # built without a C compiler: the numpy path below does the same work
     _native = None
-try:  # ISA-L inflates the same raw DEFLATE ~1.8x faster than zlib (extra "fast")
-    from isal import isal_zlib as _isal_zlib  # type: ignore[no-redef]
-except ImportError:
-    _isal_zlib = None
 
 _PLANE_COUNT = struct.Struct("<B")
 _PLANE_LENGTH = struct.Struct("<I")
@@ -263,16 +258,15 @@ def _deflate(plane: np.ndarray) -> bytes:
     return bytes(out)
 
 
-def _decompress(data, expected: int, inflater=zlib) -> bytes:
+def _decompress(data, expected: int) -> bytes:
     """Inflate at most ``expected + 1`` bytes: a stream that would grow past its declared size stops there.
 
     Without the bound, a few MB of crafted DEFLATE would inflate to GBs before the size check.
-    ``inflater`` is ``zlib`` or ``isal.isal_zlib`` (same raw DEFLATE, same ``decompressobj`` API).
     """
-    stream = inflater.decompressobj(-15)
+    stream = zlib.decompressobj(-15)
     try:
         raw = stream.decompress(data, expected + 1)
-    except inflater.error as error:
+    except zlib.error as error:
         raise CorruptStreamError(f"DEFLATE stream does not decode ({error})") from None
     if len(raw) > expected:
         raise CorruptStreamError(f"DEFLATE stream holds more than the {expected} symbols expected")
@@ -343,7 +337,7 @@ def decode(stream: bytes, contexts: torch.Tensor) -> torch.Tensor:
     keys = _context_keys(contexts)
     if native_enabled():
         counts = _native.histogram(keys)
-        widths, planes = _read_stream(stream, np.frombuffer(counts, dtype=np.int64), _isal_zlib or zlib)
+        widths, planes = inflate_planes(stream, counts)
         symbols = np.empty(keys.size, dtype=_symbol_dtype(max(widths)))
         _native.join_planes(planes, counts, widths, keys, symbols, symbols.itemsize)
     else:
@@ -366,12 +360,17 @@ def inflate_planes(stream: bytes, counts: bytes) -> tuple[bytes, list[bytes]]:
     """Each context's plane count (256 bytes) and its inflated planes in stream order, for the C loops.
 
     ``counts`` is the histogram of the decoder's contexts as the C loops return it (256 native
-    int64): it bounds every plane's inflated size. ISA-L inflates when installed.
+    int64): it bounds every plane's inflated size. ``_native.inflate_stream`` inflates the whole
+    stream in one call without the GIL when it can prove every plane (the literal-only blocks
+    this module writes); any other stream, valid or not, is inflated plane by plane by zlib,
+    which decodes any raw DEFLATE and names what is wrong with the rest.
 
     Raises:
         CorruptStreamError: the stream does not parse or a plane does not hold its context's count.
     """
-    return _read_stream(stream, np.frombuffer(counts, dtype=np.int64), _isal_zlib or zlib)
+    if native_enabled() and (inflated := _native.inflate_stream(stream, counts)) is not None:
+        return inflated
+    return _read_stream(stream, np.frombuffer(counts, dtype=np.int64))
 
 
 def _symbol_dtype(plane_count: int) -> np.dtype:
@@ -379,7 +378,7 @@ def _symbol_dtype(plane_count: int) -> np.dtype:
     return np.dtype(np.uint8 if plane_count <= 1 else np.int32 if plane_count <= 3 else np.int64)
 
 
-def _read_stream(stream: bytes, counts: np.ndarray, inflater=zlib) -> tuple[bytes, list[bytes]]:
+def _read_stream(stream: bytes, counts: np.ndarray) -> tuple[bytes, list[bytes]]:
     """Each context's plane count (256 bytes) and the inflated planes in stream order, checked against ``counts``.
 
     Plain Python ints and one ``struct`` call per context: a block has about a hundred planes, and
@@ -408,7 +407,7 @@ def _read_stream(stream: bytes, counts: np.ndarray, inflater=zlib) -> tuple[byte
             stop = offset + length
             if stop > end:
                 raise CorruptStreamError("stream is truncated")
-            planes.append(_decompress(view[offset:stop], sizes[context], inflater))
+            planes.append(_decompress(view[offset:stop], sizes[context]))
             offset = stop
     if offset != end:
         raise CorruptStreamError(f"stream has {end - offset} unexpected trailing bytes")
