@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections import Counter
 from pathlib import Path
 
@@ -116,16 +117,20 @@ def test_uniform_split_reads_and_hashes_each_source_tensor_once_and_still_finds_
     assert aliases - {None} <= {"lm_head.weight", "transformer.wte.weight"} and len(aliases) == 2  # found while encoding
 
 
-def test_read_bytes_gives_the_stored_bytes_and_refuses_a_file_cut_short(tmp_path):
+def test_read_bytes_gives_the_stored_bytes_in_pages_of_their_own_and_refuses_a_file_cut_short(tmp_path):
+    """Each payload in its own anonymous memory map (not the C heap), so freeing it returns its pages."""
     tensors = {
         "a": torch.arange(10, dtype=torch.float32),
         "b": torch.arange(7, dtype=torch.bfloat16),
         "c": torch.arange(5, dtype=torch.uint8),
+        "empty": torch.empty(0, dtype=torch.uint8),
     }
     path = tmp_path / "payloads.safetensors"
     save_file(tensors, path)
     reader = TensorReader([path])
-    assert {name: reader.read_bytes(name) for name in tensors} == {name: fmt.tensor_bytes(t).tobytes() for name, t in tensors.items()}
+    payloads = {name: reader.read_bytes(name) for name in tensors}
+    assert payloads == {name: fmt.tensor_bytes(t).tobytes() for name, t in tensors.items()}
+    assert all(isinstance(payload.obj, mmap.mmap) for payload in payloads.values())
     last = max(tensors, key=lambda name: reader.header(name)["data_offsets"][1])
     path.write_bytes(path.read_bytes()[:-3])  # cut after the reader checked the header
     with pytest.raises(fmt.P2UFormatError, match=f"{path}: tensor '{last}' cannot be read \\(the file ends within it\\)"):

@@ -324,7 +324,7 @@ def _write_stream(widths: list[int], coded: list[bytes]) -> bytes:
     return bytes(out)
 
 
-def decode(stream: bytes, contexts: torch.Tensor) -> torch.Tensor:
+def decode(stream: bytes | memoryview, contexts: torch.Tensor) -> torch.Tensor:
     """Inverse of ``encode``: the symbols, shaped like ``contexts``.
 
     Their dtype is the narrowest of uint8, int32 and int64 that holds the widest context's
@@ -356,7 +356,7 @@ def decode(stream: bytes, contexts: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(symbols).reshape(contexts.shape)
 
 
-def inflate_planes(stream: bytes, counts: bytes) -> tuple[bytes, list[bytes]]:
+def inflate_planes(stream: bytes | memoryview, counts: bytes) -> tuple[bytes, list[bytes]]:
     """Each context's plane count (256 bytes) and its inflated planes in stream order, for the C loops.
 
     ``counts`` is the histogram of the decoder's contexts as the C loops return it (256 native
@@ -378,7 +378,7 @@ def _symbol_dtype(plane_count: int) -> np.dtype:
     return np.dtype(np.uint8 if plane_count <= 1 else np.int32 if plane_count <= 3 else np.int64)
 
 
-def _read_stream(stream: bytes, counts: np.ndarray) -> tuple[bytes, list[bytes]]:
+def _read_stream(stream: bytes | memoryview, counts: np.ndarray) -> tuple[bytes, list[bytes]]:
     """Each context's plane count (256 bytes) and the inflated planes in stream order, checked against ``counts``.
 
     Plain Python ints and one ``struct`` call per context: a block has about a hundred planes, and

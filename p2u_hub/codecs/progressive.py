@@ -21,6 +21,7 @@ import math
 import os
 import queue
 import struct
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ def decode(
     packed_codes: torch.Tensor,
     scales: torch.Tensor,
     offsets: torch.Tensor | None,
-    deltas: list[bytes] | tuple[bytes, ...],
+    deltas: Sequence[bytes | memoryview],
     spec: Ladder,
     shape: tuple[int, ...],
     dtype: torch.dtype,
@@ -233,7 +234,7 @@ def _frame(streams: list[bytes]) -> bytes:
     return b"".join([struct.pack(f"<{len(streams) + 1}I", len(streams), *map(len, streams)), *streams])
 
 
-def _unframe(delta: bytes, expected_blocks: int) -> list[bytes]:
+def _unframe(delta: bytes | memoryview, expected_blocks: int) -> list[bytes | memoryview]:
     try:
         (count,) = _U32.unpack_from(delta, 0)
         if count != expected_blocks:
@@ -405,7 +406,7 @@ def _decode_block(
     packed_codes: torch.Tensor,
     scales: torch.Tensor,
     offsets: torch.Tensor,
-    deltas: list[bytes],
+    deltas: list[bytes | memoryview],
     spec: Ladder,
     numel: int,
     dtype: torch.dtype,
@@ -447,7 +448,7 @@ def _native_decodes(dtype: torch.dtype, scales: torch.Tensor, spec: Ladder) -> b
 
 
 def _decode_block_native(
-    output: torch.Tensor, packed_codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, deltas: list[bytes], spec: Ladder
+    output: torch.Tensor, packed_codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, deltas: list[bytes | memoryview], spec: Ladder
 ) -> None:
     """``_decode_block`` in the C loops, written into ``output`` (the block's slice of the tensor): the same bits.
 

@@ -252,7 +252,7 @@ class TensorRebuilder:
         self.index = index
         self.full = index == release.stage_count
         self.stages = [StageShards(folder, record) for folder, record in stages]
-        self._verified: dict[tuple[int, str], bytes] = {}  # (stage position, tensor) -> payload checked on arrival
+        self._verified: dict[tuple[int, str], memoryview] = {}  # (stage position, tensor) -> payload checked on arrival
         self._keep: Collection[str] = ()
         self._keep_bytes = self._kept = self._dropped = 0
         self._verified_lock = threading.Lock()  # kept by the check thread, taken by the rebuild threads
@@ -414,7 +414,7 @@ class TensorRebuilder:
             raise fmt.ChecksumError(f"{self._base.locations[name]}: tensor {name!r} fails its base_sha256 check (corrupt file?)")
         return tensor
 
-    def _payload(self, position: int, name: str) -> bytes:
+    def _payload(self, position: int, name: str) -> memoryview:
         """The payload of tensor ``name`` in the stage at ``position``, once its file is there: kept when checked, else read and checked."""
         shards = self.stages[position]
         if name not in shards.record.payloads:
@@ -424,7 +424,7 @@ class TensorRebuilder:
             kept = self._verified.pop((position, name), None)
         return kept if kept is not None else self._read_payload(position, name, reader)
 
-    def _read_payload(self, position: int, name: str, reader: TensorReader) -> bytes:
+    def _read_payload(self, position: int, name: str, reader: TensorReader) -> memoryview:
         """Payload ``name`` of the stage at ``position`` read from ``reader``, refused unless its size and sha256 are the recorded ones."""
         shards = self.stages[position]
         expected = shards.record.payloads[name]

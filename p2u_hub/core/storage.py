@@ -355,23 +355,29 @@ class TensorReader:
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise P2UFormatError(f"{path}: tensor {name!r} cannot be read ({error})") from None
 
-    def read_bytes(self, name: str) -> bytes:
-        """The stored bytes of tensor ``name``, read from the file into one new buffer.
+    def read_bytes(self, name: str) -> memoryview:
+        """The stored bytes of tensor ``name``, read from the file into one new buffer of their own pages.
 
         For payloads that are hashed and decoded as bytes: ``get`` would copy them into a tensor
-        first, then a second time out of it.
+        first, then a second time out of it. The buffer is an anonymous memory map, not the C
+        heap's: freeing it returns its pages at once. Payloads of many sizes, freed while the
+        rebuilt weights are allocated, would otherwise raise glibc's mmap threshold (to 32 MiB)
+        and leave the heap's free pages pinned between those weights (``docs/quickstart.md``).
         """
         path = self._location(name)
         first, last = self._headers[path][name]["data_offsets"]
+        buffer = memoryview(mmap.mmap(-1, max(last - first, 1)))[: last - first]
+        read = 0
         try:
-            with path.open("rb") as file:
+            with path.open("rb", buffering=0) as file:
                 file.seek(8 + int.from_bytes(file.read(8), "little") + first)
-                data = file.read(last - first)
+                while read < len(buffer) and (count := file.readinto(buffer[read:])):
+                    read += count
         except OSError as error:
             raise P2UFormatError(f"{path}: tensor {name!r} cannot be read ({error})") from None
-        if len(data) != last - first:
+        if read != last - first:
             raise P2UFormatError(f"{path}: tensor {name!r} cannot be read (the file ends within it)")
-        return data
+        return buffer
 
     def _location(self, name: str) -> Path:
         path = self.locations.get(name)
