@@ -448,7 +448,12 @@ def _native_decodes(dtype: torch.dtype, scales: torch.Tensor, spec: Ladder) -> b
 
 
 def _decode_block_native(
-    output: torch.Tensor, packed_codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, deltas: list[bytes | memoryview], spec: Ladder
+    output: torch.Tensor,
+    packed_codes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    deltas: list[bytes | memoryview],
+    spec: Ladder,
 ) -> None:
     """``_decode_block`` in the C loops, written into ``output`` (the block's slice of the tensor): the same bits.
 
