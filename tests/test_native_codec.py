@@ -239,6 +239,29 @@ def test_native_inflater_leaves_codes_zlib_refuses_to_zlib(lengths, valid):
             zlib.decompress(coded, -15)
 
 
+def test_native_inflater_agrees_with_zlib_on_fuzzed_streams_of_many_planes():
+    """Planes inflate two at a time: a fuzzed stream of several contexts and widths is either refused or
+    inflated to exactly what zlib gives for every plane."""
+    rng = np.random.default_rng(5)
+    contexts = torch.from_numpy(rng.integers(0, 6, 60_000).astype(np.uint8))
+    symbols = torch.from_numpy(np.minimum(rng.geometric(0.01, 60_000), 70_000)) * (contexts.to(torch.int64) + 1)
+    stream = entropy.encode(symbols, contexts)
+    counts = entropy._native.histogram(contexts.numpy())
+    assert entropy._native.inflate_stream(stream, counts) == entropy._read_stream(stream, np.frombuffer(counts, dtype=np.int64))
+    accepted = refused = 0
+    for _ in range(300):
+        mutated = bytearray(stream)
+        for _ in range(int(rng.integers(1, 3))):
+            mutated[int(rng.integers(0, len(mutated)))] ^= 1 << int(rng.integers(8))
+        inflated = entropy._native.inflate_stream(bytes(mutated), counts)
+        if inflated is None:
+            refused += 1
+            continue
+        accepted += 1
+        assert inflated == entropy._read_stream(bytes(mutated), np.frombuffer(counts, dtype=np.int64))
+    assert accepted > 30 and refused > 30
+
+
 def test_native_inflater_wants_the_counts_of_256_contexts():
     with pytest.raises(ValueError, match="256 native int64"):
         entropy._native.inflate_stream(b"", bytes(8))

@@ -1935,52 +1935,6 @@ static inline void store_literals(uint8_t *out, uint32_t e) {
 #endif
 }
 
-/* The literals of one Huffman block into out[*at, size); INFLATED at its end of block. */
-static int inflate_literals(bit_reader *r, const literal_code *h, uint8_t *out, Py_ssize_t *at, Py_ssize_t size) {
-    Py_ssize_t k = *at;
-    const uint32_t *table = h->table;
-    const uint64_t mask = ((uint64_t)1 << h->table_bits) - 1;
-    for (;;) {
-        /* Four lookups of at most LITERAL_TABLE_BITS bits per refill (56 bits), four bytes stored each;
-         * the reader in locals: stores through `out` could alias its fields. */
-        uint64_t bits = r->bits;
-        int count = r->count;
-        const uint8_t *in = r->in, *safe_end = r->end - 8;
-        uint32_t e = 0;
-        while (size - k >= 16 && in <= safe_end) {
-            bits |= load_le64(in) << count;
-            in += (63 - count) >> 3;
-            count |= 56;
-#define STEP                                                                                     \
-    e = table[bits & mask];                                                                      \
-    if (!e) break;                                                                               \
-    store_literals(out + k, e);                                                                  \
-    k += ENTRY_COUNT(e);                                                                         \
-    bits >>= ENTRY_BITS(e);                                                                      \
-    count -= (int)ENTRY_BITS(e);
-            STEP STEP STEP STEP
-#undef STEP
-        }
-        r->bits = bits;
-        r->count = count;
-        r->in = in;
-        if (r->count < MAX_CODE_BITS) refill(r);
-        e = table[r->bits & mask];
-        if (e && ENTRY_COUNT(e) == 1 && k < size) {
-            out[k++] = (uint8_t)(e >> 8);
-            r->bits >>= ENTRY_BITS(e);
-            r->count -= (int)ENTRY_BITS(e);
-            continue;
-        }
-        int s = decode_canonical(r, h->count, h->symbol);
-        if (s == END_OF_BLOCK) break;
-        if (s < 0 || s > 255 || k >= size) return NOT_PROVEN;
-        out[k++] = (uint8_t)s;
-    }
-    *at = k;
-    return reader_within(r) ? INFLATED : NOT_PROVEN;
-}
-
 /* A dynamic block's header into its literal code (the distance code is checked complete, never used). */
 static int read_dynamic_header(bit_reader *r, Py_ssize_t left, literal_code *h) {
     uint8_t lengths[FIXED_LITERALS + 32], code_lengths[LENGTH_CODES] = {0}, distance_lengths[32];
@@ -2037,23 +1991,154 @@ static void build_fixed_code(void) {
     build_literal_code(lengths, LITERAL_TABLE_BITS, &fixed_code);
 }
 
-/* One plane: raw DEFLATE `data` that must inflate to exactly `size` bytes and end at its last byte. */
-static int inflate_plane(const uint8_t *data, Py_ssize_t length, uint8_t *out, Py_ssize_t size, literal_code *dynamic) {
-    bit_reader r = {data, data, data + length, 0, 0, 0};
-    Py_ssize_t at = 0;
-    int last;
-    do {
-        last = (int)take_bits(&r, 1);
-        int type = (int)take_bits(&r, 2), status;
-        if (type == 0) status = copy_stored(&r, out, &at, size);
-        else if (type == 1) status = inflate_literals(&r, &fixed_code, out, &at, size);
-        else if (type == 2)
-            status = read_dynamic_header(&r, size - at, dynamic) == INFLATED ? inflate_literals(&r, dynamic, out, &at, size) : NOT_PROVEN;
-        else status = NOT_PROVEN;
-        if (status != INFLATED) return NOT_PROVEN;
-    } while (!last);
-    Py_ssize_t used_bits = 8 * ((r.in - r.start) + r.padded) - r.count;
-    return at == size && reader_within(&r) && (used_bits + 7) / 8 == length ? INFLATED : NOT_PROVEN;
+/* A plane being inflated: raw DEFLATE that must inflate to exactly `size` bytes and end at its last byte. */
+typedef struct {
+    bit_reader r;
+    const literal_code *code; /* of the current Huffman block */
+    uint8_t *out;
+    Py_ssize_t at, size, length;
+    int last, state;
+    literal_code dynamic; /* the table of the lane's current dynamic block */
+} lane;
+
+enum { LANE_HEADER, LANE_LITERALS, LANE_DONE };
+enum { LANE_READY = 2 }; /* beside INFLATED (the plane is done) and NOT_PROVEN */
+
+static void start_lane(lane *l, const uint8_t *data, Py_ssize_t length, uint8_t *out, Py_ssize_t size) {
+    l->r = (bit_reader){data, data, data + length, 0, 0, 0};
+    l->code = NULL;
+    l->out = out;
+    l->at = 0;
+    l->size = size;
+    l->length = length;
+    l->last = 0;
+    l->state = LANE_HEADER;
+}
+
+/* Block headers, stored blocks and the symbols the table does not give (end of block, long codes, the
+ * last literals of the plane or of the input) until the lane can take the fast loop (LANE_READY), its
+ * plane is done (INFLATED) or not proven (NOT_PROVEN). */
+static int ready_lane(lane *l) {
+    bit_reader *r = &l->r;
+    for (;;) {
+        if (l->state == LANE_HEADER) {
+            if (l->last) {
+                Py_ssize_t used_bits = 8 * ((r->in - r->start) + r->padded) - r->count;
+                l->state = LANE_DONE;
+                return l->at == l->size && reader_within(r) && (used_bits + 7) / 8 == l->length ? INFLATED : NOT_PROVEN;
+            }
+            l->last = (int)take_bits(r, 1);
+            int type = (int)take_bits(r, 2);
+            if (type == 0) {
+                if (copy_stored(r, l->out, &l->at, l->size) != INFLATED) return NOT_PROVEN;
+                continue;
+            }
+            if (type == 1) l->code = &fixed_code;
+            else if (type == 2 && read_dynamic_header(r, l->size - l->at, &l->dynamic) == INFLATED) l->code = &l->dynamic;
+            else return NOT_PROVEN;
+            l->state = LANE_LITERALS;
+        }
+        if (r->count < MAX_CODE_BITS) refill(r);
+        const uint32_t e = l->code->table[r->bits & (((uint64_t)1 << l->code->table_bits) - 1)];
+        if (e && l->size - l->at >= 16 && r->end - r->in >= 8) return LANE_READY;
+        if (e && ENTRY_COUNT(e) == 1 && l->at < l->size) {
+            l->out[l->at++] = (uint8_t)(e >> 8);
+            r->bits >>= ENTRY_BITS(e);
+            r->count -= (int)ENTRY_BITS(e);
+            continue;
+        }
+        int s = decode_canonical(r, l->code->count, l->code->symbol);
+        if (s == END_OF_BLOCK) {
+            if (!reader_within(r)) return NOT_PROVEN;
+            l->state = LANE_HEADER;
+        } else if (s < 0 || s > 255 || l->at >= l->size) return NOT_PROVEN;
+        else l->out[l->at++] = (uint8_t)s;
+    }
+}
+
+/* The fast loop over one or two ready lanes, their readers in locals (stores through `out` could alias
+ * their fields), until a lane meets an entry of 0 or runs short of room or input. Each refill gives 56
+ * bits: four lookups of at most LITERAL_TABLE_BITS, four bytes stored each. Two lanes run side by side
+ * because a lane's lookups wait on each other (the next index needs the last one's length): the
+ * other lane's fill that wait. */
+#define LANE_LOCALS(X, L)                                                                        \
+    uint64_t bits##X = (L)->r.bits, mask##X = ((uint64_t)1 << (L)->code->table_bits) - 1;        \
+    int count##X = (L)->r.count;                                                                 \
+    const uint8_t *in##X = (L)->r.in, *safe_end##X = (L)->r.end - 8;                             \
+    const uint32_t *table##X = (L)->code->table;                                                 \
+    uint8_t *out##X = (L)->out;                                                                  \
+    Py_ssize_t at##X = (L)->at, room_end##X = (L)->size - 16;
+#define LANE_STORE(X, L) ((L)->r.bits = bits##X, (L)->r.count = count##X, (L)->r.in = in##X, (L)->at = at##X)
+#define LANE_CAN_GO(X) (at##X <= room_end##X && in##X <= safe_end##X)
+#define LANE_REFILL(X)                                                                           \
+    bits##X |= load_le64(in##X) << count##X;                                                     \
+    in##X += (63 - count##X) >> 3;                                                               \
+    count##X |= 56;
+#define LANE_STEP(X)                                                                             \
+    e##X = table##X[bits##X & mask##X];                                                          \
+    if (!e##X) goto stop;                                                                        \
+    store_literals(out##X + at##X, e##X);                                                        \
+    at##X += ENTRY_COUNT(e##X);                                                                  \
+    bits##X >>= ENTRY_BITS(e##X);                                                                \
+    count##X -= (int)ENTRY_BITS(e##X);
+
+static void run_lane(lane *a) {
+    LANE_LOCALS(A, a)
+    uint32_t eA;
+    while (LANE_CAN_GO(A)) {
+        LANE_REFILL(A)
+        LANE_STEP(A) LANE_STEP(A) LANE_STEP(A) LANE_STEP(A)
+    }
+stop:
+    LANE_STORE(A, a);
+}
+
+static void run_lanes(lane *a, lane *b) {
+    LANE_LOCALS(A, a)
+    LANE_LOCALS(B, b)
+    uint32_t eA, eB;
+    while (LANE_CAN_GO(A) && LANE_CAN_GO(B)) {
+        LANE_REFILL(A)
+        LANE_REFILL(B)
+        LANE_STEP(A) LANE_STEP(B) LANE_STEP(A) LANE_STEP(B) LANE_STEP(A) LANE_STEP(B) LANE_STEP(A) LANE_STEP(B)
+    }
+stop:
+    LANE_STORE(A, a);
+    LANE_STORE(B, b);
+}
+#undef LANE_LOCALS
+#undef LANE_STORE
+#undef LANE_CAN_GO
+#undef LANE_REFILL
+#undef LANE_STEP
+
+/* Every plane, two at a time while two are left: INFLATED, or NOT_PROVEN at the first plane that is not. */
+static int inflate_all(const uint8_t *const *source, const Py_ssize_t *length, uint8_t *const *out, const Py_ssize_t *size, int count,
+                       lane *lanes) {
+    int next = 0, active = 0;
+    lane *running[2];
+    for (int k = 0; k < 2 && next < count; k++, next++, active++) {
+        start_lane(&lanes[k], source[next], length[next], out[next], size[next]);
+        running[k] = &lanes[k];
+    }
+    while (active) {
+        for (int k = 0; k < active; k++) {
+            int status;
+            while ((status = ready_lane(running[k])) == INFLATED) { /* done: the lane takes the next plane */
+                if (next == count) break;
+                start_lane(running[k], source[next], length[next], out[next], size[next]);
+                next++;
+            }
+            if (status == NOT_PROVEN) return NOT_PROVEN;
+            if (status == INFLATED) { /* no plane left for it */
+                running[k] = running[--active];
+                k--;
+            }
+        }
+        if (active == 2) run_lanes(running[0], running[1]);
+        else if (active == 1) run_lane(running[0]);
+    }
+    return INFLATED;
 }
 
 /* inflate_stream(stream, counts) -> (plane_counts, planes) or None
@@ -2067,9 +2152,10 @@ static PyObject *inflate_stream(PyObject *self, PyObject *args) {
     PyObject *result = NULL, *planes = NULL;
     struct {
         const uint8_t *source[CONTEXTS * 8];
+        uint8_t *out[CONTEXTS * 8];
         Py_ssize_t length[CONTEXTS * 8], size[CONTEXTS * 8];
-        literal_code dynamic;
-    } *work = NULL; /* ~60 KB: off the stack of the calling thread */
+        lane lanes[2];
+    } *work = NULL; /* ~100 KB: off the stack of the calling thread */
     uint8_t width[CONTEXTS] = {0};
     int plane_count = 0, status = INFLATED;
     if (count_buffer.len != CONTEXTS * (Py_ssize_t)sizeof(int64_t)) {
@@ -2115,9 +2201,9 @@ static PyObject *inflate_stream(PyObject *self, PyObject *args) {
         if (!plane) goto done;
         PyList_SET_ITEM(planes, p, plane);
     }
+    for (int p = 0; p < plane_count; p++) work->out[p] = (uint8_t *)PyBytes_AS_STRING(PyList_GET_ITEM(planes, p));
     Py_BEGIN_ALLOW_THREADS
-    for (int p = 0; p < plane_count && status == INFLATED; p++)
-        status = inflate_plane(source[p], length[p], (uint8_t *)PyBytes_AS_STRING(PyList_GET_ITEM(planes, p)), size[p], &work->dynamic);
+    status = inflate_all(source, length, work->out, size, plane_count, work->lanes);
     Py_END_ALLOW_THREADS
     if (status != INFLATED) goto not_proven;
     result = Py_BuildValue("(y#O)", (const char *)width, (Py_ssize_t)CONTEXTS, planes);
