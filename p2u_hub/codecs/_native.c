@@ -1962,9 +1962,17 @@ static int read_dynamic_header(bit_reader *r, Py_ssize_t left, literal_code *h) 
     memcpy(distance_lengths, lengths + literals, distances);
     if (!build_code(distance_lengths, distances, count, symbol)) return NOT_PROVEN;
     memset(lengths + literals, 0, FIXED_LITERALS - literals);
-    /* A block holds at most `left` literals: ~4 per table entry or more pays for its building. */
-    int table_bits = 8;
+    /* A block holds at most `left` literals: ~4 per table entry or more pays for its building. A code
+     * whose shortest two codes do not fit the table gets no entries of several literals: then the
+     * table need only reach its longest code (near-uniform planes: 8 or 9 bits, not 12). */
+    int table_bits = 8, shortest = MAX_CODE_BITS, longest = 1;
     while (table_bits < LITERAL_TABLE_BITS && ((Py_ssize_t)4 << table_bits) < left) table_bits++;
+    for (int s = 0; s <= END_OF_BLOCK; s++)
+        if (lengths[s]) {
+            shortest = lengths[s] < shortest ? lengths[s] : shortest;
+            longest = lengths[s] > longest ? lengths[s] : longest;
+        }
+    if (2 * shortest > table_bits && longest < table_bits) table_bits = longest;
     return build_literal_code(lengths, table_bits, h) ? INFLATED : NOT_PROVEN;
 }
 
