@@ -2074,12 +2074,12 @@ static int ready_lane(lane *l) {
 #define LANE_LOCALS(X, L)                                                                        \
     uint64_t bits##X = (L)->r.bits, mask##X = ((uint64_t)1 << (L)->code->table_bits) - 1;        \
     int count##X = (L)->r.count;                                                                 \
-    const uint8_t *in##X = (L)->r.in, *safe_end##X = (L)->r.end - 8;                             \
+    const uint8_t *in##X = (L)->r.in, *const end##X = (L)->r.end;                                \
     const uint32_t *table##X = (L)->code->table;                                                 \
     uint8_t *out##X = (L)->out;                                                                  \
     Py_ssize_t at##X = (L)->at, room_end##X = (L)->size - 16;
 #define LANE_STORE(X, L) ((L)->r.bits = bits##X, (L)->r.count = count##X, (L)->r.in = in##X, (L)->at = at##X)
-#define LANE_CAN_GO(X) (at##X <= room_end##X && in##X <= safe_end##X)
+#define LANE_CAN_GO(X) (at##X <= room_end##X && end##X - in##X >= 8)
 #define LANE_REFILL(X)                                                                           \
     bits##X |= load_le64(in##X) << count##X;                                                     \
     in##X += (63 - count##X) >> 3;                                                               \
