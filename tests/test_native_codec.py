@@ -126,6 +126,11 @@ def test_planes_are_the_same_raw_deflate_on_both_paths_and_every_inflater_reads_
     assert len(coded) <= len(reference.compress(plane.tobytes()) + reference.flush()) * 1.003
 
 
+def _native_stream(plane: np.ndarray) -> bytes:
+    """The C encoder's stream of one byte plane in one context: a plane count, its length, the raw DEFLATE plane."""
+    return entropy._native.encode_stream(plane, 1, np.zeros(len(plane), dtype=np.uint8), entropy.BLOCK_SYMBOLS)
+
+
 def _one_plane_stream(coded: bytes, size: int) -> tuple[bytes, bytes]:
     """A stream of one context holding one raw DEFLATE plane of ``size`` bytes, and its counts."""
     counts = np.zeros(256, dtype=np.int64)
@@ -139,7 +144,7 @@ def _one_plane_stream(coded: bytes, size: int) -> tuple[bytes, bytes]:
 def test_native_inflater_reads_every_plane_the_encoder_writes(case):
     """Stored, fixed and dynamic blocks, codes up to 15 bits deep (past the lookup table) and entries of several literals."""
     plane = _plane(case)
-    stream = entropy._native.encode_stream(plane, 1, np.zeros(len(plane), dtype=np.uint8), entropy.BLOCK_SYMBOLS)
+    stream = _native_stream(plane)
     inflated = entropy._native.inflate_stream(stream, _one_plane_stream(b"", len(plane))[1])
     assert inflated is not None
     widths, planes = inflated
@@ -166,7 +171,7 @@ def test_native_inflater_accepts_no_stream_that_zlib_reads_otherwise():
     accepted = refused = 0
     for trial in range(600):
         plane = planes[trial % len(planes)]
-        coded = bytearray(entropy._native.encode_stream(plane, 1, np.zeros(len(plane), dtype=np.uint8), entropy.BLOCK_SYMBOLS)[5:])
+        coded = bytearray(_native_stream(plane)[5:])
         how = trial // len(planes) % 3
         if how == 0:  # flip a few bits, mostly early: block headers and code tables
             for _ in range(int(rng.integers(1, 4))):
@@ -271,7 +276,7 @@ def test_native_inflater_wants_the_counts_of_256_contexts():
 def test_each_block_is_the_cheapest_of_stored_fixed_and_dynamic(case, block_type):
     """A lone byte is cheapest with the fixed code, noise stored, skewed bytes with their own code."""
     plane = _plane(case)
-    coded = entropy._native.encode_stream(plane, 1, np.zeros(len(plane), dtype=np.uint8), entropy.BLOCK_SYMBOLS)[5:]
+    coded = _native_stream(plane)[5:]
     assert coded[0] & 1 == (len(plane) <= entropy.BLOCK_SYMBOLS) and (coded[0] >> 1) & 3 == block_type
 
 

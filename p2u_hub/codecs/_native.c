@@ -317,11 +317,16 @@ static void deflate_block(bit_writer *w, const uint8_t *data, Py_ssize_t n, Py_s
     put_bits(w, code[END_OF_BLOCK], length[END_OF_BLOCK]);
 }
 
-/* The fixed literal code (RFC 1951 3.2.6) for the 256 bytes and end-of-block, bit-reversed. */
+/* The code lengths of the fixed literal/length code (RFC 1951 3.2.6), all FIXED_LITERALS of them. */
+static void fixed_code_lengths(uint8_t *lengths) {
+    for (int s = 0; s < FIXED_LITERALS; s++) lengths[s] = s < 144 ? 8 : s < 256 ? 9 : s < 280 ? 7 : 8;
+}
+
+/* The fixed literal code for the 256 bytes and end-of-block, bit-reversed. */
 static void fixed_literal_code(uint16_t *codes, uint8_t *lengths) {
     uint8_t all_lengths[FIXED_LITERALS];
     uint16_t all_codes[FIXED_LITERALS];
-    for (int s = 0; s < FIXED_LITERALS; s++) all_lengths[s] = s < 144 ? 8 : s < 256 ? 9 : s < 280 ? 7 : 8;
+    fixed_code_lengths(all_lengths);
     canonical_codes(all_lengths, FIXED_LITERALS, all_codes);
     memcpy(codes, all_codes, LITERALS * sizeof(uint16_t));
     memcpy(lengths, all_lengths, LITERALS);
@@ -1895,22 +1900,19 @@ static int build_literal_code(const uint8_t *lengths, int table_bits, literal_co
     uint32_t *table = h->table;
     const int size = 1 << table_bits;
     uint8_t literal[256], length[256];
-    uint16_t reversed[256];
-    int literals = 0, code = 0, index = 0;
+    uint16_t reversed[256], codes[FIXED_LITERALS];
+    int literals = 0, fitting = 0;
     h->table_bits = table_bits;
     memset(table, 0, size * sizeof(uint32_t));
-    for (int len = 1; len <= table_bits; len++) {
-        for (int k = 0; k < h->count[len]; k++, code++, index++) {
-            int s = h->symbol[index];
-            if (s >= END_OF_BLOCK) continue; /* end of block, length codes: the canonical decode */
-            int bits = 0;
-            for (int b = 0; b < len; b++) bits |= ((code >> b) & 1) << (len - 1 - b);
-            literal[literals] = (uint8_t)s;
-            length[literals] = (uint8_t)len;
-            reversed[literals++] = (uint16_t)bits;
-            fill_entries(table, size, bits, 1 << len, ENTRY(s, len, 1));
-        }
-        code <<= 1;
+    canonical_codes(lengths, FIXED_LITERALS, codes);
+    for (int len = 1; len <= table_bits; len++) fitting += h->count[len];
+    for (int index = 0; index < fitting; index++) { /* canonical order: shortest first */
+        int s = h->symbol[index];
+        if (s >= END_OF_BLOCK) continue; /* end of block, length codes: the canonical decode */
+        literal[literals] = (uint8_t)s;
+        length[literals] = lengths[s];
+        reversed[literals++] = codes[s];
+        fill_entries(table, size, codes[s], 1 << lengths[s], ENTRY(s, lengths[s], 1));
     }
     for (int x = 0; x < literals && 2 * length[x] <= table_bits; x++)
         for (int y = 0; y < literals && length[x] + length[y] <= table_bits; y++) {
@@ -1997,7 +1999,7 @@ static literal_code fixed_code; /* RFC 1951 3.2.6, built when the module loads *
 
 static void build_fixed_code(void) {
     uint8_t lengths[FIXED_LITERALS];
-    for (int s = 0; s < FIXED_LITERALS; s++) lengths[s] = s < 144 ? 8 : s < 256 ? 9 : s < 280 ? 7 : 8;
+    fixed_code_lengths(lengths);
     build_literal_code(lengths, LITERAL_TABLE_BITS, &fixed_code);
 }
 
