@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +18,7 @@ from huggingface_hub import HfApi
 import p2u_hub
 from p2u_hub.core import format as fmt
 from p2u_hub.errors import StageUnavailableError
+from p2u_hub.integrations import transformers as p2u_transformers
 from p2u_hub.integrations.transformers import P2UConfig, PackedLayer
 from p2u_hub.testing.assertions import assert_tensors_bit_identical
 from p2u_hub.tools.publish import push
@@ -227,6 +230,37 @@ def test_prefetch_looks_up_the_stages_while_the_base_weights_download(release, l
     model = loading.result(timeout=120)
     p2u_hub.upgrade(model)
     assert_tensors_bit_identical(transformers.AutoModelForCausalLM.from_pretrained(source).state_dict(), model.state_dict())
+
+
+def test_transformers_conversion_table_is_built_while_the_base_weights_download(release, local_hub, monkeypatch):
+    """From the Hub, the table is built in the background before the base's bytes come, yielding the GIL often; the
+    interpreter's switch interval is back after. From a folder there is nothing to overlap: the loader builds it."""
+    _, base = release("gpt2")
+    push(base.parent, "local/gpt2-p2u")
+    calls = []
+    build = p2u_transformers.get_checkpoint_conversion_mapping
+
+    def recording(model_type):
+        calls.append((threading.current_thread().name, sys.getswitchinterval(), released.is_set()))
+        return build(model_type)
+
+    monkeypatch.setattr(p2u_transformers, "get_checkpoint_conversion_mapping", recording)
+    interval = sys.getswitchinterval()
+    released = local_hub.hold_downloads("model.safetensors")
+    loading = ThreadPoolExecutor(1).submit(transformers.AutoModelForCausalLM.from_pretrained, "local/gpt2-p2u")
+    try:
+        deadline = time.monotonic() + 60
+        while not calls and time.monotonic() < deadline and not loading.done():
+            time.sleep(0.01)
+    finally:
+        released.set()
+    model = loading.result(timeout=120)
+    ((thread, interval_while_building, base_released),) = calls  # once: transformers' loader reads the cached table
+    assert thread == "p2u-conversions" and not base_released
+    assert interval_while_building == pytest.approx(p2u_transformers.WARM_UP_SWITCH_INTERVAL_S)  # kept in microseconds
+    assert model.hf_quantizer.conversions.done() and sys.getswitchinterval() == interval
+    assert transformers.AutoModelForCausalLM.from_pretrained(base).hf_quantizer.conversions is None
+    assert len(calls) == 1
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")

@@ -41,6 +41,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -49,7 +51,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import hf_hub_download
 from torch import nn
-from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import auto as quantizer_table
@@ -444,6 +446,7 @@ class P2UHfQuantizer(HfQuantizer):
         self.layer_stages: dict[str, int] = {}
         self.prefetch: Future | None = None  # P2UConfig(upgrade=...): done once every stage file is local
         self.stage_lookups: dict[int, Future[Path]] = {}  # P2UConfig(upgrade=...), from the Hub: started before the base downloads
+        self.conversions: Future | None = None  # from the Hub: transformers' key conversions, built while the base downloads
         self._follower_bias_sizes: dict[str, int] = {}
 
     def validate_environment(self, *args, **kwargs) -> None:
@@ -452,12 +455,18 @@ class P2UHfQuantizer(HfQuantizer):
     def update_attn_implementation(self, config):
         """The first hook that sees which repo is loading, before transformers downloads the base's weights.
 
-        With ``P2UConfig(upgrade=...)`` the stages' records and shard indexes are fetched now, in
-        the background, while the base's bytes come: their round trips then no longer stand
-        between the base's last byte and the stages' first one (``_process_model_before_weight_loading``).
+        From the Hub, two things start in the background while the base's bytes come, so that
+        neither stands between the base's last byte and the loaded model (and the stages' first byte):
+
+        * transformers' table of checkpoint key conversions (``warm_conversions``), which
+          ``plan_parameters`` and then transformers' own loader read.
+        * with ``P2UConfig(upgrade=...)``, the stages' records and shard indexes: their round trips
+          (``_process_model_before_weight_loading`` then starts the stage downloads).
         """
         config = super().update_attn_implementation(config)
         name_or_path = config.name_or_path
+        if name_or_path and not Path(name_or_path).is_dir():
+            self.conversions = in_background("p2u-conversions", warm_conversions, config.model_type)
         if self.quantization_config.upgrade in UPGRADE_AT_LOAD and name_or_path and not Path(name_or_path).is_dir():
             with contextlib.suppress(fmt.UnsafePathError):  # not a repo id: transformers says so itself
                 repo_id = check_repo_id(name_or_path, "from_pretrained")
@@ -498,6 +507,9 @@ class P2UHfQuantizer(HfQuantizer):
         )
         if self.quantization_config.upgrade in UPGRADE_AT_LOAD and self.release.stage_count:  # first: the link is idle
             self.prefetch = in_background("p2u-prefetch", self.release.download_stages)  # an error: upgrade meets it again
+        if self.conversions is not None:  # one build, not a second one racing it; a failure is met again just below
+            with contextlib.suppress(Exception):
+                self.conversions.result()
         self.parameters = plan_parameters(model, self.release.manifest)
         self._check_stored(checkpoint_files, self.release.manifest)
         for packed in self.parameters.values():
@@ -676,6 +688,34 @@ def locate_base(name_or_path: str, checkpoint_files: list[str] | None) -> tuple[
     commit, subfolder = parts[at + 1], "/".join(parts[at + 2 :])
     hf_hub_download(name_or_path, fmt.MANIFEST_FILE, subfolder=subfolder or None, revision=commit)
     return base_dir, name_or_path
+
+
+WARM_UP_SWITCH_INTERVAL_S = 0.0002
+"""The interpreter's thread switch interval while ``warm_conversions`` runs (the default is 0.005 s)."""
+_SWITCH_INTERVAL_LOCK = threading.Lock()
+
+
+def warm_conversions(model_type: str) -> None:
+    """Build transformers' table of checkpoint key conversions, which it caches for the process.
+
+    The table holds every model type's conversions: ~1,000 regular expressions compiled in pure
+    Python, ~90 ms of CPU holding the GIL. Built by ``plan_parameters`` after the base's bytes
+    arrive, it held up the stage downloads started just before (on loopback 75 ms to do 3 ms of
+    their work); built here, in a background thread while the base downloads, it costs nothing.
+    At the default switch interval (5 ms) it would make each short step of the main thread
+    between its requests wait up to 5 ms for the GIL (the base's download started ~60 ms later),
+    so the interval is cut to ``WARM_UP_SWITCH_INTERVAL_S`` while it runs and then restored (by
+    one warm-up at a time; another runs at the interval it finds).
+    """
+    shortened, previous = _SWITCH_INTERVAL_LOCK.acquire(blocking=False), sys.getswitchinterval()
+    if shortened:
+        sys.setswitchinterval(min(previous, WARM_UP_SWITCH_INTERVAL_S))
+    try:
+        get_checkpoint_conversion_mapping(model_type)
+    finally:
+        if shortened:
+            sys.setswitchinterval(previous)
+            _SWITCH_INTERVAL_LOCK.release()
 
 
 def plan_parameters(model, manifest: fmt.Manifest) -> dict[str, PackedParameter]:
