@@ -199,26 +199,33 @@ def test_each_finished_rebuild_starts_the_next_one_that_fits(sharded, rebuilt):
         logger.removeHandler(counter)
 
 
-def test_the_files_of_a_large_tensor_get_the_link_alone():
-    """Shared four ways, a large tensor's files would arrive last and leave its decode for after the download; alone,
-    each starts once the files before it are done and nothing joins it. The others share the link four at a time."""
-    link = LinkShare(["a", "b", "big-1", "big-2", "c", "d", "e", "f", "g"], alone={"big-1", "big-2"}, at_once=4)
+def test_the_files_of_a_large_tensor_share_the_link_only_with_each_other():
+    """Shared four ways, a large tensor's files would arrive last and leave its decode for after the download; on their
+    own, they start together once the files before them are done and nothing joins them. The others share the link
+    four at a time, and a second large tensor's files wait for the first's."""
+    groups = {"big-1": "big", "big-2": "big", "other-1": "other", "other-2": "other"}
+    link = LinkShare(["a", "b", "big-1", "big-2", "c", "d", "e", "f", "g", "other-1", "other-2"], groups, at_once=4)
     assert link.admit() == ["a", "b"]  # "big-1" waits for the link to empty
     link.finished("a")
     assert link.admit() == []
     link.finished("b")
-    assert link.admit() == ["big-1"]
-    assert link.admit() == []  # nothing joins it
+    assert link.admit() == ["big-1", "big-2"]
+    assert link.admit() == []  # nothing else joins them
     link.finished("big-1")
-    assert link.admit() == ["big-2"]
+    assert link.admit() == []
     link.finished("big-2")
     assert link.admit() == ["c", "d", "e", "f"]
     link.finished("d")
     assert link.admit() == ["g"]
+    for name in ["c", "e", "f"]:
+        link.finished(name)
+    assert link.admit() == []  # "other-1" waits for "g"
+    link.finished("g")
+    assert link.admit() == ["other-1", "other-2"]
 
 
 def test_files_of_equal_size_download_four_at_a_time():
-    link = LinkShare(list(range(6)), alone=(), at_once=4)
+    link = LinkShare(list(range(6)), {}, at_once=4)
     assert link.admit() == [0, 1, 2, 3]
     link.finished(2)
     assert link.admit() == [4]
@@ -226,7 +233,7 @@ def test_files_of_equal_size_download_four_at_a_time():
     assert link.admit() == [5]
 
 
-def test_only_a_tensor_with_over_a_quarter_of_the_stage_bytes_has_its_files_alone(sharded):
+def test_only_a_tensor_with_over_a_quarter_of_the_stage_bytes_has_its_files_in_a_group(sharded):
     _, release = sharded
     rebuilder = Release.open(release).rebuilder("full")
     payloads = [shards.record.payloads for shards in rebuilder.stages]
@@ -234,7 +241,7 @@ def test_only_a_tensor_with_over_a_quarter_of_the_stage_bytes_has_its_files_alon
     sizes = {name: sum(stage[name]["bytes"] for stage in payloads if name in stage) for name in payloads[-1]}
     largest = max(sizes, key=sizes.__getitem__)
     files = {name: [(position, shards.planned[name]) for position, shards in enumerate(rebuilder.stages)] for name in sizes}
-    assert rebuilder._files_of_large_tensors(files) == (set(files[largest]) if 4 * sizes[largest] > total else set())
+    assert rebuilder._large_tensor_of_files(files) == (dict.fromkeys(files[largest], largest) if 4 * sizes[largest] > total else {})
 
 
 def test_a_file_two_callers_want_at_once_is_fetched_once(local_hub: LocalHub, sharded):

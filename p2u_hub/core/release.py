@@ -332,19 +332,20 @@ class TensorRebuilder:
             if self._downloads is None:
                 check = self._check_file if verify else None
                 files = sorted(rank, key=rank.__getitem__)
-                self._downloads = StageDownloads(self.stages, files, self.release.token, check, self._files_of_large_tensors(needs))
+                self._downloads = StageDownloads(self.stages, files, self.release.token, check, self._large_tensor_of_files(needs))
         return sorted(order, key=lambda name: max((rank[key] for key in needs.get(name, ())), default=-1))
 
-    def _files_of_large_tensors(self, needs: dict[str, list[tuple[int, Path]]]) -> set[tuple[int, Path]]:
-        """The files of the tensors whose payloads are more than ``1 / DOWNLOADS_AT_ONCE`` of all stage bytes (``LinkShare``)."""
+    def _large_tensor_of_files(self, needs: dict[str, list[tuple[int, Path]]]) -> dict[tuple[int, Path], str]:
+        """The files of each tensor whose payloads are more than ``1 / DOWNLOADS_AT_ONCE`` of all stage bytes, to that tensor (``LinkShare``)."""
         payloads = [shards.record.payloads for shards in self.stages]
         total = sum(payload["bytes"] for stage in payloads for payload in stage.values())
-        large: set[tuple[int, Path]] = set()
+        large: dict[tuple[int, Path], str] = {}
         for name, files in needs.items():
             entry = self.release.manifest.tensors[name]
             stored = entry.alias_of or name
             if sum(stage[stored]["bytes"] for stage in payloads if stored in stage) * DOWNLOADS_AT_ONCE > total:
-                large.update(files)
+                for file in files:
+                    large.setdefault(file, name)
         return large
 
     def verify_payloads(self) -> None:
@@ -481,32 +482,35 @@ Key = TypeVar("Key", bound=Hashable)
 
 
 class LinkShare(Generic[Key]):
-    """Which files may start downloading: in order, ``at_once`` at a time, except that the files in ``alone`` get the link alone.
+    """Which files may start downloading: in order, ``at_once`` at a time, except that the files of a group share the link only with each other.
 
-    ``TensorRebuilder.start_downloads`` puts there the files of a tensor whose payloads are more
-    than ``1 / at_once`` of all the stage bytes. Shared ``at_once`` ways, such a tensor's files
-    arrive last, and decoding it is all that is left once the link goes quiet; alone, they arrive
-    early and it decodes while the smaller files download (MiniLM fp32: 35 MB of 65.5 MB of stages
-    are the word embeddings'; at 100 MB/s ``p2u bench`` measured 0.04 s of decoding left after the
-    download with its largest file alone, 0.15 s without, and the full model in 1.21 s against 1.32 s).
-    The other files share the link, so that each one's requests overlap another's bytes (a round
-    trip or more per file on the Hub).
+    ``TensorRebuilder.start_downloads`` makes a group of the files of a tensor whose payloads are
+    more than ``1 / at_once`` of all the stage bytes. Shared ``at_once`` ways, such a tensor's
+    files arrive last, and decoding it is all that is left once the link goes quiet; on their
+    own, they arrive early and it decodes while the smaller files download (MiniLM fp32: 35 MB of
+    65.5 MB of stages are the word embeddings'; at 100 MB/s ``p2u bench`` measured 0.04 s of
+    decoding left after the download with its largest file alone, 0.15 s without, and the full
+    model in 1.21 s against 1.32 s). Its files of every stage download together: the tensor
+    decodes only once all have come, and one after the other the link would idle between them
+    (each file's requests; ~25 ms on loopback while the model loads). The other files share the
+    link, so that each one's requests overlap another's bytes (a round trip or more per file on
+    the Hub).
     """
 
-    def __init__(self, order: list[Key], alone: Collection[Key], at_once: int):
+    def __init__(self, order: list[Key], groups: Mapping[Key, Hashable], at_once: int):
         self._waiting = deque(order)
-        self._alone = set(alone)
+        self._groups = groups
         self._at_once = at_once
         self._running: set[Key] = set()
 
     def admit(self) -> list[Key]:
         """The files to start now (in order), each counted as running until ``finished``."""
         admitted = []
-        while self._waiting and len(self._running) < self._at_once and not self._alone & self._running:
-            if self._waiting[0] in self._alone and self._running:
-                break
-            key = self._waiting.popleft()
-            self._running.add(key)
+        while self._waiting and len(self._running) < self._at_once:
+            key = self._waiting[0]
+            if self._running and {self._groups.get(running) for running in self._running} != {self._groups.get(key)}:
+                break  # a group's file waits for the link to empty; nothing else joins a group
+            self._running.add(self._waiting.popleft())
             admitted.append(key)
         return admitted
 
@@ -524,10 +528,10 @@ class StageDownloads:
 
     def __init__(
         self, stages: list[StageShards], files: list[tuple[int, Path]], token: str | bool | None,
-        check: Callable[[int, TensorReader], None] | None, alone: Collection[tuple[int, Path]] = (),
+        check: Callable[[int, TensorReader], None] | None, groups: Mapping[tuple[int, Path], str] | None = None,
     ):  # fmt: skip
         self._stages = stages
-        self._alone = alone  # files that get the link alone (LinkShare)
+        self._groups = groups or {}  # files that share the link only with each other: a large tensor's (LinkShare)
         self._token = token
         self._check = check
         self._ready: dict[tuple[int, Path], Future[TensorReader]] = {key: Future() for key in files}
@@ -585,7 +589,7 @@ class StageDownloads:
 
     def _fetched(self, downloads: ThreadPoolExecutor) -> Iterator[tuple[tuple[int, Path], Path]]:
         """``((position, file), local path)`` of every file as it arrives, started as ``LinkShare`` admits them."""
-        link = LinkShare(list(self._ready), self._alone, DOWNLOADS_AT_ONCE)
+        link = LinkShare(list(self._ready), self._groups, DOWNLOADS_AT_ONCE)
         running: dict[Future[Path], tuple[int, Path]] = {}
         while True:
             for key in link.admit():
