@@ -528,10 +528,10 @@ class StageDownloads:
 
     def __init__(
         self, stages: list[StageShards], files: list[tuple[int, Path]], token: str | bool | None,
-        check: Callable[[int, TensorReader], None] | None, groups: Mapping[tuple[int, Path], str] | None = None,
+        check: Callable[[int, TensorReader], None] | None, groups: Mapping[tuple[int, Path], str],
     ):  # fmt: skip
         self._stages = stages
-        self._groups = groups or {}  # files that share the link only with each other: a large tensor's (LinkShare)
+        self._groups = groups  # files that share the link only with each other: a large tensor's (LinkShare)
         self._token = token
         self._check = check
         self._ready: dict[tuple[int, Path], Future[TensorReader]] = {key: Future() for key in files}
