@@ -61,6 +61,11 @@ def measure(dtype: torch.dtype, source: str | None = None) -> dict[str, tuple[fl
     megabytes = sum(fmt.tensor_bytes(tensor).nbytes for tensor in tensors) / 1e6
     encoded: list[progressive.EncodedTensor] = []
     rows = {"p2u encode (all stages)": (megabytes, *timed(lambda: encoded.extend(progressive.encode(t, SPEC) for t in tensors)))}
+    threads = progressive.codec_threads()
+    with ThreadPoolExecutor(threads) as blocks, ThreadPoolExecutor(threads) as coders:  # what split does (shards.split_shard)
+        rows["p2u encode (all stages), tensors on threads"] = (megabytes, *timed(lambda: list(coders.map(
+            lambda tensor: progressive.encode(tensor, SPEC, pool=blocks), tensors
+        ))))  # fmt: skip
     for stage in range(1, SPEC.stage_count + 1):
         rows[f"p2u decode to stage {stage}"] = (megabytes, *timed(lambda stage=stage: [
             progressive.decode(e.packed_codes, e.scales, e.offsets, e.deltas[:stage], SPEC, tuple(t.shape), t.dtype)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import p2u_hub
+from p2u_hub.codecs import progressive
 from p2u_hub.core import format as fmt
 from p2u_hub.core import shards
 from p2u_hub.core.storage import safetensors_header
@@ -87,6 +88,19 @@ def test_shard_jobs_can_run_anywhere_in_any_order(sharded_source: Path, tmp_path
 
     serial = p2u_hub.split(sharded_source, tmp_path / "serial", uniform=True, workers=1)
     assert _digests(p2u_hub.split(sharded_source, tmp_path / "remote", uniform=True, map_shards=remote_map)) == _digests(serial)
+
+
+def test_tensors_coded_ahead_write_the_same_bytes_as_one_at_a_time(sharded_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``split_shard`` codes the next tensors while it writes one (a copy within a shard is found as it reads them):
+    one thread, three, and a window bounded by bytes to a single tensor ahead all write the same files."""
+    monkeypatch.setenv(progressive.THREADS_VARIABLE, "1")
+    serial = _digests(p2u_hub.split(sharded_source, tmp_path / "one", uniform=True, workers=1))
+    monkeypatch.setenv(progressive.THREADS_VARIABLE, "3")
+    assert _digests(p2u_hub.split(sharded_source, tmp_path / "three", uniform=True, workers=1)) == serial
+    monkeypatch.setattr(shards, "AHEAD_BYTES", 1)
+    assert _digests(p2u_hub.split(sharded_source, tmp_path / "bounded", uniform=True, workers=1)) == serial
+    assert fmt.read_manifest(tmp_path / "three" / "base").tensors[LOCAL_COPY[1]].alias_of == LOCAL_COPY[0]
+    assert_checkpoints_bit_identical(sharded_source, p2u_hub.merge(tmp_path / "three", tmp_path / "merged"))
 
 
 def test_default_workers_leave_small_sources_in_one_process(sharded_source: Path, monkeypatch: pytest.MonkeyPatch):

@@ -22,7 +22,7 @@ import os
 import queue
 import struct
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -144,12 +144,17 @@ class EncodedTensor:
     deltas: tuple[bytes, ...]  # one per stage, the lossless one last
 
 
-def encode(weight: torch.Tensor, spec: Ladder, base_codes: torch.Tensor | None = None) -> EncodedTensor:
+def encode(weight: torch.Tensor, spec: Ladder, base_codes: torch.Tensor | None = None, pool: Executor | None = None) -> EncodedTensor:
     """Quantize ``weight`` onto the ladder and code every stage's delta, block by block.
 
     ``base_codes`` (int32, one per element of ``weight``, only with ``spec.corrected``) replace the
     weight's own base bins: codes chosen by error compensation (``p2u_hub.core.gptq.corrected_codes``) on
     the grid ``ladder.base_grid`` picks. The stages above still carry the weight's own codes.
+
+    ``pool``: code the blocks there, one task each, an executor shared by tensors coded at once (``split``
+    codes the next tensors while it writes one: most tensors are a single block). Without it the blocks
+    get ``codec_threads()`` threads of this call's own, which also share out a tensor of fewer blocks than
+    threads.
     """
     if (base_codes is not None) != spec.corrected:
         raise ValueError("base codes are given exactly when the ladder is corrected")
@@ -159,14 +164,17 @@ def encode(weight: torch.Tensor, spec: Ladder, base_codes: torch.Tensor | None =
 
     threads = codec_threads()
 
-    def encode_block(index: int, pool: ThreadPoolExecutor | None = None):
+    def encode_block(index: int, block_pool: ThreadPoolExecutor | None = None):
         start, stop = ranges[index]
-        return _encode_block(flat[start:stop], spec, None if codes is None else codes[start:stop], pool)
+        with _one_torch_thread():  # on a shared pool's thread too
+            return _encode_block(flat[start:stop], spec, None if codes is None else codes[start:stop], block_pool)
 
     with _one_torch_thread():
-        if len(ranges) < threads and _native_encodes(flat.dtype, codes):  # blocks alone would leave cores idle
-            with ThreadPoolExecutor(threads) as pool:
-                blocks = [encode_block(index, pool) for index in range(len(ranges))]
+        if pool is not None:
+            blocks = list(pool.map(encode_block, range(len(ranges))))
+        elif len(ranges) < threads and _native_encodes(flat.dtype, codes):  # blocks alone would leave cores idle
+            with ThreadPoolExecutor(threads) as own_pool:
+                blocks = [encode_block(index, own_pool) for index in range(len(ranges))]
         else:
             blocks = _map_blocks(encode_block, len(ranges))
         stage_streams = [[deltas[stage] for *_, deltas in blocks] for stage in range(spec.stage_count)]
