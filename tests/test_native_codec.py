@@ -116,14 +116,45 @@ def test_planes_are_the_same_raw_deflate_on_both_paths_and_every_inflater_reads_
     monkeypatch.setenv("P2U_NO_NATIVE", "1")
     assert entropy.encode(symbols, contexts) == stream
     (length,) = struct.unpack_from("<I", stream, 1)
-    assert stream[0] == 1 and len(stream) == 5 + length
+    packing = entropy._packing(int(plane.max()))  # bytes below 16 share bytes: 2, 4 or 8 to one
+    assert stream[0] == packing << 4 | 1 and len(stream) == 5 + length
+    assert (packing > 0) == (case in ("one byte", "one value", "two values"))
+    stored = entropy._pack_symbols(plane, packing).tobytes() if packing else plane.tobytes()
     coded = stream[5:]
     isal_zlib = pytest.importorskip("isal.isal_zlib")
     for inflater in (zlib, isal_zlib):
         inflate = inflater.decompressobj(-15)
-        assert inflate.decompress(coded) == plane.tobytes() and inflate.eof and not inflate.unused_data, inflater.__name__
+        assert inflate.decompress(coded) == stored and inflate.eof and not inflate.unused_data, inflater.__name__
     reference = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
-    assert len(coded) <= len(reference.compress(plane.tobytes()) + reference.flush()) * 1.003
+    assert len(coded) <= len(reference.compress(stored) + reference.flush()) * 1.003
+
+
+@pytest.mark.parametrize("native", ["", "1"])
+def test_packed_top_planes_round_trip_and_their_padding_must_be_zero(monkeypatch, native):
+    """Sharp top planes are packed 2, 4 or 8 to a byte (the wider planes below them are not); a packed plane whose
+    last byte has bits set beyond its symbols, or a packing no encoder writes, is refused by name."""
+    monkeypatch.setenv("P2U_NO_NATIVE", native)
+    rng = np.random.default_rng(3)
+    contexts = torch.from_numpy(rng.integers(0, 4, 10_001).astype(np.uint8))
+    top = {0: 1, 1: 3, 2: 15, 3: 16}  # largest top byte per context: packing 3, 2, 1, none
+    symbols = torch.from_numpy(rng.integers(0, 1 << 16, 10_001) & ((np.vectorize(top.get)(contexts.numpy()) << 8) | 0xFF))
+    stream = entropy.encode(symbols, contexts)
+    assert torch.equal(entropy.decode(stream, contexts).to(torch.int64), symbols)
+    headers, offset = [], 0
+    for _ in range(4):  # contexts 0-3
+        headers.append(stream[offset])
+        lengths = struct.unpack_from(f"<{stream[offset] & 15}I", stream, offset + 1)
+        offset += 1 + 4 * len(lengths) + sum(lengths)
+    assert headers == [3 << 4 | 2, 2 << 4 | 2, 1 << 4 | 2, 2]
+    one = torch.zeros(3, dtype=torch.uint8)  # three 1-bit symbols: five unused bits in the packed byte
+    packed = entropy.encode(torch.tensor([1, 0, 1]), one)
+    assert packed[0] == 3 << 4 | 1 and torch.equal(entropy.decode(packed, one), torch.tensor([1, 0, 1], dtype=torch.uint8))
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    dirty = deflate.compress(bytes([0b1000_0101])) + deflate.flush()
+    with pytest.raises(entropy.CorruptStreamError, match="context 0: the packed plane's last byte has bits set beyond its 3 symbols"):
+        entropy.decode(bytes([3 << 4 | 1]) + struct.pack("<I", len(dirty)) + dirty, one)
+    with pytest.raises(entropy.CorruptStreamError, match="context 0 packs its top plane 16 to a byte"):
+        entropy.decode(bytes([4 << 4 | 1]) + packed[1:], one)
 
 
 def _native_stream(plane: np.ndarray) -> bytes:
@@ -304,11 +335,12 @@ def test_fused_reconstruction_rounds_like_torch_over_every_scale_magnitude(dtype
     contexts = torch.empty(expected.numel(), dtype=torch.uint8)
     entropy._native.reconstruct(
         codes.numpy(), scales.view(torch.int16).numpy(), offsets.numpy(), 4, 12, 12, group_size, dtype_code,
-        rebuilt.view(bits_dtype).numpy(), contexts.numpy(), lossless.CONTEXT_MIN, lossless.CONTEXT_MAX,
+        rebuilt.view(bits_dtype).numpy(), contexts.numpy(), lossless.CONTEXT_MIN, lossless.CONTEXT_MAX, lossless.STEP_BITS,
     )  # fmt: skip
     assert torch.equal(rebuilt.view(bits_dtype), expected.view(bits_dtype))
     step = ladder.level_scales(scales, 4, 12).unsqueeze(1).expand(-1, group_size).reshape(-1)
-    assert torch.equal(contexts, lossless.contexts(expected, step))
+    assert torch.equal(contexts, lossless.contexts(expected, step, lossless.STEP_BITS))
+    assert (contexts & 3).unique().tolist() == [0, 1, 2, 3]  # the step's two leading mantissa bits, all four values
     if dtype == torch.float16:
         assert torch.isinf(expected).any() and (expected.abs() < torch.finfo(dtype).tiny).any()
 
@@ -404,13 +436,19 @@ _F32, _I32, _U16 = np.float32, np.int32, np.uint16
         (
             "lossless_symbols",
             (np.zeros(8, _I32), np.zeros(1, _U16), np.zeros(1, _I32), 4, 8, 8, 1, np.zeros(8, np.int16), np.zeros(8, np.uint8))
-            + (np.zeros(8, np.int64), -16, 47),
+            + (np.zeros(8, np.int64), -16, 47, 2),
             "one 4-byte residual each",
         ),
         (
             "lossless_symbols",
+            (np.zeros(8, _I32), np.zeros(1, _U16), np.zeros(1, _I32), 4, 8, 8, 1, np.zeros(8, np.int16), np.zeros(8, np.uint8))
+            + (np.zeros(8, np.uint32), -16, 47, 3),
+            "lossless contexts \\[-16, 47\\] with 3 step bits do not fit a byte",
+        ),
+        (
+            "lossless_symbols",
             (np.zeros(8, _I32), np.zeros(1, _U16), np.zeros(1, _I32), 4, 8, 8, 0, np.zeros(9, _F32), np.zeros(9, np.uint8))
-            + (np.zeros(9, np.int64), -16, 47),
+            + (np.zeros(9, np.int64), -16, 47, 2),
             "9 elements need whole groups",
         ),
         ("stage_refinements", (np.zeros(8, _I32), 8, 4, 9, np.zeros(8, _I32), np.zeros(8, _I32)), "from 4 to 9 bits of 8-bit"),
@@ -449,7 +487,7 @@ def test_fused_decoder_rejects_planes_and_buffers_that_do_not_fit_its_codes():
 
     def decode(counts=counts, widths=widths, planes=planes, packed=packed, out=out):
         scale_bits = encoded.scales.view(torch.int16).numpy()
-        return native.decode_refined(packed, 4, counts, widths, planes, 8, scale_bits, offsets, 8, 64, 1, out, None, -16, 47)
+        return native.decode_refined(packed, 4, counts, widths, planes, 8, scale_bits, offsets, 8, 64, 1, out, None, -16, 47, 2)
 
     decode()
     expected = progressive.decode(

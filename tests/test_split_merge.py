@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -222,13 +223,15 @@ def test_every_safetensors_dtype_outside_the_ladder_stays_exact(random_checkpoin
 
 
 def test_release_of_format_version_1_still_reads(random_checkpoint, tmp_path, monkeypatch):
-    """Version 1 had the symmetric grid and no offsets: a version-3 release made on that grid, stripped of its
-    offsets and per-tensor widths, must rebuild the same base and the source bit for bit."""
-    from p2u_hub.codecs import ladder
+    """Version 1 had the symmetric grid, no offsets and lossless contexts without the scale's mantissa: a release
+    made on that grid with those contexts, stripped of its offsets and per-tensor widths, must rebuild the same
+    base and the source bit for bit."""
+    from p2u_hub.codecs import ladder, progressive
 
     monkeypatch.setattr(
         ladder, "base_grid", lambda groups, bits: (ladder.base_scales(groups, bits), torch.zeros(groups.shape[0], dtype=torch.int32))
     )
+    monkeypatch.setattr(progressive, "Ladder", functools.partial(progressive.Ladder, context_step_bits=0))
     source = random_checkpoint("llama")
     current = p2u_hub.split(source, tmp_path / "current", bits=3, uniform=True)
     old = tmp_path / "old"

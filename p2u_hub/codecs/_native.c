@@ -410,7 +410,11 @@ static void sort_by_context(const char *sym, int itemsize, const uint8_t *ctx, P
     }
 }
 
-/* Each context's plane count: the byte width of the OR of its run in `ordered`. */
+/* How many bytes of a context's top plane a packed byte holds, as a power of two (entropy.py, "packing"):
+ * 3 (eight 1-bit fields) when every byte of the plane is below 2, 2 below 4, 1 below 16, else 0. */
+static int packing_of(uint64_t top) { return top < 2 ? 3 : top < 4 ? 2 : top < 16 ? 1 : 0; }
+
+/* Each context's plane count (the byte width of the OR of its run in `ordered`) and its top plane's packing. */
 #define RUN_WIDTHS(T)                                                                            \
     {                                                                                            \
         const T *run_ = (const T *)ordered;                                                      \
@@ -418,16 +422,28 @@ static void sort_by_context(const char *sym, int itemsize, const uint8_t *ctx, P
             T all_ = 0;                                                                          \
             for (int64_t k = 0; k < counts[c]; k++) all_ |= run_[k];                             \
             width[c] = byte_width(all_);                                                         \
+            packing[c] = width[c] ? packing_of((uint64_t)all_ >> (8 * (width[c] - 1))) : 0;       \
         }                                                                                        \
     }
 
-static void run_widths(const uint8_t *ordered, int stride, const int64_t *counts, int *width) {
+static void run_widths(const uint8_t *ordered, int stride, const int64_t *counts, int *width, int *packing) {
     switch (stride) {
     case 1: RUN_WIDTHS(uint8_t) break;
     case 2: RUN_WIDTHS(uint16_t) break;
     case 4: RUN_WIDTHS(uint32_t) break;
     default: RUN_WIDTHS(uint64_t) break;
     }
+}
+
+/* Bytes of a plane of n bytes packed 2**packing to a byte. */
+static Py_ssize_t packed_size(Py_ssize_t n, int packing) { return (n + (1 << packing) - 1) >> packing; }
+
+/* Pack a plane of n bytes (byte i at data[i * stride], each below 2**(8 >> packing)) 2**packing to a byte:
+ * byte i at bit (i mod 2**packing) * (8 >> packing) of packed byte i >> packing, the last one's unused bits 0. */
+static void pack_symbols(uint8_t *out, const uint8_t *data, Py_ssize_t n, Py_ssize_t stride, int packing) {
+    const int per_byte = 1 << packing, bits = 8 >> packing;
+    memset(out, 0, (size_t)packed_size(n, packing));
+    for (Py_ssize_t i = 0; i < n; i++) out[i >> packing] |= (uint8_t)(data[i * stride] << ((i & (per_byte - 1)) * bits));
 }
 
 /* encode_stream(symbols, itemsize, contexts, block_symbols) -> bytes: entropy.encode's stream.
@@ -444,7 +460,7 @@ static PyObject *encode_stream(PyObject *self, PyObject *args) {
     Py_ssize_t block_symbols;
     if (!PyArg_ParseTuple(args, "y*iy*n", &symbols, &itemsize, &contexts, &block_symbols)) return NULL;
     PyObject *result = NULL;
-    uint8_t *ordered = NULL;
+    uint8_t *ordered = NULL, *packed = NULL;
     if (itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8) {
         PyErr_Format(PyExc_ValueError, "symbol width must be 1, 2, 4 or 8 bytes, got %d", itemsize);
         goto done;
@@ -458,7 +474,7 @@ static PyObject *encode_stream(PyObject *self, PyObject *args) {
     const uint8_t *ctx = contexts.buf;
     const char *sym = symbols.buf;
     int64_t first[CONTEXTS], second[CONTEXTS], counts[CONTEXTS];
-    int width[CONTEXTS], widest;
+    int width[CONTEXTS], packing[CONTEXTS], widest;
     Py_BEGIN_ALLOW_THREADS
     count_contexts(ctx, n / 2, first);
     count_contexts(ctx + n / 2, n - n / 2, second);
@@ -470,13 +486,14 @@ static PyObject *encode_stream(PyObject *self, PyObject *args) {
         if (counts[c]) bound += 1 + 4 * widest + widest * deflated_bound(counts[c], block_symbols);
     }
     ordered = malloc(n ? n * stride : 1);
+    packed = malloc(n ? (size_t)packed_size(n, 1) : 1); /* a packed plane: at most half a byte per byte */
     /* coded straight into the result, shrunk at the end: pages never written cost nothing */
-    result = ordered ? PyBytes_FromStringAndSize(NULL, bound + 8) : PyErr_NoMemory();
+    result = ordered && packed ? PyBytes_FromStringAndSize(NULL, bound + 8) : PyErr_NoMemory();
     if (!result) goto done;
     uint8_t *out = (uint8_t *)PyBytes_AS_STRING(result);
     Py_BEGIN_ALLOW_THREADS
     sort_by_context(sym, itemsize, ctx, n, first, counts, stride, ordered);
-    run_widths(ordered, stride, counts, width);
+    run_widths(ordered, stride, counts, width, packing);
     uint16_t fixed_codes[LITERALS];
     uint8_t fixed_lengths[LITERALS];
     fixed_literal_code(fixed_codes, fixed_lengths);
@@ -486,11 +503,17 @@ static PyObject *encode_stream(PyObject *self, PyObject *args) {
     for (int c = 0; c < CONTEXTS; run += counts[c++] * stride) {
         if (!counts[c]) continue;
         uint8_t *lengths = out + 1;
-        *out = (uint8_t)width[c];
+        *out = (uint8_t)(width[c] | packing[c] << 4);
         out += 1 + 4 * width[c];
         for (int p = 0; p < width[c]; p++) {
             const uint8_t *plane = run + (big_endian ? (int)stride - 1 - p : p);
-            size_t length = deflate_plane(out, plane, counts[c], stride, block_symbols, fixed_codes, fixed_lengths);
+            size_t length;
+            if (packing[c] && p == width[c] - 1) {
+                pack_symbols(packed, plane, counts[c], stride, packing[c]);
+                length = deflate_plane(out, packed, packed_size(counts[c], packing[c]), 1, block_symbols, fixed_codes, fixed_lengths);
+            } else {
+                length = deflate_plane(out, plane, counts[c], stride, block_symbols, fixed_codes, fixed_lengths);
+            }
             for (int b = 0; b < 4; b++) lengths[4 * p + b] = (uint8_t)(length >> (8 * b));
             out += length;
         }
@@ -499,6 +522,7 @@ static PyObject *encode_stream(PyObject *self, PyObject *args) {
     _PyBytes_Resize(&result, (Py_ssize_t)(out - (uint8_t *)PyBytes_AS_STRING(result)));
 done:
     free(ordered);
+    free(packed);
     PyBuffer_Release(&symbols);
     PyBuffer_Release(&contexts);
     return result;
@@ -857,22 +881,41 @@ done:
     return result;
 }
 
-/* contexts(reconstruction, width, mantissa_bits, bias, step, low, high, out) -> None
+/* Lossless contexts fit a byte: (high - low + 1) relative exponents times 2**step_bits step mantissas. */
+static int check_context_bounds(int low, int high, int step_bits) {
+    if (high < low || step_bits < 0 || step_bits > 8 || ((Py_ssize_t)(high - low + 1) << step_bits) > CONTEXTS) {
+        PyErr_Format(PyExc_ValueError, "lossless contexts [%d, %d] with %d step bits do not fit a byte", low, high, step_bits);
+        return 0;
+    }
+    return 1;
+}
+
+/* A lossless context: the relative exponent clamped to [0, span], then the step's leading mantissa bits. */
+static inline uint8_t lossless_context(int relative, int span, int step_bits, uint32_t step_mantissa) {
+    return (uint8_t)((uint32_t)(relative < 0 ? 0 : relative > span ? span : relative) << step_bits | step_mantissa);
+}
+
+/* The leading `step_bits` mantissa bits of a float32 step's bit pattern. */
+static inline uint32_t step_mantissa(uint32_t step, int step_bits) { return (step & 0x7FFFFF) >> (23 - step_bits); }
+
+/* contexts(reconstruction, width, mantissa_bits, bias, step, low, high, step_bits, out) -> None
  *
- * out[i] = clamp(e(reconstruction[i]) - e(step[i]), low, high) - low, where e() is the biased
- * exponent field minus the bias: of a float of `width` bytes with `mantissa_bits`, `bias` for
- * the reconstruction, of a float32 for the step.
+ * out[i] = (clamp(e(reconstruction[i]) - e(step[i]), low, high) - low) << step_bits | m(step[i]),
+ * where e() is the biased exponent field minus the bias (of a float of `width` bytes with
+ * `mantissa_bits`, `bias` for the reconstruction, of a float32 for the step) and m() the step's
+ * leading `step_bits` mantissa bits.
  */
 static PyObject *contexts(PyObject *self, PyObject *args) {
     Py_buffer reconstruction, step, out;
-    int width, mantissa_bits, bias, low, high;
-    if (!PyArg_ParseTuple(args, "y*iiiy*iiw*", &reconstruction, &width, &mantissa_bits, &bias, &step, &low, &high, &out))
+    int width, mantissa_bits, bias, low, high, step_bits;
+    if (!PyArg_ParseTuple(args, "y*iiiy*iiiw*", &reconstruction, &width, &mantissa_bits, &bias, &step, &low, &high, &step_bits, &out))
         return NULL;
     PyObject *result = NULL;
     if ((width != 2 && width != 4) || mantissa_bits < 1 || mantissa_bits >= 8 * width - 1) {
         PyErr_Format(PyExc_ValueError, "no float layout of %d bytes with %d mantissa bits", width, mantissa_bits);
         goto done;
     }
+    if (!check_context_bounds(low, high, step_bits)) goto done;
     Py_ssize_t n = reconstruction.len / width;
     if (!check_same_length(n, step.len / 4)) goto done;
     if (!check_same_length(n, out.len)) goto done;
@@ -883,8 +926,7 @@ static PyObject *contexts(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++) {
         uint32_t bits = width == 2 ? ((const uint16_t *)reconstruction.buf)[i] : ((const uint32_t *)reconstruction.buf)[i];
         int relative = ((int)((bits >> mantissa_bits) & field_mask) - bias) - ((int)((s[i] >> 23) & 0xFF) - 127);
-        relative = relative < low ? low : relative > high ? high : relative;
-        c[i] = (uint8_t)(relative - low);
+        c[i] = lossless_context(relative - low, high - low, step_bits, step_mantissa(s[i], step_bits));
     }
     Py_END_ALLOW_THREADS
     result = Py_None;
@@ -1083,12 +1125,12 @@ enum { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 
 /* What dequantizes a block's codes: widths, group size, lossless context bounds, the output dtype. */
 typedef struct {
-    int base_bits, bits, group_size, dtype, low, high;
+    int base_bits, bits, group_size, dtype, low, high, step_bits;
     float level, top_level; /* 2**(base_bits - bits) and 2**(base_bits - top_bits) */
 } dequantizer;
 
-static dequantizer dequantizer_of(int base_bits, int bits, int top_bits, int group_size, int dtype, int low, int high) {
-    dequantizer q = {base_bits, bits, group_size, dtype, low, high, float_of((uint32_t)(127 + base_bits - bits) << 23),
+static dequantizer dequantizer_of(int base_bits, int bits, int top_bits, int group_size, int dtype, int low, int high, int step_bits) {
+    dequantizer q = {base_bits, bits, group_size, dtype, low, high, step_bits, float_of((uint32_t)(127 + base_bits - bits) << 23),
                      float_of((uint32_t)(127 + base_bits - top_bits) << 23)};
     return q;
 }
@@ -1099,12 +1141,13 @@ static dequantizer dequantizer_of(int base_bits, int bits, int top_bits, int gro
  * hoisted, so each inner loop is straight-line code the compiler can vectorise. */
 VECTOR_CLONES static void dequantize_groups(const int32_t *v, Py_ssize_t n, const uint16_t *s, const int32_t *o, void *values, uint8_t *ctx,
                               const dequantizer *q) {
-    const int group_size = q->group_size, low = q->low, high = q->high;
+    const int group_size = q->group_size, low = q->low, high = q->high, step_bits = q->step_bits;
 #define DEQUANTIZE(T, CAST, MANTISSA, BIAS, FIELD, WITH_CONTEXTS)                                     \
     for (Py_ssize_t start = 0, g = 0; start < n; start += group_size, g++) {                         \
         const float scale = half_to_float(s[g]), step = scale * q->level;                            \
         const uint32_t offset = (uint32_t)o[g] << (q->bits - q->base_bits);                          \
-        const int floor_ = low + (int)((pattern_of(scale * q->top_level) >> 23) & 0xFF) - 127 + (BIAS); \
+        const uint32_t top_step = pattern_of(scale * q->top_level), fine = step_mantissa(top_step, step_bits); \
+        const int floor_ = low + (int)((top_step >> 23) & 0xFF) - 127 + (BIAS);                      \
         Py_ssize_t stop = start + group_size < n ? start + group_size : n;                           \
         T *x = (T *)values;                                                                          \
         for (Py_ssize_t i = start; i < stop; i++) {                                                  \
@@ -1114,7 +1157,7 @@ VECTOR_CLONES static void dequantize_groups(const int32_t *v, Py_ssize_t n, cons
             x[i] = (T)stored;                                                                        \
             if (WITH_CONTEXTS) {                                                                     \
                 int relative = (int)((stored >> (MANTISSA)) & (FIELD)) - floor_;                     \
-                ctx[i] = (uint8_t)(relative < 0 ? 0 : relative > high - low ? high - low : relative); \
+                ctx[i] = lossless_context(relative, high - low, step_bits, fine);                    \
             }                                                                                        \
         }                                                                                            \
     }
@@ -1140,20 +1183,22 @@ static int optional_contexts(PyObject *object, Py_buffer *contexts, Py_ssize_t n
     return 1;
 }
 
-/* reconstruct(codes, scales, offsets, base_bits, bits, top_bits, group_size, dtype, out, contexts) -> counts or None
+/* reconstruct(codes, scales, offsets, base_bits, bits, top_bits, group_size, dtype, out, contexts, low, high,
+ *             step_bits) -> counts or None
  *
  * out[i] = cast((float32(v_i - o_g * 2**(bits-b)) + 0.5) * s_g * 2**(b-bits)) for the first len(out)
  * codes (ladder.dequantize, then the cast to the source dtype: 0 float32, 1 bfloat16, 2 float16,
  * written as bit patterns). scales: float16 bit patterns, offsets: int32, one per group; scales
  * must be finite (the caller checks). When `contexts` is a writable buffer (not None), it also
  * gets lossless.contexts of out against the top level's step s_g * 2**(b-top_bits), clamped to
- * [CONTEXT_MIN, CONTEXT_MAX] given as `low`/`high`, and the call returns their histogram. */
+ * [CONTEXT_MIN, CONTEXT_MAX] given as `low`/`high` with `step_bits` of the step's mantissa, and the call
+ * returns their histogram. */
 static PyObject *reconstruct(PyObject *self, PyObject *args) {
     Py_buffer codes, scales, offsets, out;
     PyObject *context_object;
-    int base_bits, bits, top_bits, group_size, dtype, low, high;
-    if (!PyArg_ParseTuple(args, "y*y*y*iiiiiw*Oii", &codes, &scales, &offsets, &base_bits, &bits, &top_bits, &group_size, &dtype,
-                          &out, &context_object, &low, &high))
+    int base_bits, bits, top_bits, group_size, dtype, low, high, step_bits;
+    if (!PyArg_ParseTuple(args, "y*y*y*iiiiiw*Oiii", &codes, &scales, &offsets, &base_bits, &bits, &top_bits, &group_size, &dtype,
+                          &out, &context_object, &low, &high, &step_bits))
         return NULL;
     PyObject *result = NULL;
     Py_buffer contexts = {0};
@@ -1172,9 +1217,10 @@ static PyObject *reconstruct(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "%zd outputs, %zd codes and %zd groups given", n, codes.len / 4, groups);
         goto done;
     }
+    if (!check_context_bounds(low, high, step_bits)) goto done;
     if ((have_contexts = optional_contexts(context_object, &contexts, n)) < 0) goto done;
     uint8_t *ctx = have_contexts ? contexts.buf : NULL;
-    const dequantizer q = dequantizer_of(base_bits, bits, top_bits, group_size, dtype, low, high);
+    const dequantizer q = dequantizer_of(base_bits, bits, top_bits, group_size, dtype, low, high, step_bits);
     Py_BEGIN_ALLOW_THREADS
     dequantize_groups(codes.buf, n, scales.buf, offsets.buf, out.buf, ctx, &q);
     if (ctx) count_contexts(ctx, n, counts);
@@ -1250,7 +1296,7 @@ VECTOR_CLONES static void refine_fields(const uint8_t *fields, const uint32_t *s
 #define REFINED_CHUNK 4096
 
 /* decode_refined(packed, base_bits, counts, plane_counts, planes, bits, scales, offsets, top_bits,
- *                group_size, dtype, out, contexts, low, high) -> counts or None
+ *                group_size, dtype, out, contexts, low, high, step_bits) -> counts or None
  *
  * unpack_codes, refine from base_bits to `bits` and reconstruct in one pass over stretches of
  * REFINED_CHUNK codes that stay in the L1 cache, without the block's int32 codes: the base codes
@@ -1262,10 +1308,10 @@ VECTOR_CLONES static void refine_fields(const uint8_t *fields, const uint32_t *s
 static PyObject *decode_refined(PyObject *self, PyObject *args) {
     PyObject *plane_list, *context_object;
     Py_buffer packed, count_buffer, plane_counts, scales, offsets, out;
-    int base_bits, bits, top_bits, group_size, dtype, low, high;
-    if (!PyArg_ParseTuple(args, "y*iy*y*O!iy*y*iiiw*Oii", &packed, &base_bits, &count_buffer, &plane_counts, &PyList_Type,
+    int base_bits, bits, top_bits, group_size, dtype, low, high, step_bits;
+    if (!PyArg_ParseTuple(args, "y*iy*y*O!iy*y*iiiw*Oiii", &packed, &base_bits, &count_buffer, &plane_counts, &PyList_Type,
                           &plane_list, &bits, &scales, &offsets, &top_bits, &group_size, &dtype, &out, &context_object, &low,
-                          &high))
+                          &high, &step_bits))
         return NULL;
     PyObject *result = NULL;
     symbol_reader *reader = NULL;
@@ -1285,6 +1331,7 @@ static PyObject *decode_refined(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "%zd outputs, %zd codes and %zd groups given", n, codes, groups);
         goto done;
     }
+    if (!check_context_bounds(low, high, step_bits)) goto done;
     if ((have_contexts = optional_contexts(context_object, &contexts, n)) < 0) goto done;
     if (!(reader = reader_of(plane_list, &count_buffer, &plane_counts, codes))) goto done;
     const Py_ssize_t chunk = group_size < REFINED_CHUNK ? REFINED_CHUNK / group_size * group_size : group_size;
@@ -1296,7 +1343,7 @@ static PyObject *decode_refined(PyObject *self, PyObject *args) {
     const Py_ssize_t length = packed.len;
     uint8_t *ctx = have_contexts ? contexts.buf : NULL;
     const uint32_t mask = (1u << base_bits) - 1;
-    const dequantizer q = dequantizer_of(base_bits, bits, top_bits, group_size, dtype, low, high);
+    const dequantizer q = dequantizer_of(base_bits, bits, top_bits, group_size, dtype, low, high, step_bits);
     uint32_t *symbols = (uint32_t *)(local + chunk);
     uint8_t *fields = (uint8_t *)(symbols + chunk); /* chunk + 1 bytes: nibbles come in pairs */
     int fits = 1;
@@ -1711,7 +1758,8 @@ static inline uint64_t zigzag(int64_t d) { return ((uint64_t)d << 1) ^ (uint64_t
 /* Elements dequantized at a time by lossless_symbols: whole groups, their reconstruction stays in L1. */
 #define LOSSLESS_CHUNK 4096
 
-/* lossless_symbols(codes, scales, offsets, base_bits, top_bits, group_size, dtype, original, contexts, residuals) -> None
+/* lossless_symbols(codes, scales, offsets, base_bits, top_bits, group_size, dtype, original, contexts, residuals, low, high,
+ *                  step_bits) -> None
  *
  * The lossless stage's symbols of a block in one pass over L1-sized runs of whole groups: the top codes'
  * reconstruction in the source dtype (reconstruct's loop, the decoder's own) and its lossless contexts
@@ -1721,9 +1769,9 @@ static inline uint64_t zigzag(int64_t d) { return ((uint64_t)d << 1) ^ (uint64_t
  * cover them in whole groups. */
 static PyObject *lossless_symbols(PyObject *self, PyObject *args) {
     Py_buffer codes, scales, offsets, original, contexts, residuals;
-    int base_bits, top_bits, group_size, dtype, low, high;
-    if (!PyArg_ParseTuple(args, "y*y*y*iiiiy*w*w*ii", &codes, &scales, &offsets, &base_bits, &top_bits, &group_size, &dtype, &original,
-                          &contexts, &residuals, &low, &high))
+    int base_bits, top_bits, group_size, dtype, low, high, step_bits;
+    if (!PyArg_ParseTuple(args, "y*y*y*iiiiy*w*w*iii", &codes, &scales, &offsets, &base_bits, &top_bits, &group_size, &dtype,
+                          &original, &contexts, &residuals, &low, &high, &step_bits))
         return NULL;
     PyObject *result = NULL;
     uint8_t *local = NULL;
@@ -1743,7 +1791,8 @@ static PyObject *lossless_symbols(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    const dequantizer q = dequantizer_of(base_bits, top_bits, top_bits, group_size, dtype, low, high);
+    if (!check_context_bounds(low, high, step_bits)) goto done;
+    const dequantizer q = dequantizer_of(base_bits, top_bits, top_bits, group_size, dtype, low, high, step_bits);
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t first = 0; first < n; first += chunk) {
         const Py_ssize_t count = n - first < chunk ? n - first : chunk;
@@ -2153,11 +2202,24 @@ static int inflate_all(const uint8_t *const *source, const Py_ssize_t *length, u
     return INFLATED;
 }
 
+/* The inverse of pack_symbols in place: `plane` holds n symbols' bytes, the packed bytes at its end; 0 when
+ * the last packed byte's unused bits are not 0 (a stream pack_symbols did not write). Forward is safe: the
+ * packed byte of symbol j sits at or after byte j, so no byte is overwritten before it is read. */
+static int unpack_symbols(uint8_t *plane, Py_ssize_t n, int packing) {
+    const Py_ssize_t size = packed_size(n, packing), last = n - ((size - 1) << packing);
+    const int per_byte = 1 << packing, bits = 8 >> packing, mask = (1 << bits) - 1;
+    const uint8_t *packed = plane + n - size;
+    if (last < per_byte && packed[size - 1] >> (last * bits)) return 0;
+    for (Py_ssize_t i = 0; i < n; i++) plane[i] = (uint8_t)((packed[i >> packing] >> ((i & (per_byte - 1)) * bits)) & mask);
+    return 1;
+}
+
 /* inflate_stream(stream, counts) -> (plane_counts, planes) or None
  *
  * entropy.inflate_planes in one call: each context's plane count (256 bytes) and its inflated
- * planes (bytes of counts[c] each) in stream order; None when the stream's layout does not fit
- * `counts` (256 native int64) or a plane is not one this decoder proves (see above). */
+ * planes (bytes of counts[c] each, a packed plane unpacked) in stream order; None when the stream's
+ * layout does not fit `counts` (256 native int64), a plane is not one this decoder proves (see above)
+ * or a packed plane's last byte has unused bits set. */
 static PyObject *inflate_stream(PyObject *self, PyObject *args) {
     Py_buffer stream, count_buffer;
     if (!PyArg_ParseTuple(args, "y*y*", &stream, &count_buffer)) return NULL;
@@ -2165,7 +2227,8 @@ static PyObject *inflate_stream(PyObject *self, PyObject *args) {
     struct {
         const uint8_t *source[CONTEXTS * 8];
         uint8_t *out[CONTEXTS * 8];
-        Py_ssize_t length[CONTEXTS * 8], size[CONTEXTS * 8];
+        Py_ssize_t length[CONTEXTS * 8], size[CONTEXTS * 8], symbols[CONTEXTS * 8]; /* size: inflated bytes */
+        int packing[CONTEXTS * 8];
         lane lanes[2];
     } *work = NULL; /* ~100 KB: off the stack of the calling thread */
     uint8_t width[CONTEXTS] = {0};
@@ -2179,7 +2242,8 @@ static PyObject *inflate_stream(PyObject *self, PyObject *args) {
         goto done;
     }
     const uint8_t **source = work->source;
-    Py_ssize_t *length = work->length, *size = work->size;
+    Py_ssize_t *length = work->length, *size = work->size, *symbols = work->symbols;
+    int *packing = work->packing;
     const int64_t *counts = count_buffer.buf;
     const uint8_t *in = stream.buf;
     const Py_ssize_t end = stream.len;
@@ -2187,17 +2251,22 @@ static PyObject *inflate_stream(PyObject *self, PyObject *args) {
     /* The layout: per present context a plane count, the planes' lengths, the planes; nothing after. */
     for (int c = 0; c < CONTEXTS && status == INFLATED; c++) {
         if (!counts[c]) continue;
-        if (counts[c] < 0 || offset >= end || in[offset] > 8 || end - offset - 1 < 4 * in[offset]) {
+        const int planes_here = offset < end ? in[offset] & 15 : 0, packed = offset < end ? in[offset] >> 4 : 0;
+        if (counts[c] < 0 || offset >= end || planes_here > 8 || packed > 3 || (packed && !planes_here) ||
+            end - offset - 1 < 4 * planes_here) {
             status = NOT_PROVEN;
             break;
         }
-        width[c] = in[offset++];
+        width[c] = (uint8_t)planes_here;
+        offset++;
         const uint8_t *lengths = in + offset;
         offset += 4 * width[c];
         for (int p = 0; p < width[c]; p++, plane_count++) {
             const uint8_t *at = lengths + 4 * p;
             length[plane_count] = (Py_ssize_t)((uint32_t)at[0] | (uint32_t)at[1] << 8 | (uint32_t)at[2] << 16 | (uint32_t)at[3] << 24);
-            size[plane_count] = (Py_ssize_t)counts[c];
+            symbols[plane_count] = (Py_ssize_t)counts[c];
+            packing[plane_count] = p == width[c] - 1 ? packed : 0; /* packing is the top plane's */
+            size[plane_count] = packed_size((Py_ssize_t)counts[c], packing[plane_count]);
             source[plane_count] = in + offset;
             if (end - offset < length[plane_count]) {
                 status = NOT_PROVEN;
@@ -2209,13 +2278,16 @@ static PyObject *inflate_stream(PyObject *self, PyObject *args) {
     if (status != INFLATED || offset != end) goto not_proven;
     if (!(planes = PyList_New(plane_count))) goto done;
     for (int p = 0; p < plane_count; p++) {
-        PyObject *plane = PyBytes_FromStringAndSize(NULL, size[p]);
+        PyObject *plane = PyBytes_FromStringAndSize(NULL, symbols[p]);
         if (!plane) goto done;
         PyList_SET_ITEM(planes, p, plane);
     }
-    for (int p = 0; p < plane_count; p++) work->out[p] = (uint8_t *)PyBytes_AS_STRING(PyList_GET_ITEM(planes, p));
+    for (int p = 0; p < plane_count; p++) /* a packed plane inflates into the end of its symbols' bytes */
+        work->out[p] = (uint8_t *)PyBytes_AS_STRING(PyList_GET_ITEM(planes, p)) + symbols[p] - size[p];
     Py_BEGIN_ALLOW_THREADS
     status = inflate_all(source, length, work->out, size, plane_count, work->lanes);
+    for (int p = 0; p < plane_count && status == INFLATED; p++)
+        if (packing[p] && !unpack_symbols(work->out[p] - (symbols[p] - size[p]), symbols[p], packing[p])) status = NOT_PROVEN;
     Py_END_ALLOW_THREADS
     if (status != INFLATED) goto not_proven;
     result = Py_BuildValue("(y#O)", (const char *)width, (Py_ssize_t)CONTEXTS, planes);

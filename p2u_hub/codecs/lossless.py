@@ -7,7 +7,8 @@ included, so every pattern round-trips). The residual is
 ``ord(original) - ord(reconstruction)``: its magnitude is the number of representable floats
 between the two values, about ``scale / ulp(reconstruction)``. The coding context is
 therefore the exponent of the reconstruction relative to the exponent of the group's
-scale: within one context the residuals share a range, which the entropy coder learns.
+scale, refined by the scale's leading mantissa bits: within one context the residuals share
+a range, which the entropy coder learns.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ FLOAT_LAYOUTS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
 
 #: Contexts are ``exponent(reconstruction) - exponent(scale)`` clamped to this range.
 CONTEXT_MIN, CONTEXT_MAX = -16, 47
+STEP_BITS = 2
+"""Leading mantissa bits of the scale that refine each lossless context (format version 5 on; 0 before).
+
+The residual's range is ``scale / ulp(reconstruction)``: the relative exponent fixes it within a
+factor of 2, the scale's mantissa within 2**(1/4) more. Mixed in one context, ranges of up to twice
+the width cost ~0.1 bit a weight (MiniLM bfloat16 lossless stage: 8.78 -> 8.50 MB with 2 bits);
+64 exponents times 4 fill the byte a context is."""
 
 
 def _layout(dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
@@ -92,19 +100,24 @@ def restore(reconstruction: torch.Tensor, coded_residual: torch.Tensor) -> torch
     return from_ordered_int(torch.from_numpy(ordered), reconstruction.dtype)
 
 
-def contexts(reconstruction: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Coding context per element: ``exponent(reconstruction) - exponent(step)``, clamped, as uint8.
+def contexts(reconstruction: torch.Tensor, step: torch.Tensor, step_bits: int) -> torch.Tensor:
+    """Coding context per element, uint8: ``exponent(reconstruction) - exponent(step)`` clamped to
+    ``[CONTEXT_MIN, CONTEXT_MAX]`` and shifted to start at 0, then ``step_bits`` more bits: the step's
+    leading mantissa bits (``STEP_BITS``, or 0 for format versions before 5).
 
     ``step`` is the float32 scale of the top ladder level, broadcast to the elements.
-    The result is shifted to start at 0 so it can index an array of groups.
     """
+    if (CONTEXT_MAX - CONTEXT_MIN + 1) << step_bits > 256:
+        raise ValueError(f"lossless contexts with {step_bits} step bits do not fit a byte")
+    step_patterns = step.to(torch.float32).contiguous().view(torch.int32)
     if native_enabled():
         _, mantissa_bits, bias = _layout(reconstruction.dtype)
         out = np.empty(reconstruction.numel(), dtype=np.uint8)
-        step_bits = step.to(torch.float32).contiguous().view(torch.int32).numpy()
         _native.contexts(
-            _bit_patterns(reconstruction), reconstruction.element_size(), mantissa_bits, bias, step_bits, CONTEXT_MIN, CONTEXT_MAX, out
-        )
+            _bit_patterns(reconstruction), reconstruction.element_size(), mantissa_bits, bias, step_patterns.numpy(),
+            CONTEXT_MIN, CONTEXT_MAX, step_bits, out,
+        )  # fmt: skip
         return torch.from_numpy(out).reshape(reconstruction.shape)
     relative = exponent(reconstruction) - exponent(step.to(torch.float32))
-    return (relative.clamp(CONTEXT_MIN, CONTEXT_MAX) - CONTEXT_MIN).to(torch.uint8)
+    mantissa = (step_patterns & 0x7FFFFF) >> (23 - step_bits)
+    return (((relative.clamp(CONTEXT_MIN, CONTEXT_MAX) - CONTEXT_MIN) << step_bits) | mantissa).to(torch.uint8)

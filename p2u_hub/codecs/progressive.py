@@ -112,6 +112,8 @@ class Ladder:
     stage_bits: tuple[int, ...]
     group_size: int
     corrected: bool = False
+    context_step_bits: int = lossless.STEP_BITS
+    """The scale's mantissa bits in each lossless context (``lossless.STEP_BITS``; 0 in format versions before 5)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.base_bits <= 8:
@@ -121,6 +123,8 @@ class Ladder:
             raise ValueError(f"stage bits must increase from the base bits and stay <= 16, got {list(widths)}")
         if self.group_size <= 0 or self.group_size % 8:
             raise ValueError(f"group size must be a positive multiple of 8, got {self.group_size}")
+        if self.context_step_bits not in (0, lossless.STEP_BITS):
+            raise ValueError(f"lossless contexts take 0 or {lossless.STEP_BITS} step bits, got {self.context_step_bits}")
 
     @property
     def top_bits(self) -> int:
@@ -395,7 +399,7 @@ def _encode_block_native(
         native.lossless_symbols(
             top[codes].numpy(), scale_bits, group_offsets, spec.base_bits, top_bits, group_size, dtype_code,
             original[elements].numpy(), lossless_contexts[elements].numpy(), residuals[elements].numpy(),
-            lossless.CONTEXT_MIN, lossless.CONTEXT_MAX,
+            lossless.CONTEXT_MIN, lossless.CONTEXT_MAX, spec.context_step_bits,
         )  # fmt: skip
 
     list(run(symbols, range(max(1, -(-count // step)))))
@@ -480,7 +484,7 @@ def _decode_block_native(
     stages = min(len(deltas), len(spec.stage_bits))
     full = len(deltas) == spec.stage_count
     lossless_contexts = torch.empty(output.numel() if full else 0, dtype=torch.uint8).numpy()
-    bounds = (lossless.CONTEXT_MIN, lossless.CONTEXT_MAX)
+    bounds = (lossless.CONTEXT_MIN, lossless.CONTEXT_MAX, spec.context_step_bits)
     scale_bits, group_offsets = scales.view(torch.int16).numpy(), offsets.contiguous().numpy()
     if stages == 1:
         packed = packed_codes.numpy()
@@ -550,4 +554,4 @@ def _folded(coarse_codes: torch.Tensor, bits: int) -> torch.Tensor:
 def _lossless_contexts(reconstruction: torch.Tensor, scales: torch.Tensor, spec: Ladder, like: torch.Tensor) -> torch.Tensor:
     step = ladder.level_scales(scales, spec.base_bits, spec.top_bits)
     per_element = step.unsqueeze(1).expand(-1, spec.group_size).reshape(-1)[: like.numel()].reshape(like.shape)
-    return lossless.contexts(reconstruction, per_element)
+    return lossless.contexts(reconstruction, per_element, spec.context_step_bits)

@@ -9,6 +9,7 @@ Nothing outside this module spells a file name or a JSON key of the format.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,14 +27,17 @@ from ..errors import ChecksumError, P2UFormatError, StageMismatchError, UnsafePa
 
 # The errors above are re-exported: format.py was their home before errors.py, and callers import them from here.
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """2 adds ``base_sha256`` to the manifest; 3 adds per-group grid offsets and per-tensor base widths; 4 adds
-``corrected`` tensors (base codes chosen by error compensation, signed first-stage refinements).
+``corrected`` tensors (base codes chosen by error compensation, signed first-stage refinements); 5 packs sharp top
+planes of the entropy streams and refines the lossless contexts by the scale's mantissa (smaller stages).
 Every older version is still read: version 1 without the checksum, versions 1-2 with offsets 0 and one width."""
 GRID_OFFSETS_VERSION = 3
 """First format version with per-group grid offsets and per-tensor base widths."""
 CORRECTED_CODES_VERSION = 4
 """First format version whose ladder tensors may be ``corrected`` (``p2u split --gptq``)."""
+STEP_CONTEXTS_VERSION = 5
+"""First format version whose lossless contexts carry the scale's leading mantissa bits (``lossless.STEP_BITS``)."""
 MIN_FORMAT_VERSION = 1
 QUANT_METHOD = "p2u"
 
@@ -450,6 +454,8 @@ class Manifest:
             raise P2UFormatError(f"{origin}: not a p2u manifest (format {data.get('format')!r})")
         version = _format_version(data.get("format_version"), origin)
         ladder = _ladder(data.get("ladder"), origin)
+        if version < STEP_CONTEXTS_VERSION:
+            ladder = dataclasses.replace(ladder, context_step_bits=0)
         tensors = {}
         for name, entry in _mapping(data.get("tensors"), origin, "tensors").items():
             tensors[name] = TensorEntry.from_json(entry, f"{origin}: tensor {name!r}")
@@ -525,7 +531,7 @@ class Manifest:
         entry = self.tensors[name]
         if entry.bits is None:
             return self.ladder
-        return Ladder(entry.bits, self.ladder.stage_bits, self.ladder.group_size, entry.corrected)
+        return dataclasses.replace(self.ladder, base_bits=entry.bits, corrected=entry.corrected)
 
     def stored_tensors(self) -> dict[str, TensorEntry]:
         """Tensors stored under their own name (aliases point at one of these)."""

@@ -178,7 +178,7 @@ def _encode_tensor(
     spec, bits = job.spec, job.widths[name]
     codes = None if name not in job.hessians else gptq_codes(tensor, job.hessians[name], bits, spec.group_size)
     entry.corrected = codes is not None
-    return progressive.encode(tensor, progressive.Ladder(bits, spec.stage_bits, spec.group_size, entry.corrected), codes, blocks)
+    return progressive.encode(tensor, dataclasses.replace(spec, base_bits=bits, corrected=entry.corrected), codes, blocks)
 
 
 def _store_encoded(name: str, encoded: progressive.EncodedTensor, store) -> None:
