@@ -439,11 +439,27 @@ static void run_widths(const uint8_t *ordered, int stride, const int64_t *counts
 static Py_ssize_t packed_size(Py_ssize_t n, int packing) { return (n + (1 << packing) - 1) >> packing; }
 
 /* Pack a plane of n bytes (byte i at data[i * stride], each below 2**(8 >> packing)) 2**packing to a byte:
- * byte i at bit (i mod 2**packing) * (8 >> packing) of packed byte i >> packing, the last one's unused bits 0. */
+ * byte i at bit (i mod 2**packing) * (8 >> packing) of packed byte i >> packing, the last one's unused bits 0.
+ * Whole bytes first with the field count a constant (unrolled, as unpack_symbols), then the last one. */
 static void pack_symbols(uint8_t *out, const uint8_t *data, Py_ssize_t n, Py_ssize_t stride, int packing) {
     const int per_byte = 1 << packing, bits = 8 >> packing;
-    memset(out, 0, (size_t)packed_size(n, packing));
-    for (Py_ssize_t i = 0; i < n; i++) out[i >> packing] |= (uint8_t)(data[i * stride] << ((i & (per_byte - 1)) * bits));
+#define PACK_WHOLE(PER_BYTE, BITS)                                                                   \
+    for (Py_ssize_t k = 0; k < n / (PER_BYTE); k++) {                                               \
+        uint8_t byte = 0;                                                                           \
+        for (int f = 0; f < (PER_BYTE); f++) byte |= (uint8_t)(data[(k * (PER_BYTE) + f) * stride] << (f * (BITS))); \
+        out[k] = byte;                                                                              \
+    }
+    switch (packing) {
+    case 1: PACK_WHOLE(2, 4) break;
+    case 2: PACK_WHOLE(4, 2) break;
+    default: PACK_WHOLE(8, 1) break;
+    }
+#undef PACK_WHOLE
+    if (n % per_byte) {
+        uint8_t byte = 0;
+        for (Py_ssize_t i = n / per_byte * per_byte; i < n; i++) byte |= (uint8_t)(data[i * stride] << ((i & (per_byte - 1)) * bits));
+        out[n >> packing] = byte;
+    }
 }
 
 /* encode_stream(symbols, itemsize, contexts, block_symbols) -> bytes: entropy.encode's stream.

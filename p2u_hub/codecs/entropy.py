@@ -329,20 +329,27 @@ def _packing(largest: int) -> int:
     return 3 if largest < 2 else 2 if largest < 4 else 1 if largest < 16 else 0
 
 
+def _packed_size(count: int, packing: int) -> int:
+    """Bytes of a plane of ``count`` bytes packed ``2**packing`` to a byte."""
+    return -(-count >> packing)
+
+
+def _field_shifts(packing: int) -> np.ndarray:
+    """Where each field of a packed byte starts: ``2**packing`` fields of ``8 >> packing`` bits, lowest first."""
+    return np.arange(0, 8, 8 >> packing, dtype=np.uint8)
+
+
 def _pack_symbols(symbols: np.ndarray, packing: int) -> np.ndarray:
     """A plane's uint8 ``symbols`` (its bytes) packed ``2**packing`` to a byte (the module docstring's layout)."""
-    per_byte, bits = 1 << packing, 8 >> packing
-    padded = np.zeros(-(-symbols.size // per_byte) * per_byte, dtype=np.uint8)
+    padded = np.zeros(_packed_size(symbols.size, packing) << packing, dtype=np.uint8)
     padded[: symbols.size] = symbols
-    shifts = np.arange(0, 8, bits, dtype=np.uint8)
-    return np.bitwise_or.reduce(padded.reshape(-1, per_byte) << shifts, axis=1).astype(np.uint8)
+    return np.bitwise_or.reduce(padded.reshape(-1, 1 << packing) << _field_shifts(packing), axis=1).astype(np.uint8)
 
 
 def _unpack_symbols(packed: bytes, count: int, packing: int, context: int) -> bytes:
     """Inverse of ``_pack_symbols``: ``count`` symbols a byte each; the last byte's unused bits must be 0."""
-    bits = 8 >> packing
-    shifts = np.arange(0, 8, bits, dtype=np.uint8)
-    symbols = ((np.frombuffer(packed, dtype=np.uint8)[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+    fields = np.frombuffer(packed, dtype=np.uint8)[:, None] >> _field_shifts(packing)
+    symbols = (fields & ((1 << (8 >> packing)) - 1)).reshape(-1)
     if symbols[count:].any():
         raise CorruptStreamError(f"context {context}: the packed plane's last byte has bits set beyond its {count} symbols")
     return symbols[:count].tobytes()
@@ -448,8 +455,8 @@ def _read_stream(stream: bytes | memoryview, counts: np.ndarray) -> tuple[bytes,
             if stop > end:
                 raise CorruptStreamError("stream is truncated")
             if packing and index == plane_count - 1:
-                size = -(-sizes[context] >> packing)
-                planes.append(_unpack_symbols(_decompress(view[offset:stop], size), sizes[context], packing, context))
+                packed = _decompress(view[offset:stop], _packed_size(sizes[context], packing))
+                planes.append(_unpack_symbols(packed, sizes[context], packing, context))
             else:
                 planes.append(_decompress(view[offset:stop], sizes[context]))
             offset = stop
