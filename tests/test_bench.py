@@ -52,6 +52,7 @@ def test_bench_measures_a_release_against_the_plain_download(synthetic: Path, tm
     runs = result["bandwidths"][0]["runs"]
     assert runs["full"]["bit_exact"] and all(run["answers"] for run in runs.values())
     assert 0 <= runs["full"]["decode_after_download_s"] <= runs["full"]["upgrade_s"]  # the stages were local before it ended
+    assert all(0 <= run["link_idle_s"] < run["seconds"] for run in runs.values())
     assert result["lossless"]["zstd"]["bytes"] < result["source_bytes"]
     for job in ("split", "merge"):
         assert result[job]["mb_per_s"] > 0 and result[job]["peak_rss_mb"] >= result[job]["baseline_rss_mb"] > 0

@@ -201,6 +201,24 @@ def test_pacing_lets_a_late_sender_catch_up_within_the_link_queue(tmp_path: Path
     assert 0.1 - hub_server.LINK_QUEUE_S <= clock[0] - 1000.0 <= 0.1 + 0.0003 + 1e-9
 
 
+def test_link_idle_time_counts_the_gaps_between_paced_bytes(tmp_path: Path, monkeypatch) -> None:
+    """Gaps beyond the link queue count, from the first byte on; a late wake-up the queue absorbs does not."""
+    hub = LocalHub(tmp_path, rate_mbps=100)  # pacing only: never started
+    clock = [1000.0]
+    monkeypatch.setattr(hub_server.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(hub_server.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    clock[0] += 5.0  # before the first byte: not idle time
+    hub._pace(100_000)  # 1 ms of link
+    clock[0] += 0.001  # within the link queue
+    hub._pace(100_000)
+    assert hub.link_idle_s == 0.0
+    clock[0] += 0.030  # a file's round trips
+    hub._pace(100_000)
+    assert 0.030 - hub_server.LINK_QUEUE_S <= hub.link_idle_s <= 0.030
+    hub.rate_mbps = 100
+    assert hub.link_idle_s == 0.0
+
+
 def test_restart_keeps_repos(published: str, local_hub: LocalHub, tmp_path: Path) -> None:
     local_hub.stop()
     with LocalHub(local_hub.root, token=local_hub.token) as restarted, local_hub_client(restarted, tmp_path / "fresh"):

@@ -942,7 +942,8 @@ class LocalHub:
     ``Authorization: Bearer <token>`` and gets a 401 otherwise; reads of public repos are always allowed, reads of
     private repos need a token (the hub's, when it has one), as on the Hub. ``rate_mbps``: pace the
     bodies of ``/resolve`` downloads to that many MB/s (1 MB = 1e6 bytes) in total, like one network link, for
-    download-time benchmarks; it can be changed while the server runs.
+    download-time benchmarks; it can be changed while the server runs, and setting it starts a new link
+    (``link_idle_s`` counts from there).
 
     Use as a context manager, or ``start()`` / ``stop()``::
 
@@ -967,6 +968,7 @@ class LocalHub:
         self._lock = threading.Lock()
         self._rate_mbps: float | None = None
         self._next_send = 0.0
+        self._link_idle_s = 0.0
         self._drops_pending = 0
         self._holds: dict[str, threading.Event] = {}
         self._resolved: Counter[tuple[str, str]] = Counter()  # /resolve requests per (method, file path): bounded by the files
@@ -995,6 +997,18 @@ class LocalHub:
         with self._lock:
             self._rate_mbps = value
             self._next_send = 0.0
+            self._link_idle_s = 0.0
+
+    @property
+    def link_idle_s(self) -> float:
+        """Seconds the paced link carried nothing between its first and its last byte (since ``rate_mbps`` was set).
+
+        What a download leaves of the link between its requests: a plain ``from_pretrained`` of
+        one file idles only while its few requests go out; a client that fetches many files one
+        after another, or starts a download only once it has decoded something, idles more.
+        """
+        with self._lock:
+            return self._link_idle_s
 
     def start(self) -> LocalHub:
         if self._server is not None:
@@ -1082,7 +1096,10 @@ class LocalHub:
             if self._rate_mbps is None:
                 return
             now = time.monotonic()
-            self._next_send = max(now - LINK_QUEUE_S, self._next_send) + nbytes / (self._rate_mbps * 1e6)
+            start = max(now - LINK_QUEUE_S, self._next_send)
+            if self._next_send:  # not the link's first byte
+                self._link_idle_s += start - self._next_send
+            self._next_send = start + nbytes / (self._rate_mbps * 1e6)
             delay = self._next_send - now
         time.sleep(max(delay, 0.0))
 
