@@ -172,6 +172,26 @@ def test_a_shard_still_downloading_holds_up_no_tensor_of_a_later_one(local_hub: 
     assert torch.equal(result[0], load_file(source / "model.safetensors")[later])
 
 
+def test_rebuilt_tensors_waiting_ahead_never_exceed_the_room(sharded):
+    """The room bounds the rebuilt tensors waiting (one tensor starts when none waits, whatever its size): a tensor that
+    does not fit waits for the consumer, rather than the last one started overshooting the room by its own size."""
+    source, release = sharded
+    rebuilder = Release.open(release).rebuilder("full")
+    tensors = rebuilder.release.manifest.tensors
+    names = [name for name, entry in tensors.items() if entry.codec == fmt.CODEC_LADDER]
+    sizes = {name: tensors[name].numel * tensors[name].torch_dtype.itemsize for name in names}
+    room = sizes[names[0]] + sizes[names[1]] - 1  # the first fits, the second does not
+    ahead = TensorPrefetch(rebuilder, names, workers=2, room=lambda: room)
+    try:
+        assert list(ahead._pending) == names[:1]
+        expected = load_file(source / "model.safetensors")
+        for name in names:
+            assert sum(size for _, size in ahead._pending.values()) <= max(room, sizes[name])
+            assert torch.equal(ahead.get(name), expected[name])
+    finally:
+        ahead.close()
+
+
 def test_each_finished_rebuild_starts_the_next_one_that_fits(sharded, rebuilt):
     """The decoding goes on while the consumer waits for something else (an upgrade, for its last stage file): room
     that opens up is used when a rebuild finishes, not only when the consumer asks for a tensor."""

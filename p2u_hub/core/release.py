@@ -642,8 +642,8 @@ class TensorPrefetch:
     block threads leave the other cores idle; rebuilding the next tensors meanwhile uses them
     (the C loops, inflate and sha256 release the GIL). ``get`` returns a tensor, or raises its
     error, exactly as ``rebuilder.tensor`` would; a name not in the announced order is rebuilt
-    on the spot. Memory: the consumer's tensor plus at most ``room()`` bytes of rebuilt ones
-    (and one tensor's coding temporaries per thread). Each finished rebuild starts the next one
+    on the spot. Memory: the consumer's tensor plus at most ``room()`` bytes of rebuilt ones, or one
+    rebuilt tensor when it alone is larger (and one tensor's coding temporaries per thread). Each finished rebuild starts the next one
     that fits, so the work goes on while the consumer waits for something else (an upgrade, for
     its last stage file) rather than only when it asks.
     """
@@ -677,12 +677,16 @@ class TensorPrefetch:
         started = []
         with self._lock:
             waiting = sum(size for _, size in self._pending.values())
-            while self._order and not self._closed and (not self._pending or waiting < self._room()):
-                name = self._order.popleft()
+            while self._order and not self._closed:
+                name = self._order[0]
                 entry = self._rebuilder.release.manifest.tensors.get(name)
                 if name in self._pending or name in self._served or entry is None:
+                    self._order.popleft()
                     continue  # announced twice, asked already, or unknown: ``get`` rebuilds it on the spot (naming the error)
                 size = entry.numel * entry.torch_dtype.itemsize
+                if self._pending and waiting + size > self._room():
+                    break  # it starts once the consumer has taken enough (a tensor larger than the room starts alone)
+                self._order.popleft()
                 future = self._pool.submit(self._rebuilder.tensor, name, self._stored(name))
                 self._pending[name] = (future, size)
                 waiting += size
