@@ -277,6 +277,34 @@ def test_prefetch_of_a_base_without_its_stages_loads_and_upgrade_names_the_missi
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+def test_prefetch_sets_aside_the_stages_found_on_the_repo_named_in_the_base_config(release, local_hub, tmp_path):
+    """A base uploaded by hand (its config records no stage repo) whose config.json names another p2u release as
+    ``_name_or_path`` (a fine-tune of it, say), loaded with its own class rather than an Auto class: transformers'
+    first hooks then see that name, not the repo being loaded, and the stages looked up there are another base's:
+    they are set aside and this base's are found on the repo being loaded (the prefetch used to fail on them, and the
+    upgrade had to download everything after it)."""
+    _, other = release("gpt2")
+    push(other.parent, "local/gpt2-p2u")  # stages on its p2u-stage-N branches, another base's
+    source, base = release("llama")
+    config = fmt.read_json(base / fmt.CONFIG_FILE)
+    assert all("repo_id" not in entry for entry in config["quantization_config"]["stages"])
+    fmt.write_json(base / fmt.CONFIG_FILE, {**config, "_name_or_path": "local/gpt2-p2u"})
+    api = HfApi()
+    api.create_repo("local/llama-by-hand")
+    api.upload_folder(repo_id="local/llama-by-hand", folder_path=base)
+    for index in (1, 2):
+        api.create_branch("local/llama-by-hand", branch=fmt.stage_branch(index))
+        api.upload_folder(
+            repo_id="local/llama-by-hand", folder_path=base.parent / fmt.stage_dir_name(index), revision=fmt.stage_branch(index)
+        )
+    model = transformers.LlamaForCausalLM.from_pretrained("local/llama-by-hand", quantization_config=P2UConfig(upgrade="prefetch"))
+    folders = model.hf_quantizer.prefetch.result(timeout=120)
+    assert [fmt.read_stage_record(folder).parent for folder in folders] == [fmt.read_manifest(base).sha256] * 2
+    p2u_hub.upgrade(model)
+    assert_tensors_bit_identical(transformers.AutoModelForCausalLM.from_pretrained(source).state_dict(), model.state_dict())
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
 def test_background_upgrade_at_load(release, local_hub):
     source, base = release("llama")
     push(base.parent, "local/llama-p2u")

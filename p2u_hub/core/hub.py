@@ -112,7 +112,10 @@ def look_up_stages(entries: Iterable[fmt.StageEntry], *, default_repo_id: str, t
     For a loader that knows the base's repo before the base's weights download: the round
     trips of each stage's record and shard index then overlap the base's bytes instead of
     following them. A failure stays in its future, for the caller to look that stage up again
-    and report it.
+    and report it. The caller checks what a lookup found (``Release``): transformers' first hooks
+    may see the name saved in ``config.json`` rather than the repo being loaded (a model class's
+    own ``from_pretrained``; the Auto classes set it first), and that repo may hold another base's
+    stages.
     """
     look_up = functools.partial(download_stage, default_repo_id=default_repo_id, token=token)
     return {entry.index: in_background("p2u-stage-lookup", look_up, entry) for entry in entries}

@@ -25,6 +25,7 @@ from ..codecs import ladder as ladder_codec
 from ..codecs import progressive
 from ..codecs.entropy import CorruptStreamError
 from ..codecs.progressive import Ladder
+from ..errors import P2UError
 from . import format as fmt
 from .hub import cached_repo_id, check_repo_id, download_file, download_stage
 from .storage import TensorReader
@@ -187,11 +188,20 @@ class Release:
         return folder, record
 
     def _looked_up(self, index: int) -> Path | None:
-        """The folder of stage ``index`` from a lookup started earlier (waiting for it), None if there was none or it failed."""
+        """The folder of stage ``index`` from a lookup started earlier (waiting for it); None if there was none, it
+        failed, or it found a stage of another base.
+
+        A lookup is a hint: started before transformers names the repo being loaded, it may have used
+        the name saved in the base's ``config.json`` (``look_up_stages``), another release's perhaps.
+        """
         lookup = self._stage_lookups.pop(index, None)
         if lookup is None or lookup.exception() is not None:
             return None
-        return lookup.result()
+        try:
+            record = fmt.read_stage_record(lookup.result())
+        except P2UError:
+            return None
+        return lookup.result() if record.parent == self.qconfig.manifest_sha256 else None
 
     def _local_stage(self, entry: fmt.StageEntry) -> Path | None:
         """The folder of a stage given by ``path`` (``../stage-k`` or a subfolder), kept inside the release folder."""
