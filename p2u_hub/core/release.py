@@ -653,9 +653,9 @@ class TensorPrefetch:
     (the C loops, inflate and sha256 release the GIL). ``get`` returns a tensor, or raises its
     error, exactly as ``rebuilder.tensor`` would; a name not in the announced order is rebuilt
     on the spot. Memory: the consumer's tensor plus at most ``room()`` bytes of rebuilt ones, or one
-    rebuilt tensor when it alone is larger (and one tensor's coding temporaries per thread). Each finished rebuild starts the next one
-    that fits, so the work goes on while the consumer waits for something else (an upgrade, for
-    its last stage file) rather than only when it asks.
+    rebuilt tensor when it alone is larger (and one tensor's coding temporaries per thread). Each
+    finished rebuild starts the next one that fits, so the work goes on while the consumer waits
+    for something else (an upgrade, for its last stage file) rather than only when it asks.
     """
 
     def __init__(

@@ -252,7 +252,8 @@ def format_table(result: dict) -> str:
         rows.append((
             f"{row['mbps']:g}", f"{row['plain_s']:.2f}", f"{row['usable_s']:.2f}", f"{row['full_s']:.2f}",
             f"{row['full_s'] / row['plain_s']:.2f}x", _seconds(row["runs"]["full"].get("decode_after_download_s")),
-            " / ".join(_seconds(row["runs"][mode].get("link_idle_s")) for mode in ("plain", "full")), _seconds(row["floor_s"]), _seconds(row["zstd_s"]), _seconds(row["zipnn_s"]), f"{row['plain_s'] / row['usable_s']:.2f}x",
+            " / ".join(_seconds(row["runs"][mode].get("link_idle_s")) for mode in ("plain", "full")),
+            _seconds(row["floor_s"]), _seconds(row["zstd_s"]), _seconds(row["zipnn_s"]), f"{row['plain_s'] / row['usable_s']:.2f}x",
         ))  # fmt: skip
     lines += text_table(rows) + [""]
     rows = [("job", "seconds", "of which upgrade", "MB/s of source", "peak RSS MB", "RSS after imports MB")]
