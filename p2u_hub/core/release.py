@@ -167,14 +167,17 @@ class Release:
         entry = self.qconfig.stages[index - 1]
         local = self._local_stage(entry)
         if local is not None and (local / fmt.STAGE_FILE).is_file():
-            folder = local
+            folder, record = local, fmt.read_stage_record(local)
         elif entry.repo_id is not None or self.repo_id is not None:
-            folder = self._looked_up(index) or download_stage(entry, default_repo_id=self.repo_id, token=self.token)
+            looked_up = self._looked_up(index)
+            if looked_up is None:
+                folder = download_stage(entry, default_repo_id=self.repo_id, token=self.token)
+                looked_up = folder, fmt.read_stage_record(folder)
+            folder, record = looked_up
         else:
             raise fmt.P2UFormatError(
                 f"{entry.name} not found: expected {fmt.STAGE_FILE} in {local} and the config names no Hub repo for it"
             )
-        record = fmt.read_stage_record(folder)
         if record.parent != self.qconfig.manifest_sha256:
             raise fmt.StageMismatchError(
                 f"{folder}: {entry.name} belongs to another base (parent {record.parent[:12]}, "
@@ -187,9 +190,9 @@ class Release:
         self._stages[index] = folder, record
         return folder, record
 
-    def _looked_up(self, index: int) -> Path | None:
-        """The folder of stage ``index`` from a lookup started earlier (waiting for it); None if there was none, it
-        failed, or it found a stage of another base.
+    def _looked_up(self, index: int) -> tuple[Path, fmt.StageRecord] | None:
+        """The folder and record of stage ``index`` from a lookup started earlier (waiting for it); None if there was
+        none, it failed, or it found a stage of another base.
 
         A lookup is a hint: started before transformers names the repo being loaded, it may have used
         the name saved in the base's ``config.json`` (``look_up_stages``), another release's perhaps.
@@ -197,11 +200,12 @@ class Release:
         lookup = self._stage_lookups.pop(index, None)
         if lookup is None or lookup.exception() is not None:
             return None
+        folder = lookup.result()
         try:
-            record = fmt.read_stage_record(lookup.result())
+            record = fmt.read_stage_record(folder)
         except P2UError:
             return None
-        return lookup.result() if record.parent == self.qconfig.manifest_sha256 else None
+        return (folder, record) if record.parent == self.qconfig.manifest_sha256 else None
 
     def _local_stage(self, entry: fmt.StageEntry) -> Path | None:
         """The folder of a stage given by ``path`` (``../stage-k`` or a subfolder), kept inside the release folder."""
