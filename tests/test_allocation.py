@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 import p2u_hub
+from p2u_hub.codecs import progressive
 from p2u_hub.core import allocation
 from p2u_hub.core import format as fmt
 from p2u_hub.core.summary import summarize
@@ -67,8 +68,9 @@ def test_default_split_allocates_per_tensor_widths_within_the_uniform_budget(ran
     assert record["method"] == allocation.METHOD_WEIGHTS and record["bytes"] <= record["budget_bytes"]
     base = load_file(release / "base" / "model.safetensors")
     for name, bits in widths.items():
-        numel = base[name].numel() * 8 // bits  # packed codes: bits per element
-        groups = base[fmt.scales_key(name)].numel()
+        stored = (base[name], base[fmt.scales_key(name)], base[fmt.offsets_key(name)])
+        codes, scales = progressive.decode_base(*stored, manifest.tensor_ladder(name), manifest.tensors[name].numel)
+        numel, groups = codes.numel() * 8 // bits, scales.numel()  # packed codes: bits per element
         assert numel == groups * 64 and base[fmt.offsets_key(name)].numel() == -(-groups // 8) * bits, name
     for options in ({"uniform": True}, {}):  # no tokenizer here: "auto" cannot calibrate and keeps one width
         uniform = p2u_hub.split(source, tmp_path / f"uniform-{len(options)}", bits=3, **options)

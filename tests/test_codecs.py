@@ -257,3 +257,48 @@ def test_offsets_of_some_groups_are_those_of_the_whole_tensor(bits: int):
     packed = ladder.pack_offsets(offsets, bits)
     groups = torch.tensor([0, 7, 8, 500, 1002])
     assert torch.equal(ladder.offsets_of_groups(packed, bits, groups), offsets[groups])
+
+
+def _heavy_tailed(shape, seed: int = 0) -> torch.Tensor:
+    """Laplace-distributed weights: like trained ones, their codes crowd the grid's centre (Gaussian ones barely do)."""
+    generator = torch.Generator().manual_seed(seed)
+    uniform = torch.rand(shape, generator=generator) - 0.5
+    return -0.02 * uniform.sign() * torch.log1p(-2 * uniform.abs())
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_coded_base_round_trips_and_is_never_longer_than_the_raw_arrays(bits: int):
+    spec = progressive.Ladder(bits, (9,) if bits == 8 else (8,), 64)
+    large, small = _heavy_tailed((1100, 1000)), _heavy_tailed((2, 64))  # two coding blocks; one group of two rows
+    for weight in (large, small):
+        encoded = progressive.encode(weight, spec)
+        codes, scales = progressive.encode_base(encoded.packed_codes, encoded.scales, encoded.offsets, spec)
+        assert codes.dtype == torch.uint8 and codes.numel() <= encoded.packed_codes.numel()
+        assert scales.dtype in (torch.uint8, torch.float16) and scales.nbytes <= encoded.scales.nbytes
+        decoded_codes, decoded_scales = progressive.decode_base(codes, scales, encoded.offsets, spec, weight.numel())
+        assert torch.equal(decoded_codes, encoded.packed_codes)
+        assert torch.equal(decoded_scales.view(torch.int16), encoded.scales.view(torch.int16))
+        if weight is large:  # a real saving: streams (1-bit codes are two near-even halves: they stay raw)
+            assert (codes.numel() < encoded.packed_codes.numel()) == (bits > 1) and scales.dtype == torch.uint8
+        else:  # a stream would be longer: the raw arrays are kept
+            assert codes is encoded.packed_codes and scales is encoded.scales
+
+
+def test_coded_base_refuses_codes_and_scales_out_of_range():
+    spec = progressive.Ladder(3, (8,), 64)
+    weight = _heavy_tailed((64, 64))
+    encoded = progressive.encode(weight, spec)
+    groups = encoded.scales.numel()
+    contexts = progressive._offset_contexts(encoded.offsets, spec, groups).repeat_interleave(64)
+    wide_codes = progressive.byte_tensor(progressive._frame([entropy.encode(torch.full((weight.numel(),), 9), contexts)]))
+    with pytest.raises(entropy.CorruptStreamError, match="a code is wider than the tensor's 3 bits"):
+        progressive.decode_base(wide_codes, encoded.scales, encoded.offsets, spec, weight.numel())
+    wide_scales = progressive.byte_tensor(entropy.encode(torch.full((groups,), 70000), torch.zeros(groups, dtype=torch.uint8)))
+    with pytest.raises(entropy.CorruptStreamError, match="a scale is wider than 16 bits"):
+        progressive.decode_base(encoded.packed_codes, wide_scales, encoded.offsets, spec, weight.numel())
+    too_long = torch.zeros(2 * groups, dtype=torch.uint8)  # as many bytes as the raw scales: never a stream
+    with pytest.raises(entropy.CorruptStreamError, match=rf"scales stored as torch.uint8\[{2 * groups}\] for {groups} groups"):
+        progressive.decode_base(encoded.packed_codes, too_long, encoded.offsets, spec, weight.numel())
+    longer = torch.zeros(encoded.packed_codes.numel() + 1, dtype=torch.uint8)
+    with pytest.raises(entropy.CorruptStreamError, match="codes stored as"):
+        progressive.decode_base(longer, encoded.scales, encoded.offsets, spec, weight.numel())

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import p2u_hub
 from p2u_hub.core import format as fmt
 from p2u_hub.core.release import Release
+from p2u_hub.integrations.transformers import P2UConfig
 
 GOLDEN = sorted((Path(__file__).parent / "golden").glob("v*/"), key=lambda folder: int(folder.name[1:]))
 
@@ -38,6 +39,11 @@ def test_golden_release_rebuilds_every_stage_bit_exactly(golden: Path, tmp_path:
     assert {name: fmt.tensor_sha256(tensor) for name, tensor in tensors.items()} == expected[fmt.stage_name(release.stage_count)]
     model = transformers.AutoModel.from_pretrained(golden / "release" / fmt.BASE_DIR)
     assert type(model).__name__ == "BertModel" and model.hf_quantizer.quantization_config.quant_method == "p2u"
+    dense = transformers.AutoModel.from_pretrained(golden / "release" / fmt.BASE_DIR, quantization_config=P2UConfig(load_mode="dense"))
+    loaded = dense.state_dict()  # the codes and scales as transformers loaded them (a coded base's decoded), expanded
+    assert {name: fmt.tensor_sha256(loaded[name]) for name in release.manifest.quantized_tensors()} == {
+        name: expected[fmt.stage_name(0)][name] for name in release.manifest.quantized_tensors()
+    }
 
 
 def test_a_newer_format_version_is_refused_with_a_clear_error(tmp_path: Path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers
@@ -9,6 +11,7 @@ from safetensors.torch import load_file
 
 import p2u_hub
 from p2u_hub.codecs import ladder
+from p2u_hub.codecs.progressive import decode_base
 from p2u_hub.core import format as fmt
 from p2u_hub.integrations import cpu_int4
 from p2u_hub.integrations.transformers import INT4_GRID, P2UConfig, PackedLayer, loaded_codes
@@ -142,6 +145,9 @@ def test_codes_an_upgrade_decodes_are_the_stored_ones(llama_base):
     for packed in model.hf_quantizer.parameters.values():
         if packed.module_name in kernel_layers:
             codes, scales, offsets = loaded_codes(model, packed)
-            assert all(torch.equal(tensor, stored[name]) for tensor, name in zip((codes, scales, offsets), packed.stored))
+            layout = packed.layout  # a coded base's codes and scales are stored as streams: compare the decoded arrays
+            stored_codes, stored_scales, stored_offsets = (stored[name] for name in packed.stored)
+            expected = (*decode_base(stored_codes, stored_scales, stored_offsets, layout.ladder, math.prod(layout.shape)), stored_offsets)
+            assert all(torch.equal(tensor, arrays) for tensor, arrays in zip((codes, scales, offsets), expected))
             checked += 1
     assert checked == len(kernel_layers) > 0

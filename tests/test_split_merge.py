@@ -240,8 +240,15 @@ def test_release_of_format_version_1_still_reads(random_checkpoint, tmp_path, mo
     manifest["format_version"] = 1
     for entry in manifest["tensors"].values():
         entry.pop("bits", None)
+    stored = load_file(old / "base" / "model.safetensors")
+    current_manifest = fmt.read_manifest(current / "base")
+    for name, entry in current_manifest.quantized_tensors().items():  # version 1 stores codes and scales raw
+        stored[name], stored[fmt.scales_key(name)] = progressive.decode_base(
+            stored[name], stored[fmt.scales_key(name)], stored[fmt.offsets_key(name)], current_manifest.tensor_ladder(name), entry.numel
+        )  # fmt: skip
+        manifest["base_sha256"].update({key: fmt.tensor_sha256(stored[key]) for key in (name, fmt.scales_key(name))})
     fmt.write_json(old / "base" / fmt.MANIFEST_FILE, manifest)
-    weights = {k: v for k, v in load_file(old / "base" / "model.safetensors").items() if not k.endswith(fmt.OFFSETS_SUFFIX)}
+    weights = {k: v for k, v in stored.items() if not k.endswith(fmt.OFFSETS_SUFFIX)}
     save_file(weights, old / "base" / "model.safetensors", metadata={"format": "pt"})
     digest = fmt.sha256_bytes(fmt.canonical_json(manifest))
     config = json.loads((old / "base" / "config.json").read_text())

@@ -15,6 +15,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import p2u_hub
+from p2u_hub.codecs import entropy, ladder, progressive
 from p2u_hub.core import format as fmt
 from p2u_hub.integrations.transformers import PackedLayer
 from p2u_hub.tools.cli import main
@@ -115,7 +116,8 @@ def test_huge_declared_shape_fails_at_once(release, capsys):
     bits = fmt.read_manifest(release / fmt.BASE_DIR).tensors[name].bits  # the tensor's own base width
     _rewrite_manifest(release, lambda manifest: manifest["tensors"][name].update(shape=[1099511627776, 64]))
     error = _cli_error(capsys, "verify", str(release))
-    assert f"tensor {name!r} is stored as U8[{4096 * bits // 8}], the manifest implies U8[{(1 << 46) * bits // 8}]" in error
+    offsets = fmt.offsets_key(name)  # the array whose size the shape fixes in a coded base too: checked first
+    assert f"tensor {offsets!r} is stored as U8[{4096 // 64 // 8 * bits}], the manifest implies U8[{(1 << 40) // 8 * bits}]" in error
 
 
 def test_deflate_bomb_stops_at_the_declared_size(release, capsys):
@@ -153,6 +155,26 @@ def test_bad_quantization_config_fails_verify(release, capsys, field, value, mes
     config_path.write_bytes(fmt.canonical_json(config))
     error = _cli_error(capsys, "verify", str(release))
     assert "config.json" in error
+    assert pytest.importorskip("re").search(message, error), error
+
+
+def test_coded_base_codes_out_of_range_fail_at_load_and_at_merge_naming_the_tensor(release, capsys):
+    """A publisher seals codes wider than the tensor's width in a coded base: only decoding can tell."""
+    name = "encoder.layer.0.attention.self.query.weight"
+    manifest = fmt.read_manifest(release / fmt.BASE_DIR)
+    spec, numel = manifest.tensor_ladder(name), manifest.tensors[name].numel
+    weights = release / fmt.BASE_DIR / "model.safetensors"
+    tensors = load_file(weights)
+    groups = ladder.group_count(numel, spec.group_size)
+    contexts = progressive._offset_contexts(tensors[fmt.offsets_key(name)], spec, groups).repeat_interleave(spec.group_size)
+    wide = torch.full((groups * spec.group_size,), 1 << spec.base_bits)
+    tensors[name] = progressive.byte_tensor(progressive._frame([entropy.encode(wide, contexts)]))
+    save_file(tensors, weights)
+    _rewrite_manifest(release, lambda manifest: manifest["base_sha256"].update({name: fmt.tensor_sha256(tensors[name])}))
+    message = rf"model\.safetensors: the base codes or scales of tensor '{name}' do not decode \(a code is wider than the tensor's {spec.base_bits} bits\)"
+    with pytest.raises(fmt.P2UFormatError, match=message):
+        transformers.AutoModel.from_pretrained(release / fmt.BASE_DIR)
+    error = _cli_error(capsys, "merge", str(release), str(release.parent / "merged"), "--stage", "base")
     assert pytest.importorskip("re").search(message, error), error
 
 

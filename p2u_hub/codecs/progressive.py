@@ -3,7 +3,9 @@
 ``encode`` turns a float tensor into the base payload (packed codes, float16 scales, packed
 group offsets) and
 one delta per stage; ``decode`` rebuilds the tensor at any stage from the base payload and
-the deltas up to that stage. Both are pure: tensors and bytes in, tensors and bytes out.
+the deltas up to that stage; ``encode_base`` / ``decode_base`` turn the codes and scales into
+what a base file stores (entropy streams where shorter) and back. All are pure: tensors and
+bytes in, tensors and bytes out.
 
 Deltas are coded in *blocks* of ``block_groups(group_size)`` consecutive groups (about 2**20
 elements), each an independent entropy stream, so coding memory is bounded by the block,
@@ -26,6 +28,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import entropy, ladder, lossless
@@ -517,6 +520,100 @@ def dequantize_packed(
     group_offsets = None if offsets is None else _group_offsets(offsets, spec, groups)
     values = ladder.dequantize_packed(packed_codes, scales, group_offsets, spec.base_bits, spec.group_size)
     return values.reshape(-1)[: math.prod(shape)].reshape(shape).to(dtype)
+
+
+def encode_base(packed_codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, spec: Ladder) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes and scales as a base of format 6 on stores them: each an entropy stream (uint8) where that is shorter.
+
+    Raw, a ``b``-wide base spends ``b`` bits a code and 16 a scale, yet the codes of a group crowd
+    around its grid's centre, which its offset sets, and the scales' sign and exponent bytes take few
+    values (MiniLM, 4 bits: 3.75 bits a code, 10 bits a scale). The codes (unsigned, padding
+    included) are coded in the stage payloads' blocks, each code in the context of its group's
+    unsigned offset, so blocks decode in parallel; the scales' float16 bit patterns form one stream
+    of one context. ``offsets`` (packed) stay as stored: the decoder needs them first. A stream is
+    never as long as the raw array it replaces (a small tensor's may be longer: the raw one is kept),
+    so ``decode_base`` tells them apart by length and dtype.
+    """
+    groups = scales.numel()
+    unsigned = ladder.unpack_unsigned(packed_codes, spec.base_bits)
+    contexts = _offset_contexts(offsets, spec, groups)
+    size = spec.group_size
+    ranges = _block_ranges(groups * size, size)
+
+    def encode_block(index: int) -> bytes:
+        start, stop = ranges[index]
+        return entropy.encode(unsigned[start:stop], contexts[start // size : stop // size].repeat_interleave(size))
+
+    with _one_torch_thread():
+        coded_codes = _frame(_map_blocks(encode_block, len(ranges)))
+    patterns = scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    coded_scales = entropy.encode(patterns, torch.zeros(groups, dtype=torch.uint8))
+    return (
+        byte_tensor(coded_codes) if len(coded_codes) < packed_codes.numel() else packed_codes,
+        byte_tensor(coded_scales) if len(coded_scales) < scales.numel() * scales.element_size() else scales,
+    )
+
+
+def decode_base(
+    stored_codes: torch.Tensor, stored_scales: torch.Tensor, offsets: torch.Tensor, spec: Ladder, numel: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``encode_base``: the packed codes and the float16 scales of a tensor of ``numel`` elements.
+
+    Codes of the packed size are the packed codes, shorter ones a stream; float16 scales are the
+    scales, uint8 ones a stream (of fewer bytes than the scales take). Anything else is corrupt.
+
+    Raises:
+        entropy.CorruptStreamError: a stream does not parse, is as long as the array it replaces, or decodes
+            to a code or scale out of range.
+    """
+    groups = ladder.group_count(numel, spec.group_size)
+    bytes_per_group = spec.group_size * spec.base_bits // 8
+    if stored_scales.dtype == ladder.SCALE_DTYPE and stored_scales.numel() == groups:
+        scales = stored_scales
+    elif stored_scales.dtype == torch.uint8 and stored_scales.numel() < groups * ladder.SCALE_DTYPE.itemsize:
+        patterns = entropy.decode(_stream_bytes(stored_scales), torch.zeros(groups, dtype=torch.uint8))
+        if patterns.numel() and int(patterns.max()) > 0xFFFF:
+            raise entropy.CorruptStreamError("a scale is wider than 16 bits")
+        scales = torch.from_numpy(patterns.numpy().astype(np.uint16)).view(ladder.SCALE_DTYPE)
+    else:
+        raise entropy.CorruptStreamError(f"scales stored as {stored_scales.dtype}[{stored_scales.numel()}] for {groups} groups")
+    if stored_codes.dtype != torch.uint8 or stored_codes.numel() > groups * bytes_per_group:
+        raise entropy.CorruptStreamError(
+            f"codes stored as {stored_codes.dtype}[{stored_codes.numel()}] for {groups * bytes_per_group} packed bytes"
+        )
+    if stored_codes.numel() == groups * bytes_per_group:
+        return stored_codes, scales
+    contexts = _offset_contexts(offsets, spec, groups)
+    packed = torch.empty(groups * bytes_per_group, dtype=torch.uint8)
+    ranges = _block_ranges(numel, spec.group_size)
+    streams = _unframe(_stream_bytes(stored_codes), len(ranges))
+
+    def decode_block(index: int) -> None:
+        start, stop = ranges[index]
+        first, last = start // spec.group_size, ladder.group_count(stop, spec.group_size)
+        unsigned = entropy.decode(streams[index], contexts[first:last].repeat_interleave(spec.group_size))
+        if unsigned.numel() and int(unsigned.max()) >> spec.base_bits:
+            raise entropy.CorruptStreamError(f"a code is wider than the tensor's {spec.base_bits} bits")
+        packed[first * bytes_per_group : last * bytes_per_group] = ladder.pack_unsigned(unsigned, spec.base_bits)
+
+    with _one_torch_thread():
+        _map_blocks(decode_block, len(streams))
+    return packed, scales
+
+
+def byte_tensor(data: bytes) -> torch.Tensor:
+    """``data`` as a 1-D uint8 tensor, as safetensors stores a coded stream."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def _stream_bytes(stream: torch.Tensor) -> memoryview:
+    """The bytes of a 1-D uint8 tensor, without a copy."""
+    return stream.contiguous().numpy().data
+
+
+def _offset_contexts(offsets: torch.Tensor, spec: Ladder, groups: int) -> torch.Tensor:
+    """The context of each group's codes in a coded base: its unsigned offset ``o + 2**(b-1)`` (uint8)."""
+    return (_group_offsets(offsets, spec, groups) + (1 << (spec.base_bits - 1))).to(torch.uint8)
 
 
 def base_reconstruction(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

@@ -27,10 +27,11 @@ from ..errors import ChecksumError, P2UFormatError, StageMismatchError, UnsafePa
 
 # The errors above are re-exported: format.py was their home before errors.py, and callers import them from here.
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 """2 adds ``base_sha256`` to the manifest; 3 adds per-group grid offsets and per-tensor base widths; 4 adds
 ``corrected`` tensors (base codes chosen by error compensation, signed first-stage refinements); 5 packs sharp top
-planes of the entropy streams and refines the lossless contexts by the scale's mantissa (smaller stages).
+planes of the entropy streams and refines the lossless contexts by the scale's mantissa (smaller stages); 6
+entropy-codes the base's codes and scales (a smaller base).
 Every older version is still read: version 1 without the checksum, versions 1-2 with offsets 0 and one width."""
 GRID_OFFSETS_VERSION = 3
 """First format version with per-group grid offsets and per-tensor base widths."""
@@ -38,6 +39,8 @@ CORRECTED_CODES_VERSION = 4
 """First format version whose ladder tensors may be ``corrected`` (``p2u split --gptq``)."""
 STEP_CONTEXTS_VERSION = 5
 """First format version whose lossless contexts carry the scale's leading mantissa bits (``lossless.STEP_BITS``)."""
+CODED_BASE_VERSION = 6
+"""First format version whose base stores each ladder tensor's codes and scales entropy-coded (``progressive.encode_base``)."""
 MIN_FORMAT_VERSION = 1
 QUANT_METHOD = "p2u"
 
@@ -66,7 +69,8 @@ LOAD_MODES = (LOAD_MODE_PACKED, LOAD_MODE_DENSE)
 DEFAULT_LOAD_MODE = LOAD_MODE_PACKED
 
 SCALES_SUFFIX = "_p2u_scales"
-"""A quantized tensor ``N`` is stored in the base as ``N`` (packed uint8 codes) and ``N`` + this suffix (float16 scales)."""
+"""A quantized tensor ``N`` is stored in the base as ``N`` (its codes: packed uint8, or from CODED_BASE_VERSION on an
+entropy stream) and ``N`` + this suffix (its scales: float16, or from CODED_BASE_VERSION on an entropy stream)."""
 OFFSETS_SUFFIX = "_p2u_offsets"
 """... and ``N`` + this suffix (packed per-group grid offsets, uint8), from GRID_OFFSETS_VERSION on."""
 
@@ -525,6 +529,11 @@ class Manifest:
     def has_offsets(self) -> bool:
         """Whether quantized tensors carry grid offsets (older bases: every offset is 0)."""
         return self.format_version >= GRID_OFFSETS_VERSION
+
+    @property
+    def coded_base(self) -> bool:
+        """Whether the base stores codes and scales entropy-coded (``progressive.encode_base``), not packed and raw."""
+        return self.format_version >= CODED_BASE_VERSION
 
     def tensor_ladder(self, name: str) -> Ladder:
         """The ladder of stored tensor ``name``: its own base width, the release's stages and group size."""

@@ -403,11 +403,24 @@ class TensorRebuilder:
     def _stored_codes(self, name: str, entry: fmt.TensorEntry, spec: Ladder) -> StoredCodes:
         """The codes, scales and offsets (None before format 3) of ladder tensor ``name``, read from the base and checked."""
         groups = ladder_codec.group_count(entry.numel, spec.group_size)
-        codes = self._base_tensor(name, "U8", [groups * spec.group_size * spec.base_bits // 8])
-        scales = self._base_tensor(fmt.scales_key(name), fmt.DTYPE_NAMES[ladder_codec.SCALE_DTYPE], [groups])
         offsets = None
         if self.release.manifest.has_offsets:
             offsets = self._base_tensor(fmt.offsets_key(name), "U8", [ladder_codec.offsets_bytes(groups, spec.base_bits)])
+        if self.release.manifest.coded_base:
+            assert offsets is not None  # a coded base has offsets
+            scales_name = fmt.scales_key(name)
+            declared = self._base.header(scales_name)
+            scales_dtype = "U8" if declared is not None and declared["dtype"] == "U8" else fmt.DTYPE_NAMES[ladder_codec.SCALE_DTYPE]
+            stored_codes, stored_scales = self._base_tensor(name, "U8"), self._base_tensor(scales_name, scales_dtype)
+            try:
+                codes, scales = progressive.decode_base(stored_codes, stored_scales, offsets, spec, entry.numel)
+            except CorruptStreamError as error:
+                raise fmt.P2UFormatError(
+                    f"{self._base.locations[name]}: the base codes or scales of tensor {name!r} do not decode ({error})"
+                ) from None
+            return codes, scales, offsets
+        codes = self._base_tensor(name, "U8", [groups * spec.group_size * spec.base_bits // 8])
+        scales = self._base_tensor(fmt.scales_key(name), fmt.DTYPE_NAMES[ladder_codec.SCALE_DTYPE], [groups])
         return codes, scales, offsets
 
     @functools.cached_property
@@ -415,13 +428,18 @@ class TensorRebuilder:
         """The base weights, opened at the first tensor read from them (an upgrade of a loaded model reads none)."""
         return TensorReader(fmt.weight_files(self.release.base_dir, fmt.BASE_WEIGHTS_NAME))
 
-    def _base_tensor(self, name: str, dtype: str, shape: list[int]) -> torch.Tensor:
-        """A tensor of the base weights, refused unless its dtype, shape and sha256 are the ones recorded."""
+    def _base_tensor(self, name: str, dtype: str, shape: list[int] | None = None) -> torch.Tensor:
+        """A tensor of the base weights, refused unless its dtype, shape and sha256 are the ones recorded.
+
+        ``shape`` None: any 1-D length (a coded base's codes or scales, which ``progressive.decode_base`` checks).
+        """
         declared = self._base.header(name)
-        if declared is not None and (declared["dtype"], declared["shape"]) != (dtype, shape):
+        if declared is not None and (
+            declared["dtype"] != dtype or (declared["shape"] != shape if shape is not None else len(declared["shape"]) != 1)
+        ):
             raise fmt.P2UFormatError(
                 f"{self._base.locations[name]}: tensor {name!r} is stored as {declared['dtype']}{declared['shape']}, "
-                f"the manifest implies {dtype}{shape}"
+                f"the manifest implies {dtype}{shape if shape is not None else '[n]'}"
             )
         tensor = self._base.get(name)
         expected = self.release.manifest.base_sha256

@@ -137,7 +137,8 @@ def split_shard(job: ShardJob, on_tensor: Callable[[], object] | None = None) ->
             if isinstance(work, torch.Tensor):
                 store(BASE_OUTPUT, name, name, work, entries[name].sha256)
             elif work is not None:
-                _store_encoded(name, work.result(), store)
+                encoded, stored_base = work.result()
+                _store_encoded(name, encoded, stored_base, store)
             if on_tensor is not None:
                 on_tensor()
 
@@ -173,21 +174,24 @@ def _start_tensor(
 
 def _encode_tensor(
     name: str, tensor: torch.Tensor, entry: fmt.TensorEntry, job: ShardJob, blocks: ThreadPoolExecutor
-) -> progressive.EncodedTensor:
-    """One ladder tensor's base and stage payloads (GPTQ's codes first where the plan has its Hessian)."""
+) -> tuple[progressive.EncodedTensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One ladder tensor's stage payloads and its codes and scales as the base stores them (GPTQ's codes first where the plan has its Hessian)."""
     spec, bits = job.spec, job.widths[name]
     codes = None if name not in job.hessians else gptq_codes(tensor, job.hessians[name], bits, spec.group_size)
     entry.corrected = codes is not None
-    return progressive.encode(tensor, dataclasses.replace(spec, base_bits=bits, corrected=entry.corrected), codes, blocks)
+    spec = dataclasses.replace(spec, base_bits=bits, corrected=entry.corrected)
+    encoded = progressive.encode(tensor, spec, codes, blocks)
+    return encoded, progressive.encode_base(encoded.packed_codes, encoded.scales, encoded.offsets, spec)
 
 
-def _store_encoded(name: str, encoded: progressive.EncodedTensor, store) -> None:
-    """Store one ladder tensor's base arrays (codes, scales, offsets) and its stage payloads."""
-    store(BASE_OUTPUT, name, name, encoded.packed_codes)
-    store(BASE_OUTPUT, name, fmt.scales_key(name), encoded.scales)
+def _store_encoded(name: str, encoded: progressive.EncodedTensor, stored_base: tuple[torch.Tensor, torch.Tensor], store) -> None:
+    """Store one ladder tensor's base arrays (codes and scales as ``encode_base`` stores them, packed offsets) and its stage payloads."""
+    codes, scales = stored_base
+    store(BASE_OUTPUT, name, name, codes)
+    store(BASE_OUTPUT, name, fmt.scales_key(name), scales)
     store(BASE_OUTPUT, name, fmt.offsets_key(name), encoded.offsets)
     for stage, delta in enumerate(encoded.deltas, start=1):
-        store(stage, name, name, torch.frombuffer(bytearray(delta), dtype=torch.uint8) if delta else torch.empty(0, dtype=torch.uint8))
+        store(stage, name, name, progressive.byte_tensor(delta))
 
 
 def content_key(entry: fmt.TensorEntry) -> tuple:

@@ -44,7 +44,7 @@ import math
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -59,7 +59,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..codecs import ladder as ladder_codec
-from ..codecs.progressive import Ladder, dequantize_packed
+from ..codecs.entropy import CorruptStreamError
+from ..codecs.progressive import Ladder, codec_threads, decode_base, dequantize_packed
 from ..core import format as fmt
 from ..core.hub import check_repo_id, in_background, look_up_stages
 from ..core.release import Release, StoredCodes
@@ -512,10 +513,10 @@ class P2UHfQuantizer(HfQuantizer):
             with contextlib.suppress(Exception):
                 self.conversions.result()
         self.parameters = plan_parameters(model, self.release.manifest)
-        self._check_stored(checkpoint_files, self.release.manifest)
+        stored = self._check_stored(checkpoint_files, self.release.manifest)
         for packed in self.parameters.values():
             module = model.get_submodule(packed.module_name)
-            (codes, codes_dtype), *grid = packed.layout.stored_sizes()
+            (codes, codes_dtype), *grid = self._loading_sizes(packed, stored)
             codes_attribute, *grid_attributes = packed.attributes
             setattr(module, codes_attribute, _meta_parameter(codes, codes_dtype))
             for attribute, (size, dtype) in zip(grid_attributes, grid):
@@ -541,9 +542,54 @@ class P2UHfQuantizer(HfQuantizer):
         if getattr(module, "bias", None) is not None:
             self._follower_bias_sizes[packed.module_name] = module.bias.shape[0]
 
+    def _loading_sizes(self, packed: PackedParameter, stored: dict[str, dict]) -> list[tuple[int, torch.dtype]]:
+        """Element count and dtype the codes, scales and offsets of ``packed`` load with: in a coded base (format 6
+        on) the codes and scales as its files declare them, a stream or the raw array (``decode_base`` tells which
+        and checks); in an older base the layout's sizes."""
+        sizes = list(packed.layout.stored_sizes())
+        if self.release.manifest.coded_base:
+            for position, tensor in enumerate(packed.stored[:2]):  # the codes and the scales
+                declared = stored[tensor]
+                if declared["dtype"] not in ("U8", fmt.DTYPE_NAMES[sizes[position][1]]) or len(declared["shape"]) != 1:
+                    raise fmt.P2UFormatError(
+                        f"{self._files()}: tensor {tensor!r} is stored as {declared['dtype']}{declared['shape']}, "
+                        f"a coded base stores it as U8[n] or {fmt.DTYPE_NAMES[sizes[position][1]]}[{sizes[position][0]}]"
+                    )
+                sizes[position] = (declared["shape"][0], fmt.SAFETENSORS_DTYPES[declared["dtype"]])
+        return sizes
+
+    def _decode_coded_base(self, model) -> dict[torch.Tensor, torch.Tensor]:
+        """The packed codes and float16 scales decoded from each loaded stream of a coded base, keyed by the stream.
+
+        Followers share their owner's loaded streams (transformers ties them), so each is decoded once and
+        looked up by identity. Tensors are decoded on ``codec_threads()`` threads (the C loops release the GIL).
+        """
+        owners = [packed for packed in self.parameters.values() if packed.owner is None]
+
+        def decode(packed: PackedParameter) -> tuple[torch.Tensor, ...]:
+            module = model.get_submodule(packed.module_name)
+            stored_codes, stored_scales, offsets = (module._parameters[attribute] for attribute in packed.attributes)
+            try:
+                codes, scales = decode_base(
+                    stored_codes.detach().cpu(), stored_scales.detach().cpu(), offsets.detach().cpu(), packed.layout.ladder,
+                    math.prod(packed.layout.shape),
+                )  # fmt: skip
+            except CorruptStreamError as error:
+                raise fmt.P2UFormatError(
+                    f"{self._files()}: the base codes or scales of tensor {packed.tensor!r} do not decode ({error})"
+                ) from None
+            return stored_codes, codes.to(stored_codes.device), stored_scales, scales.to(stored_scales.device)
+
+        decoded: dict[torch.Tensor, torch.Tensor] = {}
+        with ThreadPoolExecutor(max(1, min(len(owners), codec_threads())), thread_name_prefix="p2u-base") as pool:
+            for stored_codes, codes, stored_scales, scales in pool.map(decode, owners):
+                decoded[stored_codes], decoded[stored_scales] = codes, scales
+        return decoded
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         for packed in self.parameters.values():
             self._check_arrived(model, packed)
+        decoded = self._decode_coded_base(model) if self.release.manifest.coded_base else {}
         buffers: dict[torch.Tensor, torch.Tensor] = {}  # one buffer per loaded tensor (hashed by identity): tied codes stay one object
         sharing = {packed.owner for packed in self.parameters.values()}  # owners whose codes a follower shares
         for packed in self.parameters.values():
@@ -552,7 +598,7 @@ class P2UHfQuantizer(HfQuantizer):
                 _untie_after_loading(model, packed)
             for attribute in packed.attributes:  # codes, scales and offsets become buffers (see PackedLayer)
                 loaded = module._parameters.pop(attribute)
-                module.register_buffer(attribute, buffers.setdefault(loaded, loaded.detach()))
+                module.register_buffer(attribute, buffers.setdefault(loaded, decoded.get(loaded, loaded).detach()))
             _mark_logical_shape(module._buffers[packed.attribute], packed.layout.shape)
             if isinstance(module, PackedLayer):
                 module.p2u_layout = replace(packed.layout, shares_codes=packed.owner is not None or packed.name in sharing)
@@ -581,26 +627,29 @@ class P2UHfQuantizer(HfQuantizer):
 
             model.p2u_upgrade = upgrade(model, background=True)
 
-    def _check_stored(self, checkpoint_files: list[str], manifest: fmt.Manifest) -> None:
+    def _check_stored(self, checkpoint_files: list[str], manifest: fmt.Manifest) -> dict[str, dict]:
         """Refuse a base missing codes or scales, or whose bytes fail the manifest's ``base_sha256``, before loading.
 
         transformers would initialise missing uint8 codes at random, and a flipped bit in the base
         would load silently. The files are hashed through a memory map just before transformers
         reads them, so the bytes are read from disk once and the page cache serves the load.
+        Returns the files' header entries (dtype, shape) by tensor name.
         """
-        stored: set[str] = set()
+        stored: dict[str, dict] = {}
         for file in checkpoint_files:
+            header = safetensors_header(file)
+            header.pop("__metadata__", None)
+            stored.update(header)
             if manifest.base_sha256 is None:  # format 1: nothing to check against (read_manifest warned)
-                stored.update(safetensors_header(file))
                 continue
             for name, digest in file_tensor_digests(file).items():
                 if manifest.base_sha256.get(name) != digest:
                     raise fmt.ChecksumError(f"{file}: tensor {name!r} fails its base_sha256 check (corrupt file?)")
-                stored.add(name)
         for packed in self.parameters.values():
             for tensor in packed.stored if packed.owner is None else ():
                 if tensor not in stored:
                     raise self._incomplete(tensor, "it is missing")
+        return stored
 
     def _check_arrived(self, model, packed: PackedParameter) -> None:
         """Fail loudly when a packed tensor did not load: transformers would leave uninitialised memory in its place."""
@@ -621,8 +670,11 @@ class P2UHfQuantizer(HfQuantizer):
                 )
 
     def _incomplete(self, tensor: str, what: str) -> fmt.P2UFormatError:
-        files = ", ".join(str(path) for path in fmt.weight_files(self.base_dir, fmt.BASE_WEIGHTS_NAME))
-        return fmt.P2UFormatError(f"{files}: tensor {tensor!r}: {what}; this p2u base is incomplete")
+        return fmt.P2UFormatError(f"{self._files()}: tensor {tensor!r}: {what}; this p2u base is incomplete")
+
+    def _files(self) -> str:
+        """The base's weight files, for an error message."""
+        return ", ".join(str(path) for path in fmt.weight_files(self.base_dir, fmt.BASE_WEIGHTS_NAME))
 
 
 def _copy_out_of_checkpoint_maps(model) -> None:

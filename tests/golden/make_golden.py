@@ -30,7 +30,7 @@ def main() -> None:
         raise SystemExit(f"{folder} exists: a golden release is never rewritten; bump FORMAT_VERSION for a new one")
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=96,
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=1024,
         max_position_embeddings=32,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
