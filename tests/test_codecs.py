@@ -293,6 +293,9 @@ def test_coded_base_refuses_codes_and_scales_out_of_range():
     wide_codes = progressive.byte_tensor(progressive._frame([entropy.encode(torch.full((weight.numel(),), 9), contexts)]))
     with pytest.raises(entropy.CorruptStreamError, match="a code is wider than the tensor's 3 bits"):
         progressive.decode_base(wide_codes, encoded.scales, encoded.offsets, spec, weight.numel())
+    two_planes = progressive.byte_tensor(progressive._frame([entropy.encode(torch.full((weight.numel(),), 300), contexts)]))
+    with pytest.raises(entropy.CorruptStreamError, match="a code is wider than the tensor's 3 bits"):
+        progressive.decode_base(two_planes, encoded.scales, encoded.offsets, spec, weight.numel())
     wide_scales = progressive.byte_tensor(entropy.encode(torch.full((groups,), 70000), torch.zeros(groups, dtype=torch.uint8)))
     with pytest.raises(entropy.CorruptStreamError, match="a scale is wider than 16 bits"):
         progressive.decode_base(encoded.packed_codes, wide_scales, encoded.offsets, spec, weight.numel())

@@ -591,10 +591,20 @@ def decode_base(
     def decode_block(index: int) -> None:
         start, stop = ranges[index]
         first, last = start // spec.group_size, ladder.group_count(stop, spec.group_size)
-        unsigned = entropy.decode(streams[index], contexts[first:last].repeat_interleave(spec.group_size))
-        if unsigned.numel() and int(unsigned.max()) >> spec.base_bits:
+        block_contexts, target = contexts[first:last], packed[first * bytes_per_group : last * bytes_per_group]
+        if entropy.native_enabled():  # the planes packed group by group: no per-code contexts
+            counts = (np.bincount(block_contexts.numpy(), minlength=256) * spec.group_size).astype(np.int64).tobytes()
+            widths, planes = entropy.inflate_planes(streams[index], counts)
+            widest = 256 if max(widths) > 1 else entropy._native.pack_groups(
+                planes, counts, widths, block_contexts.numpy(), spec.group_size, spec.base_bits, target.numpy()
+            )  # fmt: skip
+        else:
+            unsigned = entropy.decode(streams[index], block_contexts.repeat_interleave(spec.group_size))
+            widest = int(unsigned.max()) if unsigned.numel() else 0
+            if widest >> spec.base_bits == 0:
+                target.copy_(ladder.pack_unsigned(unsigned, spec.base_bits))
+        if widest >> spec.base_bits:
             raise entropy.CorruptStreamError(f"a code is wider than the tensor's {spec.base_bits} bits")
-        packed[first * bytes_per_group : last * bytes_per_group] = ladder.pack_unsigned(unsigned, spec.base_bits)
 
     with _one_torch_thread():
         _map_blocks(decode_block, len(streams))

@@ -64,7 +64,7 @@ from ..codecs.progressive import Ladder, codec_threads, decode_base, dequantize_
 from ..core import format as fmt
 from ..core.hub import check_repo_id, in_background, look_up_stages
 from ..core.release import Release, StoredCodes
-from ..core.storage import file_tensor_digests, safetensors_header
+from ..core.storage import TensorReader, file_tensor_digests, safetensors_header
 from . import cpu_int4
 
 logger = logging.getLogger(__name__)
@@ -449,6 +449,7 @@ class P2UHfQuantizer(HfQuantizer):
         self.stage_lookups: dict[int, Future[Path]] = {}  # P2UConfig(upgrade=...), from the Hub: started before the base downloads
         self.conversions: Future | None = None  # from the Hub: transformers' key conversions, built while the base downloads
         self._follower_bias_sizes: dict[str, int] = {}
+        self._decoding: dict[str, Future] = {}  # a coded base's codes and scales by tensor, decoding while transformers loads
 
     def validate_environment(self, *args, **kwargs) -> None:
         self.quantization_config.to_format()
@@ -514,6 +515,8 @@ class P2UHfQuantizer(HfQuantizer):
                 self.conversions.result()
         self.parameters = plan_parameters(model, self.release.manifest)
         stored = self._check_stored(checkpoint_files, self.release.manifest)
+        if self.release.manifest.coded_base:
+            self._decoding = self._start_decoding(checkpoint_files)
         for packed in self.parameters.values():
             module = model.get_submodule(packed.module_name)
             (codes, codes_dtype), *grid = self._loading_sizes(packed, stored)
@@ -558,38 +561,54 @@ class P2UHfQuantizer(HfQuantizer):
                 sizes[position] = (declared["shape"][0], fmt.SAFETENSORS_DTYPES[declared["dtype"]])
         return sizes
 
-    def _decode_coded_base(self, model) -> dict[torch.Tensor, torch.Tensor]:
-        """The packed codes and float16 scales decoded from each loaded stream of a coded base, keyed by the stream.
+    def _start_decoding(self, checkpoint_files: list[str]) -> dict[str, Future]:
+        """Decode a coded base's codes and scales (format 6 on) from its files, in the background, by tensor.
 
-        Followers share their owner's loaded streams (transformers ties them), so each is decoded once and
-        looked up by identity. Tensors are decoded on ``codec_threads()`` threads (the C loops release the GIL).
+        The files are local and checked (``_check_stored``) by now: decoding on ``codec_threads()`` threads
+        (the C loops release the GIL) while transformers builds the model and loads the other weights
+        hides most of it (MiniLM: ~0.1 s of CPU). ``_decoded_base`` collects the results after loading.
         """
-        owners = [packed for packed in self.parameters.values() if packed.owner is None]
+        reader = TensorReader([Path(file) for file in checkpoint_files])
 
-        def decode(packed: PackedParameter) -> tuple[torch.Tensor, ...]:
-            module = model.get_submodule(packed.module_name)
-            stored_codes, stored_scales, offsets = (module._parameters[attribute] for attribute in packed.attributes)
+        def read(tensor: str) -> torch.Tensor:  # one read into a buffer of its own: a safetensors handle per tensor cost more than decoding
+            return torch.frombuffer(reader.read_bytes(tensor), dtype=fmt.SAFETENSORS_DTYPES[reader.header(tensor)["dtype"]])
+
+        def decode(packed: PackedParameter) -> tuple[torch.Tensor, torch.Tensor]:
+            codes, scales, offsets = (read(tensor) for tensor in packed.stored)
+            return decode_base(codes, scales, offsets, packed.layout.ladder, math.prod(packed.layout.shape))
+
+        owners = [packed for packed in self.parameters.values() if packed.owner is None]
+        pool = ThreadPoolExecutor(max(1, min(len(owners), codec_threads())), thread_name_prefix="p2u-base")
+        decoding = {packed.tensor: pool.submit(decode, packed) for packed in owners}
+        pool.shutdown(wait=False)  # its threads end with the last decode
+        return decoding
+
+    def _decoded_base(self, model) -> dict[torch.Tensor, torch.Tensor]:
+        """The decoded codes and scales of a coded base, keyed by the loaded streams they replace.
+
+        Followers share their owner's loaded streams (transformers ties them): each is looked up by
+        identity and replaced by one decoded tensor, placed where transformers put the stream.
+        """
+        decoded: dict[torch.Tensor, torch.Tensor] = {}
+        for packed in self.parameters.values():
+            if packed.owner is not None:
+                continue
             try:
-                codes, scales = decode_base(
-                    stored_codes.detach().cpu(), stored_scales.detach().cpu(), offsets.detach().cpu(), packed.layout.ladder,
-                    math.prod(packed.layout.shape),
-                )  # fmt: skip
+                codes, scales = self._decoding[packed.tensor].result()
             except CorruptStreamError as error:
                 raise fmt.P2UFormatError(
                     f"{self._files()}: the base codes or scales of tensor {packed.tensor!r} do not decode ({error})"
                 ) from None
-            return stored_codes, codes.to(stored_codes.device), stored_scales, scales.to(stored_scales.device)
-
-        decoded: dict[torch.Tensor, torch.Tensor] = {}
-        with ThreadPoolExecutor(max(1, min(len(owners), codec_threads())), thread_name_prefix="p2u-base") as pool:
-            for stored_codes, codes, stored_scales, scales in pool.map(decode, owners):
-                decoded[stored_codes], decoded[stored_scales] = codes, scales
+            module = model.get_submodule(packed.module_name)
+            stored_codes, stored_scales = (module._parameters[attribute] for attribute in packed.attributes[:2])
+            decoded[stored_codes], decoded[stored_scales] = codes.to(stored_codes.device), scales.to(stored_scales.device)
+        self._decoding = {}  # the model holds them now
         return decoded
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for packed in self.parameters.values():
             self._check_arrived(model, packed)
-        decoded = self._decode_coded_base(model) if self.release.manifest.coded_base else {}
+        decoded = self._decoded_base(model) if self.release.manifest.coded_base else {}
         buffers: dict[torch.Tensor, torch.Tensor] = {}  # one buffer per loaded tensor (hashed by identity): tied codes stay one object
         sharing = {packed.owner for packed in self.parameters.values()}  # owners whose codes a follower shares
         for packed in self.parameters.values():
