@@ -278,6 +278,8 @@ def test_coded_base_round_trips_and_is_never_longer_than_the_raw_arrays(bits: in
         decoded_codes, decoded_scales = progressive.decode_base(codes, scales, encoded.offsets, spec, weight.numel())
         assert torch.equal(decoded_codes, encoded.packed_codes)
         assert torch.equal(decoded_scales.view(torch.int16), encoded.scales.view(torch.int16))
+        raw_codes, same_scales = progressive.encode_base(encoded.packed_codes, encoded.scales, encoded.offsets, spec, code_codes=False)
+        assert raw_codes is encoded.packed_codes and torch.equal(same_scales, scales)  # split's default: codes raw
         if weight is large:  # a real saving: streams (1-bit codes are two near-even halves: they stay raw)
             assert (codes.numel() < encoded.packed_codes.numel()) == (bits > 1) and scales.dtype == torch.uint8
         else:  # a stream would be longer: the raw arrays are kept

@@ -268,3 +268,33 @@ def test_release_of_format_version_1_still_reads(random_checkpoint, tmp_path, mo
     tokens = torch.arange(12).reshape(1, 12)
     logits = [transformers.AutoModelForCausalLM.from_pretrained(release / "base")(tokens).logits for release in (current, old)]
     assert torch.equal(*logits)
+
+
+def test_compact_base_codes_its_codes_and_loads_the_same_model(tmp_path):
+    """By default the base codes only its scales; ``compact_base`` codes the codes too: a smaller base with the same codes."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=512, vocab_size=1024)
+    model = transformers.BertModel(config)
+    with torch.no_grad():  # heavy-tailed, like trained weights: codes crowd their grid's centre
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(torch.distributions.Laplace(0.0, 0.02).sample(parameter.shape))
+    model.save_pretrained(tmp_path / "source")
+    releases = {
+        compact: p2u_hub.split(tmp_path / "source", tmp_path / f"release-{compact}", uniform=True, compact_base=compact)
+        for compact in (False, True)
+    }
+    name = "encoder.layer.0.intermediate.dense.weight"
+    groups = 128 * 512 // 64
+    stored = {compact: load_file(release / "base" / "model.safetensors") for compact, release in releases.items()}
+    assert stored[False][name].numel() == groups * 64 * 4 // 8  # raw packed codes
+    assert stored[True][name].numel() < groups * 64 * 4 // 8  # a stream, shorter
+    for compact in (False, True):
+        assert stored[compact][fmt.scales_key(name)].dtype == torch.uint8 and stored[compact][fmt.scales_key(name)].numel() < 2 * groups
+        assert_checkpoints_bit_identical(tmp_path / "source", p2u_hub.merge(releases[compact], tmp_path / f"merged-{compact}"))
+    sizes = {compact: summarize(release)["stages"][0]["bytes"] for compact, release in releases.items()}
+    assert sizes[True] < sizes[False]
+    loaded = [transformers.AutoModel.from_pretrained(release / "base").state_dict() for release in releases.values()]
+    assert all(torch.equal(loaded[0][key], loaded[1][key]) for key in loaded[0])

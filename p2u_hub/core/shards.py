@@ -63,6 +63,7 @@ class ShardJob:
         widths: the base width of every stored ladder tensor among them.
         spec: the release's ladder (budget width, stage widths, group size).
         hessians: GPTQ's calibration Hessian of each tensor whose base codes it corrects.
+        compact_base: entropy-code the base's codes too, not only its scales (``progressive.encode_base``).
     """
 
     source: Path
@@ -71,6 +72,7 @@ class ShardJob:
     widths: dict[str, int]
     spec: progressive.Ladder
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    compact_base: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ def _encode_tensor(
     entry.corrected = codes is not None
     spec = dataclasses.replace(spec, base_bits=bits, corrected=entry.corrected)
     encoded = progressive.encode(tensor, spec, codes, blocks)
-    return encoded, progressive.encode_base(encoded.packed_codes, encoded.scales, encoded.offsets, spec)
+    return encoded, progressive.encode_base(encoded.packed_codes, encoded.scales, encoded.offsets, spec, job.compact_base)
 
 
 def _store_encoded(name: str, encoded: progressive.EncodedTensor, stored_base: tuple[torch.Tensor, torch.Tensor], store) -> None:

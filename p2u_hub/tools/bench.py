@@ -82,6 +82,7 @@ def bench(
     json_path: str | os.PathLike | None = None,
     workdir: str | os.PathLike | None = None,
     repeats: int = 1,
+    compact_base: bool = False,
 ) -> dict:
     """Measure a progressive release of ``source`` against its plain download and lossless compression.
 
@@ -94,6 +95,7 @@ def bench(
             a temporary folder, removed at the end. It needs about 4x the source's size free.
         repeats: download + load runs per mode and bandwidth, each in a fresh process with an
             empty cache; the run of median time is reported (a shared machine makes single runs noisy).
+        compact_base: split with ``compact_base`` (the base's codes entropy-coded too).
 
     Returns:
         ``{"source", "model", "bits", "ladder", "source_bytes", "stages": [{"name", "bits", "bytes"}],
@@ -120,7 +122,9 @@ def bench(
         release_dir = work / "release"
         shutil.rmtree(release_dir, ignore_errors=True)
         with steps.step(f"split {source_dir.name} into a {bits}-bit base and delta stages (fresh process)"):
-            split_run = _run_worker({"task": "split", "source": str(source_dir), "output": str(release_dir), "bits": bits})
+            split_run = _run_worker(
+                {"task": "split", "source": str(source_dir), "output": str(release_dir), "bits": bits, "compact_base": compact_base}
+            )
         summary = summarize(release_dir)
         merged_dir = work / "merged"
         shutil.rmtree(merged_dir, ignore_errors=True)
@@ -167,6 +171,7 @@ def bench(
         "source": str(source),
         "model": _describe_model(source_dir, manifest, summary["parameters"]),
         "bits": bits,
+        "compact_base": compact_base,
         "ladder": summary["ladder"],
         "source_bytes": summary["source_bytes"],
         "stages": [{"name": s["name"], "bits": s["bits"], "bytes": s["bytes"]} for s in summary["stages"]],

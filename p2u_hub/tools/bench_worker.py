@@ -59,7 +59,7 @@ def run_split(job: dict) -> dict:
     from ..core.split import split
 
     start = time.perf_counter()
-    split(job["source"], job["output"], bits=job["bits"])
+    split(job["source"], job["output"], bits=job["bits"], compact_base=job["compact_base"])
     return {"seconds": time.perf_counter() - start}
 
 

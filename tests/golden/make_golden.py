@@ -1,7 +1,7 @@
 """Write the golden release of the current format version: ``python tests/golden/make_golden.py``.
 
 Creates ``tests/golden/v{FORMAT_VERSION}/``: ``release/`` (a tiny BERT split with the default
-ladder) and ``expected.json`` (sha256 of every tensor's bytes at every stage, computed from the
+ladder and ``compact_base``, so that every kind of stored array is there) and ``expected.json`` (sha256 of every tensor's bytes at every stage, computed from the
 source and from this version's rebuild). ``tests/test_golden.py`` decodes every committed version
 bit-exactly, so a change to the format that still round-trips cannot pass unnoticed: a new
 version gets a new folder and the old ones keep passing (or are dropped on purpose, with a note
@@ -36,7 +36,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         source = Path(scratch) / "source"
         transformers.BertModel(config).save_pretrained(source)
-        release = p2u_hub.split(source, Path(scratch) / "release", bits=4, group_size=32)
+        release = p2u_hub.split(source, Path(scratch) / "release", bits=4, group_size=32, compact_base=True)
         opened = Release.open(release)
         stages = {}
         for index in range(opened.stage_count + 1):
