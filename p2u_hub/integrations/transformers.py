@@ -60,7 +60,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..codecs import ladder as ladder_codec
 from ..codecs.entropy import CorruptStreamError
-from ..codecs.progressive import Ladder, codec_threads, decode_base, dequantize_packed
+from ..codecs.progressive import Ladder, codec_threads, decode_base_codes, decode_base_scales, dequantize_packed
 from ..core import format as fmt
 from ..core.hub import check_repo_id, in_background, look_up_stages
 from ..core.release import Release, StoredCodes
@@ -516,7 +516,7 @@ class P2UHfQuantizer(HfQuantizer):
         self.parameters = plan_parameters(model, self.release.manifest)
         stored = self._check_stored(checkpoint_files, self.release.manifest)
         if self.release.manifest.coded_base:
-            self._decoding = self._start_decoding(checkpoint_files)
+            self._decoding = self._start_decoding(checkpoint_files, stored)
         for packed in self.parameters.values():
             module = model.get_submodule(packed.module_name)
             (codes, codes_dtype), *grid = self._loading_sizes(packed, stored)
@@ -561,25 +561,41 @@ class P2UHfQuantizer(HfQuantizer):
                 sizes[position] = (declared["shape"][0], fmt.SAFETENSORS_DTYPES[declared["dtype"]])
         return sizes
 
-    def _start_decoding(self, checkpoint_files: list[str]) -> dict[str, Future]:
-        """Decode a coded base's codes and scales (format 6 on) from its files, in the background, by tensor.
+    def _start_decoding(self, checkpoint_files: list[str], stored: dict[str, dict]) -> dict[str, Future]:
+        """Decode the streams of a coded base (format 6 on) from its files, in the background, by stored name.
 
         The files are local and checked (``_check_stored``) by now: decoding on ``codec_threads()`` threads
         (the C loops release the GIL) while transformers builds the model and loads the other weights
-        hides most of it (MiniLM: ~0.1 s of CPU). ``_decoded_base`` collects the results after loading.
+        hides most of it (MiniLM's codes: ~0.06 s of CPU). Arrays stored raw are transformers' to load, as in
+        older bases: read again here, a 1.1 GB model's raw codes made it usable ~1 s later at 1000 MB/s.
+        ``_decoded_base`` collects the results after loading.
         """
         reader = TensorReader([Path(file) for file in checkpoint_files])
 
         def read(tensor: str) -> torch.Tensor:  # one read into a buffer of its own: a safetensors handle per tensor cost more than decoding
-            return torch.frombuffer(reader.read_bytes(tensor), dtype=fmt.SAFETENSORS_DTYPES[reader.header(tensor)["dtype"]])
+            return torch.frombuffer(reader.read_bytes(tensor), dtype=fmt.SAFETENSORS_DTYPES[stored[tensor]["dtype"]])
 
-        def decode(packed: PackedParameter) -> tuple[torch.Tensor, torch.Tensor]:
-            codes, scales, offsets = (read(tensor) for tensor in packed.stored)
-            return decode_base(codes, scales, offsets, packed.layout.ladder, math.prod(packed.layout.shape))
+        def decode_codes(packed: PackedParameter) -> torch.Tensor:
+            codes, _, offsets = packed.stored
+            return decode_base_codes(read(codes), read(offsets), packed.layout.ladder, math.prod(packed.layout.shape))
 
-        owners = [packed for packed in self.parameters.values() if packed.owner is None]
-        pool = ThreadPoolExecutor(max(1, min(len(owners), codec_threads())), thread_name_prefix="p2u-base")
-        decoding = {packed.tensor: pool.submit(decode, packed) for packed in owners}
+        def decode_scales(packed: PackedParameter) -> torch.Tensor:
+            groups = packed.layout.stored_sizes()[1][0]
+            return decode_base_scales(read(packed.stored[1]), groups)
+
+        work: dict[str, tuple[Callable[[PackedParameter], torch.Tensor], PackedParameter]] = {}
+        for packed in self.parameters.values():
+            if packed.owner is None:
+                (codes_size, _), *_ = packed.layout.stored_sizes()
+                codes, scales, *_ = packed.stored
+                if stored[codes]["shape"] != [codes_size]:
+                    work[codes] = (decode_codes, packed)
+                if stored[scales]["dtype"] == "U8":
+                    work[scales] = (decode_scales, packed)
+        if not work:
+            return {}
+        pool = ThreadPoolExecutor(min(len(work), codec_threads()), thread_name_prefix="p2u-base")
+        decoding = {name: pool.submit(decode, packed) for name, (decode, packed) in work.items()}
         pool.shutdown(wait=False)  # its threads end with the last decode
         return decoding
 
@@ -593,15 +609,18 @@ class P2UHfQuantizer(HfQuantizer):
         for packed in self.parameters.values():
             if packed.owner is not None:
                 continue
-            try:
-                codes, scales = self._decoding[packed.tensor].result()
-            except CorruptStreamError as error:
-                raise fmt.P2UFormatError(
-                    f"{self._files()}: the base codes or scales of tensor {packed.tensor!r} do not decode ({error})"
-                ) from None
             module = model.get_submodule(packed.module_name)
-            stored_codes, stored_scales = (module._parameters[attribute] for attribute in packed.attributes[:2])
-            decoded[stored_codes], decoded[stored_scales] = codes.to(stored_codes.device), scales.to(stored_scales.device)
+            for attribute, name in zip(packed.attributes[:2], packed.stored[:2]):  # the codes and the scales
+                if name not in self._decoding:
+                    continue
+                try:
+                    value = self._decoding[name].result()
+                except CorruptStreamError as error:
+                    raise fmt.P2UFormatError(
+                        f"{self._files()}: the base codes or scales of tensor {packed.tensor!r} do not decode ({error})"
+                    ) from None
+                stream = module._parameters[attribute]
+                decoded[stream] = value.to(stream.device)
         self._decoding = {}  # the model holds them now
         return decoded
 

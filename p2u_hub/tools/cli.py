@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     split.add_argument(
         "--compact-base", action="store_true",
-        help="entropy-code the base's codes too (a base ~6-8%% smaller; its codes take ~2.5 ns a weight to decode at load)",
+        help="entropy-code the base's codes too (a base 5-7%% smaller; its codes take ~2.5 ns a weight to decode at load)",
     )  # fmt: skip
     split.add_argument("--overwrite", action="store_true", help="replace the output folder")
     split.set_defaults(run=_split)
