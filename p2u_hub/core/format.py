@@ -31,7 +31,7 @@ FORMAT_VERSION = 6
 """2 adds ``base_sha256`` to the manifest; 3 adds per-group grid offsets and per-tensor base widths; 4 adds
 ``corrected`` tensors (base codes chosen by error compensation, signed first-stage refinements); 5 packs sharp top
 planes of the entropy streams and refines the lossless contexts by the scale's mantissa (smaller stages); 6
-entropy-codes the base's codes and scales (a smaller base).
+lets the base store its codes and scales entropy-coded (``split`` codes the scales, the codes with ``compact_base``).
 Every older version is still read: version 1 without the checksum, versions 1-2 with offsets 0 and one width."""
 GRID_OFFSETS_VERSION = 3
 """First format version with per-group grid offsets and per-tensor base widths."""
@@ -40,7 +40,7 @@ CORRECTED_CODES_VERSION = 4
 STEP_CONTEXTS_VERSION = 5
 """First format version whose lossless contexts carry the scale's leading mantissa bits (``lossless.STEP_BITS``)."""
 CODED_BASE_VERSION = 6
-"""First format version whose base stores each ladder tensor's codes and scales entropy-coded (``progressive.encode_base``)."""
+"""First format version whose base may store a ladder tensor's codes and scales entropy-coded (``progressive.encode_base``)."""
 MIN_FORMAT_VERSION = 1
 QUANT_METHOD = "p2u"
 
@@ -532,7 +532,7 @@ class Manifest:
 
     @property
     def coded_base(self) -> bool:
-        """Whether the base stores codes and scales entropy-coded (``progressive.encode_base``), not packed and raw."""
+        """Whether the base may store codes and scales entropy-coded (``progressive.encode_base``), not only packed and raw."""
         return self.format_version >= CODED_BASE_VERSION
 
     def tensor_ladder(self, name: str) -> Ladder:
