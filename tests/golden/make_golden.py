@@ -1,8 +1,9 @@
 """Write the golden release of the current format version: ``python tests/golden/make_golden.py``.
 
 Creates ``tests/golden/v{FORMAT_VERSION}/``: ``release/`` (a tiny BERT split with the default
-ladder and ``compact_base``, so that every kind of stored array is there) and ``expected.json`` (sha256 of every tensor's bytes at every stage, computed from the
-source and from this version's rebuild). ``tests/test_golden.py`` decodes every committed version
+ladder and ``compact_base``, so that every kind of stored array is there) and ``expected.json``
+(sha256 of every tensor's bytes at every stage, computed from the source and from this version's
+rebuild). ``tests/test_golden.py`` decodes every committed version
 bit-exactly, so a change to the format that still round-trips cannot pass unnoticed: a new
 version gets a new folder and the old ones keep passing (or are dropped on purpose, with a note
 in docs/format.md).
