@@ -78,6 +78,7 @@ def test_load_parses_the_config_once_and_hashes_each_base_tensor_once(release, h
 def test_upgrade_reads_and_hashes_each_payload_once_and_no_base_tensor(release, hashes, reads, monkeypatch):
     model = transformers.AutoModel.from_pretrained(release / "base")
     hashes.clear()
+    reads.clear()  # loading read the base's coded scales; the upgrade must read nothing from the base
     records = _count_calls(monkeypatch, fmt, "read_stage_record")
     manifests = _count_calls(monkeypatch, fmt, "read_manifest")
     p2u_hub.upgrade(model)
@@ -95,6 +96,7 @@ def test_upgrade_beyond_its_payload_budget_reads_again_and_still_checks(release,
     monkeypatch.setattr("p2u_hub.integrations.upgrade._payload_budget", lambda *args: 0)
     model = transformers.AutoModel.from_pretrained(release / "base")
     hashes.clear()
+    reads.clear()
     p2u_hub.upgrade(model)
     stages = sorted(release.glob("stage-*"))
     payloads = [payload for folder in stages for payload in fmt.read_stage_record(folder).payloads.values()]
