@@ -69,9 +69,9 @@ def test_default_split_allocates_per_tensor_widths_within_the_uniform_budget(ran
     base = load_file(release / "base" / "model.safetensors")
     for name, bits in widths.items():
         stored = (base[name], base[fmt.scales_key(name)], base[fmt.offsets_key(name)])
-        codes, scales = progressive.decode_base(*stored, manifest.tensor_ladder(name), manifest.tensors[name].numel)
+        codes, scales, offsets = progressive.decode_base(*stored, manifest.tensor_ladder(name), manifest.tensors[name].numel)
         numel, groups = codes.numel() * 8 // bits, scales.numel()  # packed codes: bits per element
-        assert numel == groups * 64 and base[fmt.offsets_key(name)].numel() == -(-groups // 8) * bits, name
+        assert numel == groups * 64 and offsets.numel() == -(-groups // 8) * bits, name
     for options in ({"uniform": True}, {}):  # no tokenizer here: "auto" cannot calibrate and keeps one width
         uniform = p2u_hub.split(source, tmp_path / f"uniform-{len(options)}", bits=3, **options)
         assert {entry.bits for entry in fmt.read_manifest(uniform / "base").quantized_tensors().values()} == {3}

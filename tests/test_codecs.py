@@ -272,21 +272,23 @@ def test_coded_base_round_trips_and_is_never_longer_than_the_raw_arrays(bits: in
     large, small = _heavy_tailed((1100, 1000)), _heavy_tailed((2, 64))  # two coding blocks; one group of two rows
     for weight in (large, small):
         encoded = progressive.encode(weight, spec)
-        codes, scales = progressive.encode_base(encoded.packed_codes, encoded.scales, encoded.offsets, spec)
-        assert codes.dtype == torch.uint8 and codes.numel() <= encoded.packed_codes.numel()
-        assert scales.dtype in (torch.uint8, torch.float16) and scales.nbytes <= encoded.scales.nbytes
-        decoded_codes, decoded_scales = progressive.decode_base(codes, scales, encoded.offsets, spec, weight.numel())
-        assert torch.equal(decoded_codes, encoded.packed_codes)
-        assert torch.equal(decoded_scales.view(torch.int16), encoded.scales.view(torch.int16))
-        raw_codes, same_scales = progressive.encode_base(encoded.packed_codes, encoded.scales, encoded.offsets, spec, code_codes=False)
-        assert raw_codes is encoded.packed_codes and torch.equal(same_scales, scales)  # split's default: codes raw
+        raw = (encoded.packed_codes, encoded.scales, encoded.offsets)
+        stored = progressive.encode_base(*raw, spec)
+        for array, raw_array in zip(stored, raw):
+            assert array.dtype in (torch.uint8, raw_array.dtype) and array.nbytes <= raw_array.nbytes
+        decoded = progressive.decode_base(*stored, spec, weight.numel())
+        assert all(torch.equal(array.view(torch.uint8), raw_array.view(torch.uint8)) for array, raw_array in zip(decoded, raw))
+        raw_codes, same_scales, same_offsets = progressive.encode_base(*raw, spec, code_codes=False)
+        assert raw_codes is encoded.packed_codes and torch.equal(same_scales, stored[1]) and torch.equal(same_offsets, stored[2])
+        codes, scales, offsets = stored
         if weight is large:  # a real saving: streams (1-bit codes are two near-even halves: they stay raw)
             assert (codes.numel() < encoded.packed_codes.numel()) == (bits > 1) and scales.dtype == torch.uint8
+            assert offsets.numel() < encoded.offsets.numel()
         else:  # a stream would be longer: the raw arrays are kept
-            assert codes is encoded.packed_codes and scales is encoded.scales
+            assert codes is encoded.packed_codes and scales is encoded.scales and offsets is encoded.offsets
 
 
-def test_coded_base_refuses_codes_and_scales_out_of_range():
+def test_coded_base_refuses_codes_scales_and_offsets_out_of_range():
     spec = progressive.Ladder(3, (8,), 64)
     weight = _heavy_tailed((64, 64))
     encoded = progressive.encode(weight, spec)
@@ -307,3 +309,9 @@ def test_coded_base_refuses_codes_and_scales_out_of_range():
     longer = torch.zeros(encoded.packed_codes.numel() + 1, dtype=torch.uint8)
     with pytest.raises(entropy.CorruptStreamError, match="codes stored as"):
         progressive.decode_base(longer, encoded.scales, encoded.offsets, spec, weight.numel())
+    wide_offsets = progressive.byte_tensor(entropy.encode(torch.full((groups,), 8), torch.zeros(groups, dtype=torch.uint8)))
+    with pytest.raises(entropy.CorruptStreamError, match="an offset is wider than the tensor's 3 bits"):
+        progressive.decode_base(encoded.packed_codes, encoded.scales, wide_offsets, spec, weight.numel())
+    longer_offsets = torch.zeros(encoded.offsets.numel() + 1, dtype=torch.uint8)
+    with pytest.raises(entropy.CorruptStreamError, match=rf"offsets stored as torch.uint8\[{encoded.offsets.numel() + 1}\]"):
+        progressive.decode_base(encoded.packed_codes, encoded.scales, longer_offsets, spec, weight.numel())

@@ -243,9 +243,10 @@ def test_release_of_format_version_1_still_reads(random_checkpoint, tmp_path, mo
     stored = load_file(old / "base" / "model.safetensors")
     current_manifest = fmt.read_manifest(current / "base")
     for name, entry in current_manifest.quantized_tensors().items():  # version 1 stores codes and scales raw
-        stored[name], stored[fmt.scales_key(name)] = progressive.decode_base(
-            stored[name], stored[fmt.scales_key(name)], stored[fmt.offsets_key(name)], current_manifest.tensor_ladder(name), entry.numel
-        )  # fmt: skip
+        keys = (name, fmt.scales_key(name), fmt.offsets_key(name))
+        stored[name], stored[fmt.scales_key(name)], _ = progressive.decode_base(
+            *(stored[key] for key in keys), current_manifest.tensor_ladder(name), entry.numel
+        )
         manifest["base_sha256"].update({key: fmt.tensor_sha256(stored[key]) for key in (name, fmt.scales_key(name))})
     fmt.write_json(old / "base" / fmt.MANIFEST_FILE, manifest)
     weights = {k: v for k, v in stored.items() if not k.endswith(fmt.OFFSETS_SUFFIX)}

@@ -116,8 +116,8 @@ def test_huge_declared_shape_fails_at_once(release, capsys):
     bits = fmt.read_manifest(release / fmt.BASE_DIR).tensors[name].bits  # the tensor's own base width
     _rewrite_manifest(release, lambda manifest: manifest["tensors"][name].update(shape=[1099511627776, 64]))
     error = _cli_error(capsys, "verify", str(release))
-    offsets = fmt.offsets_key(name)  # the array whose size the shape fixes in a coded base too: checked first
-    assert f"tensor {offsets!r} is stored as U8[{4096 // 64 // 8 * bits}], the manifest implies U8[{(1 << 40) // 8 * bits}]" in error
+    offsets = 4096 // 64 // 8 * bits  # raw: shorter than the shape implies, so a stream; decoded first, before any buffer
+    assert f"tensor {name!r} do not decode (offsets stored as a stream of {offsets} bytes cannot hold {1 << 40} symbols)" in error
 
 
 def test_deflate_bomb_stops_at_the_declared_size(release, capsys):
@@ -166,12 +166,13 @@ def test_coded_base_codes_out_of_range_fail_at_load_and_at_merge_naming_the_tens
     weights = release / fmt.BASE_DIR / "model.safetensors"
     tensors = load_file(weights)
     groups = ladder.group_count(numel, spec.group_size)
-    contexts = progressive._offset_contexts(tensors[fmt.offsets_key(name)], spec, groups).repeat_interleave(spec.group_size)
+    offsets = progressive.decode_base_offsets(tensors[fmt.offsets_key(name)], spec, groups)
+    contexts = progressive._offset_contexts(offsets, spec, groups).repeat_interleave(spec.group_size)
     wide = torch.full((groups * spec.group_size,), 1 << spec.base_bits)
     tensors[name] = progressive.byte_tensor(progressive._frame([entropy.encode(wide, contexts)]))
     save_file(tensors, weights)
     _rewrite_manifest(release, lambda manifest: manifest["base_sha256"].update({name: fmt.tensor_sha256(tensors[name])}))
-    message = rf"model\.safetensors: the base codes or scales of tensor '{name}' do not decode \(a code is wider than the tensor's {spec.base_bits} bits\)"
+    message = rf"model\.safetensors: the base codes, scales or offsets of tensor '{name}' do not decode \(a code is wider than the tensor's {spec.base_bits} bits\)"
     with pytest.raises(fmt.P2UFormatError, match=message):
         transformers.AutoModel.from_pretrained(release / fmt.BASE_DIR)
     error = _cli_error(capsys, "merge", str(release), str(release.parent / "merged"), "--stage", "base")

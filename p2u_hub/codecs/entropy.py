@@ -284,6 +284,24 @@ def _decompress(data, expected: int) -> bytes:
     return raw
 
 
+MAX_SYMBOLS_PER_BYTE = 8 * 1032
+"""The most symbols one byte of a stream can stand for: DEFLATE's largest ratio (a 258-byte match in 2 bits, 1,032
+bytes a byte) times the 8 one-bit fields of a packed byte (``check_room``)."""
+
+
+def check_room(stream_length: int, count: int, what: str) -> None:
+    """Refuse ``count`` symbols from a stream of ``stream_length`` bytes before buffers of ``count`` are allocated.
+
+    A count read from untrusted metadata (a manifest's shape) could otherwise claim terabytes for a few bytes of
+    stream; no stream holds more than ``MAX_SYMBOLS_PER_BYTE`` symbols a byte.
+
+    Raises:
+        CorruptStreamError: ``count`` is more than such a stream can hold.
+    """
+    if count > stream_length * MAX_SYMBOLS_PER_BYTE:
+        raise CorruptStreamError(f"{what} stored as a stream of {stream_length} bytes cannot hold {count} symbols")
+
+
 def _context_keys(contexts: torch.Tensor) -> np.ndarray:
     keys = contexts.reshape(-1).numpy()
     if keys.dtype != np.uint8:

@@ -3,7 +3,7 @@
 ``encode`` turns a float tensor into the base payload (packed codes, float16 scales, packed
 group offsets) and
 one delta per stage; ``decode`` rebuilds the tensor at any stage from the base payload and
-the deltas up to that stage; ``encode_base`` / ``decode_base`` turn the codes and scales into
+the deltas up to that stage; ``encode_base`` / ``decode_base`` turn the codes, scales and offsets into
 what a base file stores (entropy streams where shorter) and back. All are pure: tensors and
 bytes in, tensors and bytes out.
 
@@ -524,52 +524,79 @@ def dequantize_packed(
 
 def encode_base(
     packed_codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, spec: Ladder, code_codes: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The codes and scales as a base of format 6 on stores them: each an entropy stream (uint8) where that is shorter.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The codes, scales and offsets as a base of format 7 on stores them: each an entropy stream (uint8) where that is shorter.
 
-    Raw, a ``b``-wide base spends ``b`` bits a code and 16 a scale, yet the codes of a group crowd
-    around its grid's centre, which its offset sets, and the scales' sign and exponent bytes take few
-    values (MiniLM, 4 bits: 3.75 bits a code, 10 bits a scale). The codes (unsigned, padding
-    included) are coded in the stage payloads' blocks, each code in the context of its group's
-    unsigned offset, so blocks decode in parallel; the scales' float16 bit patterns form one stream
-    of one context. ``offsets`` (packed) stay as stored: the decoder needs them first. A stream is
-    never as long as the raw array it replaces (a small tensor's may be longer: the raw one is kept),
-    so ``decode_base`` tells them apart by length and dtype.
+    Raw, a ``b``-wide base spends ``b`` bits a code, 16 a scale and ``b`` an offset, yet the codes
+    of a group crowd around its grid's centre, which its offset sets, the scales' sign and exponent
+    bytes take few values, and most offsets are 0 or 1 (MiniLM, 4 bits: 3.72 bits a code, 10 bits
+    a scale, 2.3 bits an offset). The codes (unsigned, padding included) are coded in the stage
+    payloads' blocks, each code in the context of its group's unsigned offset, so blocks decode in
+    parallel; the scales' float16 bit patterns form one stream of one context, the unsigned offsets
+    another. A stream is never as long as the raw array it replaces (a small tensor's may be
+    longer: the raw one is kept), so ``decode_base`` tells them apart by length and dtype.
 
     ``code_codes=False`` keeps the codes raw (``split``'s default): decoding them costs ~2.5 ns of CPU a
     weight on the path to a usable model (MiniLM: +0.06 s; a 1.1 GB model: +1.6 s at 1000 MB/s), for
-    5-7% fewer base bytes; the scales are 1/64 of that work.
+    5-7% fewer base bytes; the scales and offsets are 1/64 of that work.
     """
     groups = scales.numel()
+    one_context = torch.zeros(groups, dtype=torch.uint8)
     patterns = scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-    coded_scales = entropy.encode(patterns, torch.zeros(groups, dtype=torch.uint8))
-    stored_scales = byte_tensor(coded_scales) if len(coded_scales) < scales.numel() * scales.element_size() else scales
+    stored_scales = _shorter(entropy.encode(patterns, one_context), scales)
+    unsigned_offsets = _offset_contexts(offsets, spec, groups)
+    stored_offsets = _shorter(entropy.encode(unsigned_offsets, one_context), offsets)
     if not code_codes:
-        return packed_codes, stored_scales
+        return packed_codes, stored_scales, stored_offsets
     unsigned = ladder.unpack_unsigned(packed_codes, spec.base_bits)
-    contexts = _offset_contexts(offsets, spec, groups)
     size = spec.group_size
     ranges = _block_ranges(groups * size, size)
 
     def encode_block(index: int) -> bytes:
         start, stop = ranges[index]
-        return entropy.encode(unsigned[start:stop], contexts[start // size : stop // size].repeat_interleave(size))
+        return entropy.encode(unsigned[start:stop], unsigned_offsets[start // size : stop // size].repeat_interleave(size))
 
     with _one_torch_thread():
         coded_codes = _frame(_map_blocks(encode_block, len(ranges)))
-    return byte_tensor(coded_codes) if len(coded_codes) < packed_codes.numel() else packed_codes, stored_scales
+    return _shorter(coded_codes, packed_codes), stored_scales, stored_offsets
+
+
+def _shorter(stream: bytes, raw: torch.Tensor) -> torch.Tensor:
+    """The coded ``stream`` as a uint8 tensor where it takes fewer bytes than ``raw``, else ``raw``."""
+    return byte_tensor(stream) if len(stream) < raw.numel() * raw.element_size() else raw
 
 
 def decode_base(
-    stored_codes: torch.Tensor, stored_scales: torch.Tensor, offsets: torch.Tensor, spec: Ladder, numel: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of ``encode_base``: the packed codes and the float16 scales of a tensor of ``numel`` elements.
+    stored_codes: torch.Tensor, stored_scales: torch.Tensor, stored_offsets: torch.Tensor, spec: Ladder, numel: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``encode_base``: the packed codes, the float16 scales and the packed offsets of a tensor of ``numel`` elements.
 
     Raises:
-        entropy.CorruptStreamError: see ``decode_base_codes`` and ``decode_base_scales``.
+        entropy.CorruptStreamError: see ``decode_base_codes``, ``decode_base_scales`` and ``decode_base_offsets``.
     """
     groups = ladder.group_count(numel, spec.group_size)
-    return decode_base_codes(stored_codes, offsets, spec, numel), decode_base_scales(stored_scales, groups)
+    offsets = decode_base_offsets(stored_offsets, spec, groups)
+    return decode_base_codes(stored_codes, offsets, spec, numel), decode_base_scales(stored_scales, groups), offsets
+
+
+def decode_base_offsets(stored_offsets: torch.Tensor, spec: Ladder, groups: int) -> torch.Tensor:
+    """The packed offsets of ``groups`` groups as a base stores them: uint8 offsets of the packed size are the
+    packed offsets, shorter ones a stream.
+
+    Raises:
+        entropy.CorruptStreamError: longer offsets, a stream that does not parse, or holds an offset out of range
+            or (``entropy.check_room``) cannot hold ``groups`` offsets.
+    """
+    size = ladder.offsets_bytes(groups, spec.base_bits)
+    if stored_offsets.dtype != torch.uint8 or stored_offsets.numel() > size:
+        raise entropy.CorruptStreamError(f"offsets stored as {stored_offsets.dtype}[{stored_offsets.numel()}] for {size} packed bytes")
+    if stored_offsets.numel() == size:
+        return stored_offsets
+    entropy.check_room(stored_offsets.numel(), groups, "offsets")
+    unsigned = entropy.decode(_stream_bytes(stored_offsets), torch.zeros(groups, dtype=torch.uint8))
+    if unsigned.numel() and int(unsigned.max()) >> spec.base_bits:
+        raise entropy.CorruptStreamError(f"an offset is wider than the tensor's {spec.base_bits} bits")
+    return ladder.pack_offsets(unsigned.to(torch.int32) - (1 << (spec.base_bits - 1)), spec.base_bits)
 
 
 def decode_base_scales(stored_scales: torch.Tensor, groups: int) -> torch.Tensor:
@@ -577,12 +604,14 @@ def decode_base_scales(stored_scales: torch.Tensor, groups: int) -> torch.Tensor
     ones a stream (of fewer bytes than the scales take).
 
     Raises:
-        entropy.CorruptStreamError: anything else, a stream that does not parse or a value above 16 bits.
+        entropy.CorruptStreamError: anything else, a stream that does not parse, a value above 16 bits, or a
+            stream that cannot hold ``groups`` scales (``entropy.check_room``).
     """
     if stored_scales.dtype == ladder.SCALE_DTYPE and stored_scales.numel() == groups:
         return stored_scales
     if stored_scales.dtype != torch.uint8 or stored_scales.numel() >= groups * ladder.SCALE_DTYPE.itemsize:
         raise entropy.CorruptStreamError(f"scales stored as {stored_scales.dtype}[{stored_scales.numel()}] for {groups} groups")
+    entropy.check_room(stored_scales.numel(), groups, "scales")
     patterns = entropy.decode(_stream_bytes(stored_scales), torch.zeros(groups, dtype=torch.uint8))
     if patterns.numel() and int(patterns.max()) > 0xFFFF:
         raise entropy.CorruptStreamError("a scale is wider than 16 bits")

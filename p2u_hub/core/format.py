@@ -27,11 +27,11 @@ from ..errors import ChecksumError, P2UFormatError, StageMismatchError, UnsafePa
 
 # The errors above are re-exported: format.py was their home before errors.py, and callers import them from here.
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 """2 adds ``base_sha256`` to the manifest; 3 adds per-group grid offsets and per-tensor base widths; 4 adds
 ``corrected`` tensors (base codes chosen by error compensation, signed first-stage refinements); 5 packs sharp top
 planes of the entropy streams and refines the lossless contexts by the scale's mantissa (smaller stages); 6
-lets the base store its codes and scales entropy-coded (``split`` codes the scales, the codes with ``compact_base``).
+lets the base store its codes and scales entropy-coded (``split`` codes the scales, the codes with ``compact_base``); 7 lets it store the grid offsets entropy-coded too.
 Every older version is still read: version 1 without the checksum, versions 1-2 with offsets 0 and one width."""
 GRID_OFFSETS_VERSION = 3
 """First format version with per-group grid offsets and per-tensor base widths."""
@@ -41,6 +41,8 @@ STEP_CONTEXTS_VERSION = 5
 """First format version whose lossless contexts carry the scale's leading mantissa bits (``lossless.STEP_BITS``)."""
 CODED_BASE_VERSION = 6
 """First format version whose base may store a ladder tensor's codes and scales entropy-coded (``progressive.encode_base``)."""
+CODED_OFFSETS_VERSION = 7
+"""First format version whose base may store a ladder tensor's grid offsets entropy-coded (``progressive.encode_base``)."""
 MIN_FORMAT_VERSION = 1
 QUANT_METHOD = "p2u"
 
@@ -72,7 +74,8 @@ SCALES_SUFFIX = "_p2u_scales"
 """A quantized tensor ``N`` is stored in the base as ``N`` (its codes: packed uint8, or from CODED_BASE_VERSION on an
 entropy stream) and ``N`` + this suffix (its scales: float16, or from CODED_BASE_VERSION on an entropy stream)."""
 OFFSETS_SUFFIX = "_p2u_offsets"
-"""... and ``N`` + this suffix (packed per-group grid offsets, uint8), from GRID_OFFSETS_VERSION on."""
+"""... and ``N`` + this suffix (packed per-group grid offsets, uint8, from GRID_OFFSETS_VERSION on; from
+CODED_OFFSETS_VERSION on they may be an entropy stream)."""
 
 CODEC_LADDER = "ladder"
 CODEC_EXACT = "exact"
@@ -534,6 +537,11 @@ class Manifest:
     def coded_base(self) -> bool:
         """Whether the base may store codes and scales entropy-coded (``progressive.encode_base``), not only packed and raw."""
         return self.format_version >= CODED_BASE_VERSION
+
+    @property
+    def coded_offsets(self) -> bool:
+        """Whether the base may store grid offsets entropy-coded too (``progressive.encode_base``), not only packed."""
+        return self.format_version >= CODED_OFFSETS_VERSION
 
     def tensor_ladder(self, name: str) -> Ladder:
         """The ladder of stored tensor ``name``: its own base width, the release's stages and group size."""

@@ -402,25 +402,26 @@ class TensorRebuilder:
 
     def _stored_codes(self, name: str, entry: fmt.TensorEntry, spec: Ladder) -> StoredCodes:
         """The codes, scales and offsets (None before format 3) of ladder tensor ``name``, read from the base and checked."""
+        manifest = self.release.manifest
         groups = ladder_codec.group_count(entry.numel, spec.group_size)
+        offsets_name, scales_name = fmt.offsets_key(name), fmt.scales_key(name)
         offsets = None
-        if self.release.manifest.has_offsets:
-            offsets = self._base_tensor(fmt.offsets_key(name), "U8", [ladder_codec.offsets_bytes(groups, spec.base_bits)])
-        if self.release.manifest.coded_base:
+        if manifest.has_offsets:
+            raw_shape = [ladder_codec.offsets_bytes(groups, spec.base_bits)]
+            offsets = self._base_tensor(offsets_name, "U8", None if manifest.coded_offsets else raw_shape)
+        if manifest.coded_base:
             assert offsets is not None  # a coded base has offsets
-            scales_name = fmt.scales_key(name)
             declared = self._base.header(scales_name)
             scales_dtype = "U8" if declared is not None and declared["dtype"] == "U8" else fmt.DTYPE_NAMES[ladder_codec.SCALE_DTYPE]
             stored_codes, stored_scales = self._base_tensor(name, "U8"), self._base_tensor(scales_name, scales_dtype)
             try:
-                codes, scales = progressive.decode_base(stored_codes, stored_scales, offsets, spec, entry.numel)
+                return progressive.decode_base(stored_codes, stored_scales, offsets, spec, entry.numel)
             except CorruptStreamError as error:
                 raise fmt.P2UFormatError(
-                    f"{self._base.locations[name]}: the base codes or scales of tensor {name!r} do not decode ({error})"
+                    f"{self._base.locations[name]}: the base codes, scales or offsets of tensor {name!r} do not decode ({error})"
                 ) from None
-            return codes, scales, offsets
         codes = self._base_tensor(name, "U8", [groups * spec.group_size * spec.base_bits // 8])
-        scales = self._base_tensor(fmt.scales_key(name), fmt.DTYPE_NAMES[ladder_codec.SCALE_DTYPE], [groups])
+        scales = self._base_tensor(scales_name, fmt.DTYPE_NAMES[ladder_codec.SCALE_DTYPE], [groups])
         return codes, scales, offsets
 
     @functools.cached_property
@@ -431,7 +432,7 @@ class TensorRebuilder:
     def _base_tensor(self, name: str, dtype: str, shape: list[int] | None = None) -> torch.Tensor:
         """A tensor of the base weights, refused unless its dtype, shape and sha256 are the ones recorded.
 
-        ``shape`` None: any 1-D length (a coded base's codes or scales, which ``progressive.decode_base`` checks).
+        ``shape`` None: any 1-D length (a coded base's codes, scales or offsets, which ``progressive.decode_base`` checks).
         """
         declared = self._base.header(name)
         if declared is not None and (

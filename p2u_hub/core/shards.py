@@ -176,8 +176,8 @@ def _start_tensor(
 
 def _encode_tensor(
     name: str, tensor: torch.Tensor, entry: fmt.TensorEntry, job: ShardJob, blocks: ThreadPoolExecutor
-) -> tuple[progressive.EncodedTensor, tuple[torch.Tensor, torch.Tensor]]:
-    """One ladder tensor's stage payloads and its codes and scales as the base stores them (GPTQ's codes first where the plan has its Hessian)."""
+) -> tuple[progressive.EncodedTensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One ladder tensor's stage payloads and its codes, scales and offsets as the base stores them (GPTQ's codes first where the plan has its Hessian)."""
     spec, bits = job.spec, job.widths[name]
     codes = None if name not in job.hessians else gptq_codes(tensor, job.hessians[name], bits, spec.group_size)
     entry.corrected = codes is not None
@@ -186,12 +186,14 @@ def _encode_tensor(
     return encoded, progressive.encode_base(encoded.packed_codes, encoded.scales, encoded.offsets, spec, job.compact_base)
 
 
-def _store_encoded(name: str, encoded: progressive.EncodedTensor, stored_base: tuple[torch.Tensor, torch.Tensor], store) -> None:
-    """Store one ladder tensor's base arrays (codes and scales as ``encode_base`` stores them, packed offsets) and its stage payloads."""
-    codes, scales = stored_base
+def _store_encoded(
+    name: str, encoded: progressive.EncodedTensor, stored_base: tuple[torch.Tensor, torch.Tensor, torch.Tensor], store
+) -> None:
+    """Store one ladder tensor's base arrays (codes, scales and offsets as ``encode_base`` stores them) and its stage payloads."""
+    codes, scales, offsets = stored_base
     store(BASE_OUTPUT, name, name, codes)
     store(BASE_OUTPUT, name, fmt.scales_key(name), scales)
-    store(BASE_OUTPUT, name, fmt.offsets_key(name), encoded.offsets)
+    store(BASE_OUTPUT, name, fmt.offsets_key(name), offsets)
     for stage, delta in enumerate(encoded.deltas, start=1):
         store(stage, name, name, progressive.byte_tensor(delta))
 

@@ -60,7 +60,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..codecs import ladder as ladder_codec
 from ..codecs.entropy import CorruptStreamError
-from ..codecs.progressive import Ladder, codec_threads, decode_base_codes, decode_base_scales, dequantize_packed
+from ..codecs.progressive import Ladder, codec_threads, decode_base_codes, decode_base_offsets, decode_base_scales, dequantize_packed
 from ..core import format as fmt
 from ..core.hub import check_repo_id, in_background, look_up_stages
 from ..core.release import Release, StoredCodes
@@ -449,7 +449,7 @@ class P2UHfQuantizer(HfQuantizer):
         self.stage_lookups: dict[int, Future[Path]] = {}  # P2UConfig(upgrade=...), from the Hub: started before the base downloads
         self.conversions: Future | None = None  # from the Hub: transformers' key conversions, built while the base downloads
         self._follower_bias_sizes: dict[str, int] = {}
-        self._decoding: dict[str, Future] = {}  # a coded base's codes and scales by tensor, decoding while transformers loads
+        self._decoding: dict[str, Future] = {}  # a coded base's streams by quantized tensor, decoding while transformers loads
 
     def validate_environment(self, *args, **kwargs) -> None:
         self.quantization_config.to_format()
@@ -546,81 +546,88 @@ class P2UHfQuantizer(HfQuantizer):
             self._follower_bias_sizes[packed.module_name] = module.bias.shape[0]
 
     def _loading_sizes(self, packed: PackedParameter, stored: dict[str, dict]) -> list[tuple[int, torch.dtype]]:
-        """Element count and dtype the codes, scales and offsets of ``packed`` load with: in a coded base (format 6
-        on) the codes and scales as its files declare them, a stream or the raw array (``decode_base`` tells which
-        and checks); in an older base the layout's sizes."""
+        """Element count and dtype the codes, scales and offsets of ``packed`` load with: the arrays a coded base may
+        store as streams (format 6 on: codes and scales; 7 on: offsets too) as its files declare them, a stream or the
+        raw array (``decode_base`` tells which and checks); the others at the layout's sizes."""
         sizes = list(packed.layout.stored_sizes())
-        if self.release.manifest.coded_base:
-            for position, tensor in enumerate(packed.stored[:2]):  # the codes and the scales
-                declared = stored[tensor]
-                if declared["dtype"] not in ("U8", fmt.DTYPE_NAMES[sizes[position][1]]) or len(declared["shape"]) != 1:
-                    raise fmt.P2UFormatError(
-                        f"{self._files()}: tensor {tensor!r} is stored as {declared['dtype']}{declared['shape']}, "
-                        f"a coded base stores it as U8[n] or {fmt.DTYPE_NAMES[sizes[position][1]]}[{sizes[position][0]}]"
-                    )
-                sizes[position] = (declared["shape"][0], fmt.SAFETENSORS_DTYPES[declared["dtype"]])
+        for position, tensor in enumerate(packed.stored[: self._coded_arrays()]):
+            declared = stored[tensor]
+            if declared["dtype"] not in ("U8", fmt.DTYPE_NAMES[sizes[position][1]]) or len(declared["shape"]) != 1:
+                raise fmt.P2UFormatError(
+                    f"{self._files()}: tensor {tensor!r} is stored as {declared['dtype']}{declared['shape']}, "
+                    f"a coded base stores it as U8[n] or {fmt.DTYPE_NAMES[sizes[position][1]]}[{sizes[position][0]}]"
+                )
+            sizes[position] = (declared["shape"][0], fmt.SAFETENSORS_DTYPES[declared["dtype"]])
         return sizes
 
+    def _coded_arrays(self) -> int:
+        """How many of a packed parameter's stored arrays (codes, scales, offsets) the base may store as streams."""
+        manifest = self.release.manifest
+        return 3 if manifest.coded_offsets else 2 if manifest.coded_base else 0
+
     def _start_decoding(self, checkpoint_files: list[str], stored: dict[str, dict]) -> dict[str, Future]:
-        """Decode the streams of a coded base (format 6 on) from its files, in the background, by stored name.
+        """Decode the streams of a coded base (format 6 on) from its files, in the background, by quantized tensor.
 
         The files are local and checked (``_check_stored``) by now: decoding on ``codec_threads()`` threads
         (the C loops release the GIL) while transformers builds the model and loads the other weights
         hides most of it (MiniLM's codes: ~0.06 s of CPU). Arrays stored raw are transformers' to load, as in
-        older bases: read again here, a 1.1 GB model's raw codes made it usable ~1 s later at 1000 MB/s.
-        ``_decoded_base`` collects the results after loading.
+        older bases: read again here, a 1.1 GB model's raw codes made it usable ~1 s later at 1000 MB/s
+        (its raw offsets are read again where its codes are a stream: they are the codes' contexts).
+        Each future holds ``{stored name: decoded array}``; ``_decoded_base`` collects them after loading.
         """
         reader = TensorReader([Path(file) for file in checkpoint_files])
 
         def read(tensor: str) -> torch.Tensor:  # one read into a buffer of its own: a safetensors handle per tensor cost more than decoding
             return torch.frombuffer(reader.read_bytes(tensor), dtype=fmt.SAFETENSORS_DTYPES[stored[tensor]["dtype"]])
 
-        def decode_codes(packed: PackedParameter) -> torch.Tensor:
-            codes, _, offsets = packed.stored
-            return decode_base_codes(read(codes), read(offsets), packed.layout.ladder, math.prod(packed.layout.shape))
-
-        def decode_scales(packed: PackedParameter) -> torch.Tensor:
+        def decode(packed: PackedParameter, streams: list[str]) -> dict[str, torch.Tensor]:
+            codes, scales, offsets = packed.stored
+            ladder = packed.layout.ladder
             groups = packed.layout.stored_sizes()[1][0]
-            return decode_base_scales(read(packed.stored[1]), groups)
+            decoded = {}
+            if offsets in streams or codes in streams:
+                decoded[offsets] = decode_base_offsets(read(offsets), ladder, groups)
+            if codes in streams:
+                decoded[codes] = decode_base_codes(read(codes), decoded[offsets], ladder, math.prod(packed.layout.shape))
+            if scales in streams:
+                decoded[scales] = decode_base_scales(read(scales), groups)
+            return {name: decoded[name] for name in streams}
 
-        work: dict[str, tuple[Callable[[PackedParameter], torch.Tensor], PackedParameter]] = {}
+        work: dict[str, tuple[PackedParameter, list[str]]] = {}
         for packed in self.parameters.values():
             if packed.owner is None:
-                (codes_size, _), *_ = packed.layout.stored_sizes()
-                codes, scales, *_ = packed.stored
-                if stored[codes]["shape"] != [codes_size]:
-                    work[codes] = (decode_codes, packed)
-                if stored[scales]["dtype"] == "U8":
-                    work[scales] = (decode_scales, packed)
+                arrays = zip(packed.stored[: self._coded_arrays()], packed.layout.stored_sizes())
+                streams = [name for name, (size, dtype) in arrays if _declared(stored[name]) != (fmt.DTYPE_NAMES[dtype], [size])]
+                if streams:
+                    work[packed.tensor] = (packed, streams)
         if not work:
             return {}
         pool = ThreadPoolExecutor(min(len(work), codec_threads()), thread_name_prefix="p2u-base")
-        decoding = {name: pool.submit(decode, packed) for name, (decode, packed) in work.items()}
+        decoding = {tensor: pool.submit(decode, *job) for tensor, job in work.items()}
         pool.shutdown(wait=False)  # its threads end with the last decode
         return decoding
 
     def _decoded_base(self, model) -> dict[torch.Tensor, torch.Tensor]:
-        """The decoded codes and scales of a coded base, keyed by the loaded streams they replace.
+        """The decoded arrays of a coded base, keyed by the loaded streams they replace.
 
         Followers share their owner's loaded streams (transformers ties them): each is looked up by
         identity and replaced by one decoded tensor, placed where transformers put the stream.
         """
         decoded: dict[torch.Tensor, torch.Tensor] = {}
         for packed in self.parameters.values():
-            if packed.owner is not None:
+            if packed.owner is not None or packed.tensor not in self._decoding:
                 continue
+            try:
+                values = self._decoding[packed.tensor].result()
+            except CorruptStreamError as error:
+                raise fmt.P2UFormatError(
+                    f"{self._files()}: the base codes, scales or offsets of tensor {packed.tensor!r} do not decode ({error})"
+                ) from None
             module = model.get_submodule(packed.module_name)
-            for attribute, name in zip(packed.attributes[:2], packed.stored[:2]):  # the codes and the scales
-                if name not in self._decoding:
-                    continue
-                try:
-                    value = self._decoding[name].result()
-                except CorruptStreamError as error:
-                    raise fmt.P2UFormatError(
-                        f"{self._files()}: the base codes or scales of tensor {packed.tensor!r} do not decode ({error})"
-                    ) from None
-                stream = module._parameters[attribute]
-                decoded[stream] = value.to(stream.device)
+            for attribute, name in zip(packed.attributes, packed.stored):
+                if name in values:
+                    stream = module._parameters[attribute]
+                    decoded[stream] = values[name].to(stream.device)
         self._decoding = {}  # the model holds them now
         return decoded
 
@@ -713,6 +720,11 @@ class P2UHfQuantizer(HfQuantizer):
     def _files(self) -> str:
         """The base's weight files, for an error message."""
         return ", ".join(str(path) for path in fmt.weight_files(self.base_dir, fmt.BASE_WEIGHTS_NAME))
+
+
+def _declared(header_entry: dict) -> tuple[str, list[int]]:
+    """The dtype and shape a safetensors header entry declares."""
+    return header_entry["dtype"], header_entry["shape"]
 
 
 def _copy_out_of_checkpoint_maps(model) -> None:
