@@ -179,6 +179,28 @@ def test_coded_base_codes_out_of_range_fail_at_load_and_at_merge_naming_the_tens
     assert pytest.importorskip("re").search(message, error), error
 
 
+def test_offsets_stream_in_a_base_of_format_6_is_refused_naming_the_tensor(release, capsys):
+    """Before format 7 a tensor's offsets have one size: a base relabelled as format 6 whose offsets are streams is
+    refused naming the tensor, by ``from_pretrained`` before transformers' own size check (which names neither the
+    file nor the format) and by merge."""
+    manifest = fmt.read_manifest(release / fmt.BASE_DIR)
+    stored = load_file(release / fmt.BASE_DIR / "model.safetensors")
+    coded = {}  # offsets name -> (stream length, raw length)
+    for name, entry in manifest.quantized_tensors().items():
+        spec = manifest.tensor_ladder(name)
+        size = ladder.offsets_bytes(ladder.group_count(entry.numel, spec.group_size), spec.base_bits)
+        if stored[fmt.offsets_key(name)].numel() < size:
+            coded[fmt.offsets_key(name)] = (stored[fmt.offsets_key(name)].numel(), size)
+    assert coded  # the larger tensors' offsets are streams
+    _rewrite_manifest(release, lambda manifest: manifest.update(format_version=6))
+    pattern = r"tensor '(\S+)' is stored as U8\[(\d+)\], the manifest implies U8\[(\d+)\]"
+    with pytest.raises(fmt.P2UFormatError, match=pattern) as error:
+        transformers.AutoModel.from_pretrained(release / fmt.BASE_DIR)
+    for message in (str(error.value), _cli_error(capsys, "merge", str(release), str(release.parent / "merged"), "--stage", "base")):
+        name, stream, raw = pytest.importorskip("re").search(pattern, message).groups()
+        assert "model.safetensors" in message and coded[name] == (int(stream), int(raw))
+
+
 def test_version_1_release_still_reads_with_a_warning(tmp_path):
     golden = Path(__file__).parent / "golden" / "v1"
     expected = json.loads((golden / "expected.json").read_text())["tensor_sha256"]

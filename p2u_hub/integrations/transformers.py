@@ -548,14 +548,23 @@ class P2UHfQuantizer(HfQuantizer):
     def _loading_sizes(self, packed: PackedParameter, stored: dict[str, dict]) -> list[tuple[int, torch.dtype]]:
         """Element count and dtype the codes, scales and offsets of ``packed`` load with: the arrays a coded base may
         store as streams (format 6 on: codes and scales; 7 on: offsets too) as its files declare them, a stream or the
-        raw array (``decode_base`` tells which and checks); the others at the layout's sizes."""
+        raw array (``decode_base`` tells which and checks); the others at the layout's sizes, which the files must
+        declare (refused here, naming the tensor, rather than by transformers' size check)."""
         sizes = list(packed.layout.stored_sizes())
-        for position, tensor in enumerate(packed.stored[: self._coded_arrays()]):
-            declared = stored[tensor]
-            if declared["dtype"] not in ("U8", fmt.DTYPE_NAMES[sizes[position][1]]) or len(declared["shape"]) != 1:
+        coded = self._coded_arrays()
+        for position, tensor in enumerate(packed.stored):
+            declared, (size, dtype) = stored[tensor], sizes[position]
+            if position >= coded:
+                if _declared(declared) != (fmt.DTYPE_NAMES[dtype], [size]):  # transformers would fail on it, naming neither
+                    raise fmt.P2UFormatError(
+                        f"{self._files()}: tensor {tensor!r} is stored as {declared['dtype']}{declared['shape']}, "
+                        f"the manifest implies {fmt.DTYPE_NAMES[dtype]}[{size}]"
+                    )
+                continue
+            if declared["dtype"] not in ("U8", fmt.DTYPE_NAMES[dtype]) or len(declared["shape"]) != 1:
                 raise fmt.P2UFormatError(
                     f"{self._files()}: tensor {tensor!r} is stored as {declared['dtype']}{declared['shape']}, "
-                    f"a coded base stores it as U8[n] or {fmt.DTYPE_NAMES[sizes[position][1]]}[{sizes[position][0]}]"
+                    f"a coded base stores it as U8[n] or {fmt.DTYPE_NAMES[dtype]}[{size}]"
                 )
             sizes[position] = (declared["shape"][0], fmt.SAFETENSORS_DTYPES[declared["dtype"]])
         return sizes
