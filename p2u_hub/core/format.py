@@ -31,8 +31,9 @@ FORMAT_VERSION = 7
 """2 adds ``base_sha256`` to the manifest; 3 adds per-group grid offsets and per-tensor base widths; 4 adds
 ``corrected`` tensors (base codes chosen by error compensation, signed first-stage refinements); 5 packs sharp top
 planes of the entropy streams and refines the lossless contexts by the scale's mantissa (smaller stages); 6
-lets the base store its codes and scales entropy-coded (``split`` codes the scales, the codes with ``compact_base``); 7 lets it store the grid offsets entropy-coded too.
-Every older version is still read: version 1 without the checksum, versions 1-2 with offsets 0 and one width."""
+lets the base store its codes and scales entropy-coded (``split`` codes the scales, the codes with ``compact_base``);
+7 lets it store the grid offsets entropy-coded too (``split`` does). Every older version is still read: version 1
+without the checksum, versions 1-2 with offsets 0 and one width."""
 GRID_OFFSETS_VERSION = 3
 """First format version with per-group grid offsets and per-tensor base widths."""
 CORRECTED_CODES_VERSION = 4

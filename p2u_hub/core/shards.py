@@ -63,7 +63,7 @@ class ShardJob:
         widths: the base width of every stored ladder tensor among them.
         spec: the release's ladder (budget width, stage widths, group size).
         hessians: GPTQ's calibration Hessian of each tensor whose base codes it corrects.
-        compact_base: entropy-code the base's codes too, not only its scales (``progressive.encode_base``).
+        compact_base: entropy-code the base's codes too, not only its scales and offsets (``progressive.encode_base``).
     """
 
     source: Path

@@ -88,7 +88,7 @@ def split(
             paths (docs/scale.md).
         stage_shard_bytes: largest shard of a stage's weight files; default ``default_stage_shard_bytes``
             of the source's size (smaller shards let an upgrade decode while the rest downloads).
-        compact_base: entropy-code the base's codes as well as its scales (docs/format.md, "Base weights"):
+        compact_base: entropy-code the base's codes as well as its scales and offsets (docs/format.md, "Base weights"):
             a base 5-7% smaller, whose codes take ~2.5 ns a weight of CPU to decode when it loads
             (MiniLM: +0.06 s; a 1.1 GB model: +1.6 s at 1000 MB/s). For metered links; off by default.
         overwrite: replace ``output`` if it exists.
