@@ -78,6 +78,21 @@ def test_searched_grid_beats_the_symmetric_grid(bits: int):
     assert searched.sum() < 0.8 * plain.sum()
 
 
+@pytest.mark.parametrize("no_native", ["", "1"])
+def test_chosen_scales_keep_scale_mantissa_bits(monkeypatch, no_native: str):
+    """A normal scale is ``(1 + j / 16) * 2**e`` (``SCALE_MANTISSA_BITS``), a subnormal one keeps its bits, a saturated one is
+    the largest such scale, on both paths."""
+    monkeypatch.setenv("P2U_NO_NATIVE", no_native)
+    groups = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-10, 6, 256).unsqueeze(1)
+    scales, _ = ladder.base_grid(groups, 4)
+    patterns = scales.view(torch.int16).to(torch.int32)
+    normal, subnormal = patterns >= 0x0400, (patterns > 0) & (patterns < 0x0400)
+    dropped = (1 << (10 - ladder.SCALE_MANTISSA_BITS)) - 1
+    assert normal.any() and torch.all(patterns[normal] & dropped == 0)
+    assert (patterns[subnormal] & dropped != 0).any()  # subnormal scales are not rounded
+    assert scales.max() == 63488 and torch.all(scales.isfinite())
+
+
 def test_zero_offsets_reproduce_the_symmetric_grid_of_format_1():
     groups = ladder.to_groups(_weights(torch.float32), 64)
     scales, zero = ladder.base_scales(groups, 4), torch.zeros(groups.shape[0], dtype=torch.int32)

@@ -1539,8 +1539,16 @@ done:
 /* A weight as the grid search sees it: NaN and +-inf count as 0 (torch.nan_to_num). */
 static inline float finite_or_zero(float value) { return (pattern_of(value) & 0x7F800000) == 0x7F800000 ? 0.0f : value; }
 
-/* ladder._to_scale of a non-negative float32: saturate at 65504 (float16's maximum), then round to nearest even. */
-static inline uint16_t saturated_half(float value) { return float_to_half(pattern_of(value > 65504.0f ? 65504.0f : value)); }
+/* ladder._to_scale of a non-negative float32: saturate at 65504 (float16's maximum), round to nearest even, then a
+ * normal float16 to the nearest `mantissa_bits`-bit mantissa (up on ties), saturating at the largest such value. */
+static inline uint16_t scale_half(float value, int mantissa_bits) {
+    uint32_t half = float_to_half(pattern_of(value > 65504.0f ? 65504.0f : value));
+    if (half < 0x0400) return (uint16_t)half; /* zero or subnormal: kept */
+    const int dropped = 10 - mantissa_bits;
+    const uint32_t largest = 0x7BFFu & ~((1u << dropped) - 1u);
+    half = dropped ? (half + (1u << (dropped - 1))) >> dropped << dropped : half;
+    return (uint16_t)(half > largest ? largest : half);
+}
 
 /* floor(t) for |t| < 2**31, in the grid search's inner loop. x86 code without SSE4.1 (the baseline of a build
  * without AVX2 clones) has no vector floor and floorf is a scalar sequence there (~8x slower): truncate, then
@@ -1576,8 +1584,8 @@ VECTOR_CLONES static void grid_sums(const float *weights, int group_size, const 
 }
 
 /* One group's base grid: its float16 scale bits and integer offset, as ladder.base_grid's torch path picks them. */
-VECTOR_CLONES static void choose_grid(const float *weights, int group_size, int bits, const float *ratios, int ratio_count, uint16_t *scale,
-                        int32_t *offset) {
+VECTOR_CLONES static void choose_grid(const float *weights, int group_size, int bits, const float *ratios, int ratio_count,
+                                      int mantissa_bits, uint16_t *scale, int32_t *offset) {
     float low = finite_or_zero(weights[0]), high = low, absmax = 0.0f, squares = 0.0f;
     for (int i = 0; i < group_size; i++) {
         float weight = finite_or_zero(weights[i]), magnitude = fabsf(weight);
@@ -1587,11 +1595,11 @@ VECTOR_CLONES static void choose_grid(const float *weights, int group_size, int 
         squares += weight * weight;
     }
     const float limit = (float)(1 << (bits - 1));
-    uint16_t scales[GRID_LANES] = {saturated_half(absmax / (limit - 0.5f))};
+    uint16_t scales[GRID_LANES] = {scale_half(absmax / (limit - 0.5f), mantissa_bits)};
     int32_t offsets[GRID_LANES] = {0};
     float inverse[GRID_LANES], lane_offset[GRID_LANES], steps[GRID_LANES] = {half_to_float(scales[0])}, sums[GRID_LANES];
     for (int k = 0; k < ratio_count; k++) {
-        uint16_t clipped = saturated_half((high - low) * ratios[k] / (float)(1 << bits));
+        uint16_t clipped = scale_half((high - low) * ratios[k] / (float)(1 << bits), mantissa_bits);
         float step = half_to_float(clipped), centre = step > 0.0f ? -(high + low) / (2.0f * step) : 0.0f;
         float below = floorf(centre), above = ceilf(centre);
         below = below < -limit ? -limit : below > limit - 1.0f ? limit - 1.0f : below;
@@ -1620,23 +1628,28 @@ VECTOR_CLONES static void choose_grid(const float *weights, int group_size, int 
     *offset = offsets[best];
 }
 
-/* choose_grids(groups, group_size, bits, ratios, scales, offsets) -> None
+/* choose_grids(groups, group_size, bits, ratios, mantissa_bits, scales, offsets) -> None
  *
  * ladder.base_grid in one pass per group: min, max and absmax of the group's float32 weights (NaN and
  * +-inf as 0), every candidate grid (the symmetric one, then per float32 clipping ratio in `ratios` the
- * floor and ceil offsets), their squared errors and the first least one, written as float16 scale bits
+ * floor and ceil offsets; scales of `mantissa_bits` mantissa bits, ladder.SCALE_MANTISSA_BITS), their
+ * squared errors and the first least one, written as float16 scale bits
  * (uint16, one per group) and int32 offsets. The same float32 operations as the torch candidates and
  * ladder._grid_errors' numpy sums, each rounded on its own, so both paths pick the same grids. */
 static PyObject *choose_grids(PyObject *self, PyObject *args) {
     Py_buffer groups, ratios, scales, offsets;
-    int group_size, bits;
-    if (!PyArg_ParseTuple(args, "y*iiy*w*w*", &groups, &group_size, &bits, &ratios, &scales, &offsets)) return NULL;
+    int group_size, bits, mantissa_bits;
+    if (!PyArg_ParseTuple(args, "y*iiy*iw*w*", &groups, &group_size, &bits, &ratios, &mantissa_bits, &scales, &offsets)) return NULL;
     PyObject *result = NULL;
     Py_ssize_t n = groups.len / 4, group_count = group_size > 0 ? n / group_size : 0;
     int ratio_count = (int)(ratios.len / 4);
     if (group_size <= 0 || bits < 1 || bits > 8 || group_count * group_size != n || groups.len != n * 4) {
         PyErr_Format(PyExc_ValueError, "%zd bytes of float32 weights do not make groups of %d at 1 to 8 bits (%d)", groups.len,
                      group_size, bits);
+        goto done;
+    }
+    if (mantissa_bits < 0 || mantissa_bits > 10) {
+        PyErr_Format(PyExc_ValueError, "a float16 scale has 0 to 10 mantissa bits, got %d", mantissa_bits);
         goto done;
     }
     if (ratios.len % 4 || 1 + 2 * ratio_count > GRID_LANES) {
@@ -1651,7 +1664,7 @@ static PyObject *choose_grids(PyObject *self, PyObject *args) {
     uint16_t *s = scales.buf;
     int32_t *o = offsets.buf;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t g = 0; g < group_count; g++) choose_grid(w + g * group_size, group_size, bits, r, ratio_count, s + g, o + g);
+    for (Py_ssize_t g = 0; g < group_count; g++) choose_grid(w + g * group_size, group_size, bits, r, ratio_count, mantissa_bits, s + g, o + g);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:

@@ -529,8 +529,8 @@ def encode_base(
 
     Raw, a ``b``-wide base spends ``b`` bits a code, 16 a scale and ``b`` an offset, yet the codes
     of a group crowd around its grid's centre, which its offset sets, the scales' sign and exponent
-    bytes take few values, and most offsets are 0 or 1 (MiniLM, 4 bits: 3.72 bits a code, 10 bits
-    a scale, 2.3 bits an offset). The codes (unsigned, padding included) are coded in the stage
+    bytes take few values (``ladder.SCALE_MANTISSA_BITS``), and most offsets are 0 or 1 (MiniLM, 4
+    bits: 3.72 bits a code, 4.7 bits a scale, 2.3 bits an offset). The codes (unsigned, padding included) are coded in the stage
     payloads' blocks, each code in the context of its group's unsigned offset, so blocks decode in
     parallel; the scales' float16 bit patterns form one stream of one context, the unsigned offsets
     another. A stream is never as long as the raw array it replaces (a small tensor's may be
