@@ -1546,7 +1546,7 @@ static inline uint16_t scale_half(float value, int mantissa_bits) {
     if (half < 0x0400) return (uint16_t)half; /* zero or subnormal: kept */
     const int dropped = 10 - mantissa_bits;
     const uint32_t largest = 0x7BFFu & ~((1u << dropped) - 1u);
-    half = dropped ? (half + (1u << (dropped - 1))) >> dropped << dropped : half;
+    half = (half + ((1u << dropped) >> 1)) >> dropped << dropped;
     return (uint16_t)(half > largest ? largest : half);
 }
 

@@ -128,7 +128,7 @@ def _to_scale(values: torch.Tensor) -> torch.Tensor:
     ties), then a normal one to the nearest ``SCALE_MANTISSA_BITS``-bit mantissa (up on ties) and saturated again."""
     patterns = values.clamp(max=torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE).view(torch.int16).to(torch.int32)
     dropped = 10 - SCALE_MANTISSA_BITS
-    rounded = ((patterns + (1 << (dropped - 1))) >> dropped << dropped).clamp(max=_SCALE_MAX_PATTERN)
+    rounded = ((patterns + ((1 << dropped) >> 1)) >> dropped << dropped).clamp(max=_SCALE_MAX_PATTERN)
     return torch.where(patterns >= 0x0400, rounded, patterns).to(torch.int16).view(SCALE_DTYPE)
 
 
